@@ -1,0 +1,128 @@
+"""Orbax checkpoints under `workdir/checkpoints`: the train state plus a JSON 'meta' item per step.
+
+Checkpoints are numbered by global train step. Kept: the latest `keep` and the best one by `select_accuracy`
+(validation accuracy, or test accuracy when there is no validation split). Saving is asynchronous.
+A checkpoint directory is also what `config.teacher.checkpoint` points at: `load_model` restores only the model
+variables (parameters and BatchNorm statistics) of a run, whatever optimizer it used.
+"""
+
+from __future__ import annotations
+
+import os
+
+import flax
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as cm
+
+from kdjax.errors import CheckpointNotFoundError
+
+SELECT_METRIC = 'select_accuracy'
+
+
+def directory(workdir: str) -> str:
+  return os.path.join(os.path.abspath(os.path.expanduser(workdir)), 'checkpoints')
+
+
+class Checkpointer:
+
+  def __init__(self, workdir: str, keep: int = 2, read_only: bool = False, async_save: bool = True):
+    policy = cm.AnyPreservationPolicy([
+        cm.LatestN(n=keep),
+        cm.BestN(get_metric_fn=lambda m: m[SELECT_METRIC], reverse=False, n=1,
+                 keep_checkpoints_without_metrics=False),
+    ])
+    options = ocp.CheckpointManagerOptions(
+        # best_fn only makes Orbax write the metrics; which steps are kept is the policy's decision.
+        best_fn=lambda m: m[SELECT_METRIC], best_mode='max', preservation_policy=policy, read_only=read_only, create=not read_only,
+        enable_async_checkpointing=async_save)
+    self.manager = ocp.CheckpointManager(directory(workdir), options=options,
+                                         item_names=('state', 'meta'))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def best_step(self) -> int | None:
+    scored = [(m[SELECT_METRIC], s) for s in self.manager.all_steps()
+              if (m := self.manager.metrics(s)) and SELECT_METRIC in m]
+    return max(scored)[1] if scored else None
+
+  def save(self, step: int, state, meta: dict, metrics: dict | None = None):
+    self.manager.save(
+        step,
+        args=ocp.args.Composite(state=ocp.args.PyTreeSave(flax.serialization.to_state_dict(state)),
+                                meta=ocp.args.JsonSave(meta)),
+        metrics=metrics, force=True)
+
+  def read_meta(self, step: int) -> dict:
+    return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+
+  def restore(self, step: int, target, partial: bool = False):
+    """Restores `step` into the structure (and shardings) of `target`, a pytree of arrays or ShapeDtypeStructs."""
+    target_dict = flax.serialization.to_state_dict(target)
+    restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=target_dict, restore_args=ocp.checkpoint_utils.construct_restore_args(target_dict),
+        partial_restore=partial)))['state']
+    return flax.serialization.from_state_dict(target, restored)
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.close()
+
+
+def load_model(workdir: str, target_variables, which: str = 'latest'):
+  """Restores the trained network's variables from a run's workdir.
+
+  `target_variables` ({'params': ..., 'batch_stats': ...} of the expected architecture, arrays or
+  ShapeDtypeStructs) fixes structure and sharding. Returns (variables, meta). The caller checks `meta` (model name,
+  class count) before calling this, so a mismatch is reported by name rather than as a shape error.
+  """
+  ckpt = open_for_reading(workdir)
+  step = ckpt.best_step() if which == 'best' else ckpt.latest_step()
+  if step is None:
+    step = ckpt.latest_step()
+  partial = {'params': {'student': target_variables['params']},
+             'state': {'student': {k: v for k, v in target_variables.items() if k != 'params'}}}
+  restored = ckpt.restore(step, partial, partial=True)
+  variables = {'params': restored['params']['student'], **restored['state']['student']}
+  return variables, ckpt.read_meta(step)
+
+
+def open_for_reading(workdir: str) -> Checkpointer:
+  path = directory(workdir)
+  if not os.path.isdir(path):
+    raise CheckpointNotFoundError(f'no checkpoint found: {path} does not exist (expected the workdir of a '
+                                  'finished kdjax run or an imported checkpoint)')
+  ckpt = Checkpointer(workdir, read_only=True, async_save=False)
+  if ckpt.latest_step() is None:
+    raise CheckpointNotFoundError(f'no checkpoint found: {path} holds no saved step')
+  return ckpt
+
+
+def read_meta(workdir: str, which: str = 'latest') -> dict:
+  ckpt = open_for_reading(workdir)
+  step = (ckpt.best_step() if which == 'best' else None) or ckpt.latest_step()
+  return ckpt.read_meta(step)
+
+
+def abstract(tree):
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, 'sharding', None)),
+                      tree)
+
+
+def save_model(workdir: str, variables: dict, meta: dict, step: int = 0):
+  """Writes a model-only checkpoint (no optimizer state) that `config.teacher.checkpoint` and `load_model` accept.
+
+  `variables` = {'params': ..., 'batch_stats': ..., ...} of a `kdjax.models.create(meta['model'],
+  num_classes=meta['num_classes'])` network. Used by the PyTorch importer and the deployable-student export.
+  """
+  state = {'params': {'student': variables['params']},
+           'state': {'student': {k: v for k, v in variables.items() if k != 'params'}}}
+  ckpt = Checkpointer(workdir, async_save=False)
+  try:
+    ckpt.save(step, state, dict(meta, step=step, complete=True))
+    ckpt.wait()
+  finally:
+    ckpt.close()

@@ -1,0 +1,78 @@
+"""The run config's schema and defaults; each file in configs/ starts from `base()` and overrides what it needs.
+
+Every field a run reads exists here, so a locked config rejects a misspelt override by name.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def base() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.data = dict(
+      name='digits',        # digits | mnist | fashion_mnist | cifar10 | cifar100 | folder
+      data_dir='',          # TFDS data_dir ('' = TFDS default, ~/tensorflow_datasets)
+      val_fraction=0.0,     # validation split carved from train (0 for paper recipes)
+      val_seed=0,
+      augment='auto',       # auto (crop_flip for CIFAR, none otherwise) | crop_flip | none
+      omit_class=-1,        # >= 0: the student's transfer set leaves this class out (omitted-class experiment)
+      folder=dict(root='', image_size=0, test_fraction=0.2, seed=0, label_column='', file_column=''),
+  )
+  # The network being trained: the student, or the teacher-to-be in a supervised run.
+  c.student = dict(model='cnn_small', kwargs={}, init_checkpoint='', freeze_backbone=False)
+  c.teacher = dict(
+      model='',             # '' = no teacher
+      kwargs={},
+      checkpoint='',        # a teacher run's workdir (or an imported checkpoint); '' = train it first and cache
+      which='latest',       # latest | best
+      cache_dir='',         # where auto-trained teachers are cached ('' = ~/.cache/kdjax/teachers)
+      seed=0,
+      subclasses=1,         # > 1: the teacher has num_classes * subclasses logits (subclass distillation)
+      init_checkpoint='',   # fine-tune the teacher from this checkpoint when it is trained here
+      recipe={},            # overrides of this config for training the teacher (epochs, optimizer, ...)
+      losses={},            # the teacher's loss terms ({} = {'ce': 1.0})
+  )
+  c.distill = dict(
+      losses={'ce': 1.0},   # term -> weight; total loss = sum(weight * term)
+      temperature=4.0,
+      label_smoothing=0.0,
+  )
+  c.optimizer = dict(name='sgd', lr=0.05, momentum=0.9, nesterov=False, weight_decay=5e-4)
+  c.schedule = dict(name='step', decay_epochs=(150, 180, 210), decay_factor=0.1, warmup_epochs=0,
+                    final_fraction=0.0)
+  c.epochs = 240
+  c.batch_size = 64
+  c.eval_batch_size = 500
+  c.steps_per_dispatch = 0  # K steps per dispatch (lax.scan); 0 = auto: 1 on CPU, else a divisor of steps/epoch <= 32
+  c.eval_every_epochs = 1
+  c.checkpoint_every_epochs = 1
+  c.keep_checkpoints = 2
+  c.dtype = 'float32'       # compute dtype: float32 | bfloat16 (parameters stay float32)
+  c.num_devices = 0         # 0 = all devices
+  c.tensorboard = True
+  return c
+
+
+def as_dict(d) -> dict:
+  """A ConfigDict (or None, or a dict) as a plain dict."""
+  return d.to_dict() if hasattr(d, 'to_dict') else dict(d or {})
+
+
+def parse_args(arg: str | None, names: tuple[str, ...], defaults: dict) -> dict:
+  """big_vision-style config string 'a,b,key=value' -> dict: positional items fill `names` in order."""
+  out = dict(defaults)
+  if not arg:
+    return out
+  positional = [a for a in arg.split(',') if a and '=' not in a]
+  if len(positional) > len(names):
+    raise ValueError(f'config string {arg!r}: expected at most {len(names)} positional items ({", ".join(names)})')
+  out.update(zip(names, positional))
+  for item in arg.split(','):
+    if '=' in item:
+      k, v = item.split('=', 1)
+      if k not in out:
+        raise ValueError(f'config string {arg!r}: unknown key {k!r}; known: {", ".join(out)}')
+      out[k] = type(defaults[k])(v) if defaults.get(k) is not None and not isinstance(defaults[k], str) else v
+  return out

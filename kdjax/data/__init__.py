@@ -1,0 +1,136 @@
+"""Datasets as uint8 arrays in host memory: read once, then put on the devices (see `kdjax.data.device`).
+
+Sources: TFDS (`mnist`, `fashion_mnist`, `cifar10`, `cifar100`) through `tfds.data_source` (array_record files, no
+TensorFlow needed to read), scikit-learn's shipped `digits`, and an image folder with a CSV of labels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from kdjax.errors import ConfigError, DatasetNotFoundError
+
+# Per-channel statistics of the training sets, as the reference codebases normalise (RepDistiller for CIFAR-100).
+_STATS = {
+    'cifar10': ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    'cifar100': ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
+    'mnist': ((0.1307,), (0.3081,)),
+    'fashion_mnist': ((0.2860,), (0.3530,)),
+}
+TFDS_NAMES = ('mnist', 'fashion_mnist', 'cifar10', 'cifar100')
+# Pad-4 random crop + horizontal flip, as the CIFAR references augment; none for the digit datasets.
+_DEFAULT_AUGMENT = {'cifar10': 'crop_flip', 'cifar100': 'crop_flip'}
+
+
+@dataclasses.dataclass
+class Split:
+  images: np.ndarray  # uint8 [N, H, W, C]
+  labels: np.ndarray  # int32 [N]
+
+  def __len__(self):
+    return len(self.labels)
+
+  def take(self, idx) -> 'Split':
+    return Split(self.images[idx], self.labels[idx])
+
+
+@dataclasses.dataclass
+class Dataset:
+  name: str
+  num_classes: int
+  train: Split
+  test: Split
+  val: Split | None
+  mean: tuple
+  std: tuple
+  augment: str  # 'crop_flip' | 'none'
+
+  @property
+  def image_shape(self):
+    return self.train.images.shape[1:]
+
+
+def load(cfg) -> Dataset:
+  """Loads `cfg.name` (a `config.data` section) and carves the optional validation split from train."""
+  name = cfg.name
+  if name == 'digits':
+    train, test, num_classes = _load_digits()
+  elif name in TFDS_NAMES:
+    train, test, num_classes = _load_tfds(name, cfg.get('data_dir') or None)
+  elif name == 'folder':
+    from kdjax.data import folder
+    train, test, num_classes = folder.load(cfg.folder)
+  else:
+    raise ConfigError(f'unknown dataset {name!r}; choose one of digits, folder, {", ".join(TFDS_NAMES)}')
+
+  val = None
+  fraction = cfg.get('val_fraction', 0.0)
+  if fraction:
+    train, val = _split(train, fraction, cfg.get('val_seed', 0))
+
+  if name in _STATS:
+    mean, std = _STATS[name]
+  else:  # statistics of the training images themselves
+    pixels = train.images.reshape(-1, train.images.shape[-1]).astype(np.float64) / 255.0
+    mean, std = tuple(pixels.mean(0)), tuple(pixels.std(0))
+  augment = cfg.get('augment', 'auto')
+  if augment == 'auto':
+    augment = _DEFAULT_AUGMENT.get(name, 'none')
+  return Dataset(name, num_classes, train, test, val, tuple(mean), tuple(std), augment)
+
+
+def _split(train: Split, fraction: float, seed: int) -> tuple[Split, Split]:
+  """A seeded stratified split of `train` into (train, val)."""
+  from sklearn.model_selection import train_test_split
+  if not 0.0 < fraction < 1.0:
+    raise ConfigError(f'data.val_fraction must be in [0, 1), got {fraction}')
+  idx_train, idx_val = train_test_split(np.arange(len(train)), test_size=fraction, random_state=seed,
+                                        stratify=train.labels)
+  return train.take(np.sort(idx_train)), train.take(np.sort(idx_val))
+
+
+def _load_digits() -> tuple[Split, Split, int]:
+  """scikit-learn's 1,797 real 8x8 handwritten digits (pixel values 0..16), a fixed stratified 80/20 split."""
+  from sklearn.datasets import load_digits
+  from sklearn.model_selection import train_test_split
+  d = load_digits()
+  images = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+  labels = d.target.astype(np.int32)
+  idx_train, idx_test = train_test_split(np.arange(len(labels)), test_size=0.2, random_state=0, stratify=labels)
+  return Split(images[idx_train], labels[idx_train]), Split(images[idx_test], labels[idx_test]), 10
+
+
+def _prepare_hint(name: str, data_dir: str | None) -> str:
+  where = data_dir or '~/tensorflow_datasets'
+  return (f'dataset {name!r} is not prepared in {where}; on a machine with internet run '
+          f'`pip install tensorflow tensorflow-datasets && tfds build {name} --file_format=array_record '
+          f'--data_dir={where}` and copy {where}/{name} here (or set --config.data.data_dir)')
+
+
+def _load_tfds(name: str, data_dir: str | None) -> tuple[Split, Split, int]:
+  import tensorflow_datasets as tfds
+  splits = {}
+  try:
+    for split in ('train', 'test'):
+      source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+      splits[split] = _read_all(source)
+  except Exception as e:  # tfds raises several types for "not there"; decide by asking the builder
+    if tfds.builder(name, data_dir=data_dir).is_prepared():
+      raise
+    raise DatasetNotFoundError(_prepare_hint(name, data_dir)) from e
+  num_classes = tfds.builder(name, data_dir=data_dir).info.features['label'].num_classes
+  return splits['train'], splits['test'], num_classes
+
+
+def _read_all(source) -> Split:
+  n = len(source)
+  first = source[0]
+  images = np.empty((n,) + first['image'].shape, np.uint8)
+  labels = np.empty((n,), np.int32)
+  for i in range(n):
+    ex = source[i]
+    images[i] = ex['image']
+    labels[i] = ex['label']
+  return Split(images, labels)

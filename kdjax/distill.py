@@ -1,0 +1,124 @@
+"""The distillation engine: loss terms by name, each a pure function of model outputs, plus optional extra modules.
+
+A config lists the terms and their weights, e.g. `config.distill.losses = {'ce': 0.1, 'kd': 0.9}`; the total loss
+is sum(weight * term). Weight convention: every term's weight multiplies exactly the quantity its loss function
+returns (the references' -r/-a/-b or -c/-d/-b flags map to weights of 'ce', 'kd' and the method's term; see
+`PRESETS`).
+
+A method is a `Method` registry entry: a pure loss of a `Context`, whether it needs the teacher, and optionally a
+factory for an extra trainable Linen module (projectors, regressors, embedding heads). The extra modules are
+applied to the student's and teacher's outputs in the same jitted step; their outputs land in `ctx.extras[name]`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from kdjax import losses
+from kdjax.errors import ConfigError
+from kdjax.models import ModelOutput
+
+
+@flax.struct.dataclass
+class Context:
+  """Everything a loss may read. Teacher outputs are already under stop_gradient."""
+  student: ModelOutput
+  teacher: ModelOutput | None
+  labels: jax.Array
+  extras: dict
+  epoch: jax.Array  # fractional epochs done, for warmups (DKD)
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  loss: Callable[[Context, Any], jax.Array]
+  needs_teacher: bool = True
+  # (distill config, student ModelOutput shapes, teacher ModelOutput shapes) -> nn.Module whose __call__ takes
+  # (student, teacher, *, labels, indices, train, teacher_classify) and returns a dict of arrays.
+  module: Callable[..., nn.Module] | None = None
+  # True when this method's module output 'logits' are the student's predictions (SimKD's reused teacher head).
+  predicts: bool = False
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(name: str, method: Method):
+  if name in METHODS:
+    raise ValueError(f'method {name!r} registered twice')
+  METHODS[name] = method
+
+
+def _student_logits(ctx: Context):
+  for out in ctx.extras.values():
+    if 'logits' in out:
+      return out['logits']
+  return ctx.student.logits
+
+
+register('ce', Method(lambda ctx, cfg: losses.cross_entropy(_student_logits(ctx), ctx.labels,
+                                                            cfg.get('label_smoothing', 0.0)),
+                      needs_teacher=False))
+register('kd', Method(lambda ctx, cfg: losses.kd_loss(_student_logits(ctx), ctx.teacher.logits, cfg.temperature)))
+
+# The reference codebases' command-line weight flags as our weights. RepDistiller: -r (gamma, CE), -a (alpha, KD),
+# -b (beta, the method's term); SimKD repo: -c (CE), -d (KD), -b (the method's term).
+PRESETS = {
+    'repdistiller_kd': {'ce': 0.1, 'kd': 0.9},
+    'hinton': {'ce': 0.1, 'kd': 0.9},
+}
+
+
+class Extras(nn.Module):
+  """Holds every enabled method's extra module; returns {method name: outputs dict}."""
+  modules: dict
+
+  @nn.compact
+  def __call__(self, student: ModelOutput, teacher: ModelOutput | None, *, labels, indices, train: bool,
+               teacher_classify: Callable | None):
+    # teacher_classify(embedding) applies the frozen teacher's head; it closes over the step's teacher variables,
+    # which is why it is a call argument and not a module attribute.
+    return {name: module(student, teacher, labels=labels, indices=indices, train=train,
+                         teacher_classify=teacher_classify)
+            for name, module in self.modules.items()}
+
+
+class Distiller:
+  """Binds the configured terms to a student (and teacher) for the train and eval steps."""
+
+  def __init__(self, cfg, student: nn.Module, teacher: nn.Module | None):
+    self.cfg = cfg
+    weights = dict(cfg.losses)
+    unknown = sorted(set(weights) - set(METHODS))
+    if unknown:
+      raise ConfigError(f'unknown loss term(s) {unknown} in config.distill.losses; known: {sorted(METHODS)}')
+    self.terms = {name: (float(w), METHODS[name]) for name, w in weights.items()}
+    self.needs_teacher = any(m.needs_teacher for _, m in self.terms.values())
+    if self.needs_teacher and teacher is None:
+      needing = [n for n, (_, m) in self.terms.items() if m.needs_teacher]
+      raise ConfigError(f'loss term(s) {needing} need a teacher, but config.teacher.model is empty')
+    self.student, self.teacher = student, teacher
+    self.module_methods = {n: m for n, (_, m) in self.terms.items() if m.module is not None}
+    self.extras = None
+
+  def build_extras(self, student_shapes: ModelOutput, teacher_shapes: ModelOutput | None):
+    """Instantiates the methods' extra modules once the output shapes are known (they size the projectors)."""
+    if self.module_methods:
+      self.extras = Extras({n: m.module(self.cfg, student_shapes, teacher_shapes)
+                            for n, m in self.module_methods.items()})
+    return self.extras
+
+  def losses(self, ctx: Context):
+    values = {name: method.loss(ctx, self.cfg) for name, (_, method) in self.terms.items()}
+    total = sum(w * values[name] for name, (w, _) in self.terms.items())
+    return total, values
+
+  @staticmethod
+  def logits(ctx: Context):
+    return _student_logits(ctx)

@@ -1,0 +1,82 @@
+"""Model registry: `create(name, num_classes=..., **kwargs)` returns a Flax Linen `Classifier`.
+
+Every model is a backbone plus a `Head`. The backbone returns the per-stage feature maps that feature-based KD
+methods tap, and the pooled embedding; the head maps the embedding to logits and is callable on its own
+(`model.apply(variables, embedding, method='classify')`), because SimKD reuses the teacher's classifier.
+
+Feature convention (RepDistiller's `is_feat=True` list without its last element): `features[0]` is the stem output,
+`features[1:]` the stage outputs, in forward order; `preact` holds the same maps before the final ReLU of each stage
+where the references tap it (equal to `features` elsewhere); `embedding` is RepDistiller's `feat[-1]`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from kdjax.errors import ConfigError
+from kdjax.models.layers import Head
+
+
+@flax.struct.dataclass
+class ModelOutput:
+  logits: jax.Array      # [B, num_classes], float32
+  embedding: jax.Array   # [B, D], float32: the pooled penultimate vector, the head's input
+  features: tuple = ()   # per-stage maps, NHWC (or [B, D] for MLPs), compute dtype
+  preact: tuple = ()     # the same stages before their final activation
+
+
+class Classifier(nn.Module):
+  """A backbone (x, train) -> (features, preact, embedding) followed by a `Head`."""
+  backbone: nn.Module
+  num_classes: int
+  head_dropout: float = 0.0
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    self.head = Head(self.num_classes, dropout_rate=self.head_dropout, dtype=self.dtype)
+
+  def __call__(self, x, train: bool = False) -> ModelOutput:
+    features, preact, embedding = self.backbone(x.astype(self.dtype), train)
+    embedding = embedding.astype(jnp.float32)
+    return ModelOutput(logits=self.head(embedding, train), embedding=embedding,
+                       features=tuple(features), preact=tuple(preact))
+
+  def classify(self, embedding, train: bool = False):
+    return self.head(embedding, train)
+
+
+_REGISTRY: dict[str, tuple[Callable[..., nn.Module], dict]] = {}
+
+
+def register(name: str, ctor: Callable[..., nn.Module], *, head_dropout: float = 0.0, **defaults):
+  """Registers `ctor(dtype=..., **kwargs) -> backbone` under `name` (the reference codebases' model name)."""
+  if name in _REGISTRY:
+    raise ValueError(f'model {name!r} registered twice')
+  _REGISTRY[name] = (ctor, dict(defaults, head_dropout=head_dropout))
+
+
+def names() -> list[str]:
+  _load_zoo()
+  return sorted(_REGISTRY)
+
+
+def create(name: str, num_classes: int, dtype: Any = jnp.float32, **kwargs) -> Classifier:
+  """Builds model `name` with `num_classes` outputs; kwargs override the registered defaults."""
+  _load_zoo()
+  if name not in _REGISTRY:
+    raise ConfigError(f'unknown model {name!r}; registered models: {", ".join(sorted(_REGISTRY))}')
+  ctor, defaults = _REGISTRY[name]
+  kw = dict(defaults, **kwargs)
+  head_dropout = kw.pop('head_dropout')
+  return Classifier(backbone=ctor(dtype=dtype, **kw), num_classes=num_classes, head_dropout=head_dropout,
+                    dtype=dtype)
+
+
+def _load_zoo():
+  # Importing the zoo modules runs their register() calls; done lazily so `kdjax.models` imports cheaply.
+  from kdjax.models import zoo  # noqa: F401

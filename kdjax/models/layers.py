@@ -1,0 +1,121 @@
+"""Layers shared by the model zoo, written to match PyTorch's defaults.
+
+The reference KD codebases are PyTorch. Our networks must be the same networks (same parameter counts, same
+padding, same BatchNorm epsilon/momentum, same initialisation) so that published numbers and imported weights
+carry over. These thin wrappers pin those choices in one place.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+def torch_uniform_fan_in(scale: float = 1.0):
+  """PyTorch's default weight init for Conv/Linear: kaiming_uniform(a=sqrt(5)) == U(±sqrt(1/fan_in))."""
+  return nn.initializers.variance_scaling(scale / 3.0, 'fan_in', 'uniform')
+
+
+def torch_bias_init(fan_in: int):
+  """PyTorch's default bias init: U(±1/sqrt(fan_in)); Flax initialisers do not see fan_in, so it is bound here."""
+  bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+kaiming_normal_fan_out = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+
+
+def conv(features: int, kernel_size: int = 3, strides: int = 1, padding: int | None = None, groups: int = 1,
+         use_bias: bool = False, fan_in: int | None = None, kernel_init=None, dtype: Dtype = jnp.float32,
+         name: str | None = None) -> nn.Conv:
+  """nn.Conv with PyTorch semantics: symmetric explicit padding, torch default init.
+
+  Flax's 'SAME' pads asymmetrically for even strides, PyTorch pads `padding` on both sides; explicit padding keeps
+  strided convolutions identical to the reference (and makes imported weights give the same outputs). `fan_in`
+  (in_channels // groups * k * k) is needed only for the bias init of biased convs.
+  """
+  pad = kernel_size // 2 if padding is None else padding
+  if use_bias and fan_in is None:
+    raise ValueError('a biased conv needs fan_in for the PyTorch bias init')
+  return nn.Conv(
+      features, (kernel_size, kernel_size),
+      strides=(strides, strides),
+      padding=((pad, pad), (pad, pad)),
+      feature_group_count=groups,
+      use_bias=use_bias,
+      kernel_init=kernel_init or torch_uniform_fan_in(),
+      bias_init=torch_bias_init(fan_in or 0),
+      dtype=dtype,
+      name=name)
+
+
+def dense(features: int, fan_in: int, use_bias: bool = True, kernel_init=None, dtype: Dtype = jnp.float32,
+          name: str | None = None) -> nn.Dense:
+  """nn.Dense with PyTorch's default Linear initialisation (fan_in = input width)."""
+  return nn.Dense(
+      features,
+      use_bias=use_bias,
+      kernel_init=kernel_init or torch_uniform_fan_in(),
+      bias_init=torch_bias_init(fan_in),
+      dtype=dtype,
+      name=name)
+
+
+def batch_norm(train: bool, dtype: Dtype = jnp.float32, name: str | None = None, **kw) -> nn.BatchNorm:
+  """BatchNorm2d/1d as PyTorch: eps 1e-5, momentum 0.1 (Flax counts momentum the other way: 0.9).
+
+  Flax computes the batch statistics in float32 even for bfloat16 inputs, which is what we want under mixed
+  precision. Under jit with a batch sharded over devices the mean is global, i.e. synchronized BatchNorm.
+  """
+  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype, name=name, **kw)
+
+
+def avg_pool_all(x):
+  """Global average pool over the spatial axes (NHWC -> NC)."""
+  return jnp.mean(x, axis=tuple(range(1, x.ndim - 1)))
+
+
+def flatten(x):
+  return x.reshape((x.shape[0], -1))
+
+
+def max_pool(x, window: int, strides: int | None = None, padding: int = 0):
+  strides = strides or window
+  pad = ((padding, padding), (padding, padding))
+  return nn.max_pool(x, (window, window), strides=(strides, strides), padding=pad)
+
+
+def avg_pool(x, window: int, strides: int | None = None):
+  strides = strides or window
+  return nn.avg_pool(x, (window, window), strides=(strides, strides))
+
+
+class Head(nn.Module):
+  """The classifier: an optional dropout and one Linear, callable on an embedding alone (SimKD reuses it).
+
+  Parameters sit directly under the module ('kernel' [in, out], 'bias' [out]) so that imported checkpoints and the
+  reused teacher head have one obvious layout.
+  """
+  num_classes: int
+  dropout_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, embedding, train: bool = False):
+    fan_in = embedding.shape[-1]
+    kernel = self.param('kernel', torch_uniform_fan_in(), (fan_in, self.num_classes), jnp.float32)
+    bias = self.param('bias', torch_bias_init(fan_in), (self.num_classes,), jnp.float32)
+    if self.dropout_rate:
+      embedding = nn.Dropout(self.dropout_rate, deterministic=not train)(embedding)
+    logits = jnp.dot(embedding.astype(self.dtype), kernel.astype(self.dtype)) + bias.astype(self.dtype)
+    return logits.astype(jnp.float32)

@@ -1,0 +1,42 @@
+"""Optimizer and learning-rate schedule, built from optax pieces to train exactly as the PyTorch references do."""
+
+from __future__ import annotations
+
+import optax
+
+from kdjax.errors import ConfigError
+
+
+def schedule(cfg, steps_per_epoch: int) -> optax.Schedule:
+  """`cfg.schedule.name`: 'step' (x decay_factor at each of decay_epochs), 'cosine' or 'constant'; optional linear
+  warmup over `warmup_epochs`. Boundaries are epoch ends, as torch's MultiStepLR stepped once per epoch."""
+  s, lr = cfg.schedule, cfg.optimizer.lr
+  warmup = int(s.get('warmup_epochs', 0) * steps_per_epoch)
+  total = cfg.epochs * steps_per_epoch
+  if s.name == 'step':
+    main = optax.piecewise_constant_schedule(
+        lr, {int(e * steps_per_epoch) - warmup: s.decay_factor for e in s.decay_epochs})
+  elif s.name == 'cosine':
+    main = optax.cosine_decay_schedule(lr, max(total - warmup, 1), alpha=s.get('final_fraction', 0.0))
+  elif s.name == 'constant':
+    main = optax.constant_schedule(lr)
+  else:
+    raise ConfigError(f"unknown schedule {s.name!r}; choose 'step', 'cosine' or 'constant'")
+  if not warmup:
+    return main
+  return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), main], [warmup])
+
+
+def optimizer(cfg, steps_per_epoch: int) -> optax.GradientTransformation:
+  """torch.optim.SGD semantics: weight decay added to the gradient before momentum, on every parameter;
+  buf = m * buf + g; step = lr * buf (or lr * (g + m * buf) with Nesterov)."""
+  o = cfg.optimizer
+  lr = schedule(cfg, steps_per_epoch)
+  if o.name == 'sgd':
+    return optax.chain(optax.add_decayed_weights(o.weight_decay),
+                       optax.sgd(lr, momentum=o.momentum or None, nesterov=o.get('nesterov', False)))
+  if o.name == 'adam':
+    return optax.chain(optax.add_decayed_weights(o.weight_decay), optax.adam(lr))
+  if o.name == 'adamw':
+    return optax.adamw(lr, weight_decay=o.weight_decay)
+  raise ConfigError(f"unknown optimizer {o.name!r}; choose 'sgd', 'adam' or 'adamw'")

@@ -1,0 +1,4 @@
+"""Command-line utilities around kdjax runs (`python -m kdjax.tools.<name> --help`).
+
+  import_torch  converts a PyTorch state_dict of the reference codebases' CIFAR models into a kdjax checkpoint.
+"""

@@ -1,0 +1,15 @@
+"""Test setup: CPU only, 4 fake devices (the data-parallel tests use them; the rest run on one)."""
+
+import os
+
+os.environ['JAX_PLATFORMS'] = 'cpu'
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=4').strip()
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+
+import jax  # noqa: E402  (after the environment is set)
+import pytest  # noqa: E402
+
+# Many tests build the same small train step; the persistent cache compiles each distinct program once per session.
+jax.config.update('jax_compilation_cache_dir', os.path.join(os.environ.get('TMPDIR', '/tmp'), 'kdjax_test_jax_cache'))
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
+jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
