@@ -21,6 +21,19 @@ flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and metric
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+def parse_flags(argv):
+  """absl's parser, with a bad config override (e.g. a misspelt field) reported as one line naming it."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    sys.exit(f'error: {e}\nUsage: python launch.py --config=configs/FILE.py[:ARGS] --workdir=DIR '
+             '[--config.FIELD=VALUE ...]')
+  except (AttributeError, KeyError, TypeError, ValueError) as e:  # raised by config_flags for unknown fields
+    bad = [a for a in argv[1:] if a.startswith('--config.')]
+    detail = str(e.args[0] if e.args else e).replace('\n', ' ').strip('"')
+    sys.exit(f'error: invalid config override {" ".join(bad)}: no such field {detail}')
+
+
 def main(argv):
   del argv
   import jax
@@ -37,4 +50,4 @@ def main(argv):
 
 if __name__ == '__main__':
   logging.set_verbosity(logging.INFO)
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -36,8 +36,18 @@ def base() -> ml_collections.ConfigDict:
   )
   c.distill = dict(
       losses={'ce': 1.0},   # term -> weight; total loss = sum(weight * term)
-      temperature=4.0,
-      label_smoothing=0.0,
+      temperature=4.0,      # Hinton KD (and the KD-style terms that use a temperature)
+      label_smoothing=0.0,  # for 'ce'
+      # Per-method options; a method reads only its own section.
+      simkd=dict(factor=2, loss='l2', use_labels=False, projectors='last'),  # projectors: last | multi | all
+      subclass=dict(temperature=1.0, normalize_over='example'),
+      omitted=dict(bias_adjust=True),
+      fitnet=dict(hint_layer=2),
+      at=dict(p=2),
+      rkd=dict(distance_weight=25.0, angle_weight=50.0),
+      vid=dict(init_pred_var=5.0, eps=1e-5),
+      crd=dict(feat_dim=128, nce_k=16384, nce_t=0.07, nce_m=0.5),
+      dkd=dict(alpha=1.0, beta=8.0, warmup_epochs=20),
   )
   c.optimizer = dict(name='sgd', lr=0.05, momentum=0.9, nesterov=False, weight_decay=5e-4)
   c.schedule = dict(name='step', decay_epochs=(150, 180, 210), decay_factor=0.1, warmup_epochs=0,

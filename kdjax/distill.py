@@ -36,11 +36,19 @@ class Context:
 
 
 @dataclasses.dataclass(frozen=True)
+class DataInfo:
+  num_train: int     # size of the training set (CRD's memory bank has a row per example)
+  num_classes: int
+
+
+@dataclasses.dataclass(frozen=True)
 class Method:
   loss: Callable[[Context, Any], jax.Array]
   needs_teacher: bool = True
-  # (distill config, student ModelOutput shapes, teacher ModelOutput shapes) -> nn.Module whose __call__ takes
-  # (student, teacher, *, labels, indices, train, teacher_classify) and returns a dict of arrays.
+  # (distill config, student ModelOutput shapes, teacher ModelOutput shapes, DataInfo) -> nn.Module whose
+  # __call__ takes (student, teacher, *, labels, indices, train, teacher_classify) and returns a dict of arrays.
+  # Non-trained state (e.g. a memory bank) lives in variable collections other than 'params'; they are mutable
+  # during training only.
   module: Callable[..., nn.Module] | None = None
   # True when this method's module output 'logits' are the student's predictions (SimKD's reused teacher head).
   predicts: bool = False
@@ -94,6 +102,7 @@ class Distiller:
 
   def __init__(self, cfg, student: nn.Module, teacher: nn.Module | None):
     self.cfg = cfg
+    _load_methods()
     weights = dict(cfg.losses)
     unknown = sorted(set(weights) - set(METHODS))
     if unknown:
@@ -107,10 +116,10 @@ class Distiller:
     self.module_methods = {n: m for n, (_, m) in self.terms.items() if m.module is not None}
     self.extras = None
 
-  def build_extras(self, student_shapes: ModelOutput, teacher_shapes: ModelOutput | None):
+  def build_extras(self, student_shapes: ModelOutput, teacher_shapes: ModelOutput | None, info: DataInfo):
     """Instantiates the methods' extra modules once the output shapes are known (they size the projectors)."""
     if self.module_methods:
-      self.extras = Extras({n: m.module(self.cfg, student_shapes, teacher_shapes)
+      self.extras = Extras({n: m.module(self.cfg, student_shapes, teacher_shapes, info)
                             for n, m in self.module_methods.items()})
     return self.extras
 
@@ -122,3 +131,8 @@ class Distiller:
   @staticmethod
   def logits(ctx: Context):
     return _student_logits(ctx)
+
+
+def _load_methods():
+  # The method modules register themselves on import; kept lazy so that importing the engine stays cheap.
+  from kdjax import methods  # noqa: F401

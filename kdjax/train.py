@@ -84,7 +84,8 @@ class Experiment:
     self.eval_sets = {name: jax.device_put(device_data.padded_eval_arrays(split, cfg.eval_batch_size),
                                            self.replicated)
                       for name, split in (('val', ds.val), ('test', ds.test)) if split is not None}
-    self._train_chunk = jax.jit(self._train_chunk_fn, donate_argnums=(0,))
+    # Outputs pinned replicated so the donated state keeps its layout (a memory bank too) step after step.
+    self._train_chunk = jax.jit(self._train_chunk_fn, donate_argnums=(0,), out_shardings=self.replicated)
     self._evaluate = jax.jit(self._evaluate_fn)
 
   def _auto_steps_per_dispatch(self) -> int:
@@ -99,14 +100,16 @@ class Experiment:
   def _dummy_input(self):
     return jnp.zeros((self.batch_size,) + self.ds.image_shape, self.dtype)
 
-  def init_state(self) -> TrainState:
+  def init_state(self, abstract: bool = False) -> TrainState:
+    """The initial train state; `abstract=True` gives its shapes only (nothing is computed or compiled)."""
     x = self._dummy_input()
     s_shapes = jax.eval_shape(lambda: self.student.apply(
         self.student.init(self.init_rng, x), x))
     t_shapes = None
     if self.teacher is not None:
       t_shapes = jax.eval_shape(lambda v: self.teacher.apply(v, x), self.teacher_vars)
-    extras = self.distiller.build_extras(s_shapes, t_shapes)
+    extras = self.distiller.build_extras(s_shapes, t_shapes,
+                                         distill.DataInfo(len(self.ds.train), self.ds.num_classes))
 
     def init(rng, teacher_vars):
       k_s, k_e = jax.random.split(rng)
@@ -125,7 +128,14 @@ class Experiment:
       return TrainState(step=jnp.zeros((), jnp.int32), params=params, state=state,
                         opt_state=self.tx.init(params))
 
+    if abstract:
+      return jax.eval_shape(init, self.init_rng, self.teacher_vars)
     return jax.jit(init, out_shardings=self.replicated)(self.init_rng, self.teacher_vars)
+
+  def trace_train_step(self):
+    """Traces one dispatch of the train step on abstract values: a cheap check that a config builds and lowers."""
+    return jax.eval_shape(self._train_chunk_fn, self.init_state(abstract=True), self.teacher_vars, jnp.int32(0),
+                          jnp.int32(0))
 
   def _teacher_classify(self, teacher_vars):
     if self.teacher is None:

@@ -33,6 +33,7 @@ import kdjax.platform  # noqa: F401  (before jax: selects CPU quietly when there
 
 import argparse
 import dataclasses
+import logging
 import os
 import pickle
 import re
@@ -137,7 +138,7 @@ def _layout(collection: str, leaf: str, shape: tuple[int, ...]):
       return (shape[3], shape[2], shape[0], shape[1]), (2, 3, 1, 0)
     if len(shape) == 2:  # Linear [out, in] <-> [in, out]
       return (shape[1], shape[0]), (1, 0)
-    raise CheckpointMismatchError(f'no PyTorch layout for a {len(shape)}-d kernel {shape}')
+    raise ConfigError(f'no PyTorch layout for a {len(shape)}-d kernel {shape}')
   return shape, None
 
 
@@ -319,6 +320,11 @@ def import_checkpoint(torch_path: str, out_dir: str, model: str, num_classes: in
   return dict(meta, step=0, complete=True)
 
 
+def _quiet_orbax(record) -> bool:
+  # Orbax warns that a model-only save has no metrics for its best-checkpoint policy: expected here, not news.
+  return record.levelno >= logging.ERROR or '/orbax/' not in record.pathname.replace(os.sep, '/')
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(
       prog='python -m kdjax.tools.import_torch',
@@ -333,6 +339,9 @@ def main(argv=None) -> int:
   parser.add_argument('--image_size', type=int, default=32, help='input height = width (default 32)')
   parser.add_argument('--overwrite', action='store_true', help='replace a checkpoint already in OUT_DIR')
   args = parser.parse_args(argv)
+  logger = logging.getLogger('absl')
+  if _quiet_orbax not in logger.filters:
+    logger.addFilter(_quiet_orbax)
   try:
     meta = import_checkpoint(args.checkpoint, args.out_dir, args.model, args.num_classes, args.dataset,
                              args.image_size, args.overwrite)

@@ -1,0 +1,1 @@
+"""KD methods beyond 'ce' and 'kd': each module registers its `distill.Method` entries on import."""

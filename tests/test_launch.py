@@ -1,0 +1,52 @@
+"""launch.py as a user runs it: overrides, typos, the config string, and a quiet CPU start."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _launch(*args, env_extra=None):
+  env = dict(os.environ)
+  env.pop('JAX_PLATFORMS', None)  # let kdjax.platform choose, as on a user's machine without a GPU
+  env.pop('XLA_FLAGS', None)
+  env.update(env_extra or {})
+  return subprocess.run([sys.executable, os.path.join(ROOT, 'launch.py'), *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_override_takes_effect_and_runs_quietly_on_cpu(tmp_path):
+  r = _launch('--config=configs/teacher.py:mlp,digits', f'--workdir={tmp_path}', '--config.epochs=2',
+              '--config.optimizer.lr=0.02', '--config.batch_size=32')
+  assert r.returncode == 0, r.stderr[-3000:]
+  cfg = json.load(open(tmp_path / 'config.json'))
+  assert cfg['optimizer']['lr'] == 0.02 and cfg['epochs'] == 2 and cfg['batch_size'] == 32
+  assert cfg['student']['model'] == 'mlp'
+  assert cfg['data']['name'] == 'digits'
+  epochs = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl') if '"epoch"' in l]
+  assert [e['epoch'] for e in epochs] == [1, 2]
+  assert 'on cpu: 1 device(s)' in r.stderr
+  for noise in ('Traceback', 'CUDA', 'cuInit'):
+    assert noise not in r.stderr + r.stdout
+  assert 'done: last test acc' in r.stderr
+
+
+def test_typo_in_override_names_the_field(tmp_path):
+  r = _launch('--config=configs/teacher.py:mlp,digits', f'--workdir={tmp_path}', '--config.optimzer.lr=1')
+  assert r.returncode != 0
+  assert 'optimzer' in r.stderr and 'Traceback' not in r.stderr
+  assert not (tmp_path / 'config.json').exists()
+
+
+def test_missing_dataset_is_one_clear_line(tmp_path):
+  r = _launch('--config=configs/teacher.py:resnet8,cifar10', f'--workdir={tmp_path / "w"}',
+              f'--config.data.data_dir={tmp_path / "tfds"}')
+  assert r.returncode == 2
+  errors = [l for l in r.stderr.splitlines() if l.startswith('error: ')]
+  assert len(errors) == 1 and 'Traceback' not in r.stderr
+  assert "dataset 'cifar10' is not prepared in" in errors[0] and str(tmp_path / 'tfds') in errors[0]
+  assert 'tfds build cifar10' in errors[0]
