@@ -39,6 +39,8 @@ class Context:
 class DataInfo:
   num_train: int     # size of the training set (CRD's memory bank has a row per example)
   num_classes: int
+  student: Any = None  # the Linen modules, for methods that depend on their structure
+  teacher: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +54,8 @@ class Method:
   module: Callable[..., nn.Module] | None = None
   # True when this method's module output 'logits' are the student's predictions (SimKD's reused teacher head).
   predicts: bool = False
+  # (Experiment, final TrainState, workdir) -> dict merged into the run summary: writes a deployable artefact.
+  export: Callable[..., dict] | None = None
 
 
 METHODS: dict[str, Method] = {}
@@ -92,8 +96,9 @@ class Extras(nn.Module):
                teacher_classify: Callable | None):
     # teacher_classify(embedding) applies the frozen teacher's head; it closes over the step's teacher variables,
     # which is why it is a call argument and not a module attribute.
-    return {name: module(student, teacher, labels=labels, indices=indices, train=train,
-                         teacher_classify=teacher_classify)
+    # Cloned under the method's own name, so parameters read params['extras'][method] (not 'modules_<method>').
+    return {name: module.clone(name=name, parent=self)(student, teacher, labels=labels, indices=indices,
+                                                        train=train, teacher_classify=teacher_classify)
             for name, module in self.modules.items()}
 
 
@@ -115,6 +120,7 @@ class Distiller:
     self.student, self.teacher = student, teacher
     self.module_methods = {n: m for n, (_, m) in self.terms.items() if m.module is not None}
     self.extras = None
+    self.exports = [m.export for _, m in self.terms.values() if m.export is not None]
 
   def build_extras(self, student_shapes: ModelOutput, teacher_shapes: ModelOutput | None, info: DataInfo):
     """Instantiates the methods' extra modules once the output shapes are known (they size the projectors)."""

@@ -109,7 +109,8 @@ class Experiment:
     if self.teacher is not None:
       t_shapes = jax.eval_shape(lambda v: self.teacher.apply(v, x), self.teacher_vars)
     extras = self.distiller.build_extras(s_shapes, t_shapes,
-                                         distill.DataInfo(len(self.ds.train), self.ds.num_classes))
+                                         distill.DataInfo(len(self.ds.train), self.ds.num_classes,
+                                                          self.student, self.teacher))
 
     def init(rng, teacher_vars):
       k_s, k_e = jax.random.split(rng)
@@ -347,7 +348,10 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     ckpt.wait()
     if not last_eval:  # the run was already complete: report from the final state
       last_eval = exp.evaluate(ts)
-    summary = _summary(workdir, select, last_eval, time.time() - t_start, ckpt)
+    exported = {}
+    for export in exp.distiller.exports:
+      exported.update(export(exp, ts, workdir))
+    summary = _summary(workdir, select, last_eval, time.time() - t_start, ckpt, exported)
     reporter.write({'summary': summary})
     logging.info('done: last %s acc %.4f, best %s acc %.4f (step %s), test acc %.4f, wall time %.1fs',
                  select, summary['last_select_accuracy'], select, summary['best_select_accuracy'],
@@ -366,14 +370,14 @@ def _accumulate(sums, new):
   return new if sums is None else {k: sums[k] + new[k] for k in sums}
 
 
-def _summary(workdir, select, last_eval, wall, ckpt) -> dict:
+def _summary(workdir, select, last_eval, wall, ckpt, extra) -> dict:
   best_step = ckpt.best_step()
   best = ckpt.manager.metrics(best_step)[ckpt_lib.SELECT_METRIC] if best_step is not None else None
   summary = {'select_split': select, 'last_select_accuracy': last_eval[f'{select}_accuracy'],
              'best_select_accuracy': best if best is not None else last_eval[f'{select}_accuracy'],
              'best_step': best_step, 'test_accuracy': last_eval['test_accuracy'],
              'test_top5': last_eval['test_top5'], 'test_class_accuracy': last_eval['test_class_accuracy'],
-             'wall_seconds': wall}
+             'wall_seconds': wall, **extra}
   with open(os.path.join(workdir, 'summary.json'), 'w') as f:
     json.dump(summary, f, indent=2)
   return summary

@@ -30,6 +30,11 @@ class ModelOutput:
   preact: tuple = ()     # the same stages before their final activation
 
 
+def pooled_embedding(model: 'Classifier') -> bool:
+  """Whether the head sits directly on the global average of the last feature map (SimKD relies on it)."""
+  return getattr(model.backbone, 'pooled_embedding', True)
+
+
 class Classifier(nn.Module):
   """A backbone (x, train) -> (features, preact, embedding) followed by a `Head`."""
   backbone: nn.Module

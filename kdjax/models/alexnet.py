@@ -33,6 +33,7 @@ _CONVS = ((0, 64, 2, True), (3, 192, 1, True), (6, 384, 1, False), (8, 256, 1, F
 
 
 class AlexNet(nn.Module):
+  pooled_embedding = False  # dense layers sit between the pooled conv map and the head
   hidden: Sequence[int] = (4096, 4096)
   dropout: float = 0.5
   dtype: Any = jnp.float32

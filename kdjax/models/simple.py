@@ -12,6 +12,7 @@ from kdjax.models import layers, register
 
 class MLP(nn.Module):
   """Flatten -> [Dense -> ReLU -> Dropout] per hidden size. Hinton et al.'s MNIST teacher is 2x1200 with dropout."""
+  pooled_embedding = False
   hidden: Sequence[int] = (800, 800)
   dropout: float = 0.0
   input_dropout: float = 0.0
@@ -35,6 +36,7 @@ class MLP(nn.Module):
 
 class SmallCNN(nn.Module):
   """Two blocks of conv3x3 -> BN -> ReLU -> max-pool 2, then dense layers (the last one is the `Head`)."""
+  pooled_embedding = False  # dense layers sit between the last conv map and the head
   channels: Sequence[int] = (32, 64)
   hidden: Sequence[int] = (128, 64)
   batch_norm: bool = True
