@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import optax
 
 from kdjax.errors import ConfigError
@@ -28,6 +29,21 @@ def schedule(cfg, steps_per_epoch: int) -> optax.Schedule:
 
 
 def optimizer(cfg, steps_per_epoch: int) -> optax.GradientTransformation:
+  """The optimizer over {'student': ..., 'extras': ...}; with `student.freeze_backbone` only the student's head and
+  the methods' extra modules are trained (fine-tuning)."""
+  tx = _base_optimizer(cfg, steps_per_epoch)
+  if not cfg.student.get('freeze_backbone', False):
+    return tx
+
+  def labels(params):
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: 'frozen' if [getattr(k, 'key', None) for k in path[:2]] == ['student', 'backbone']
+        else 'trained', params)
+
+  return optax.multi_transform({'trained': tx, 'frozen': optax.set_to_zero()}, labels)
+
+
+def _base_optimizer(cfg, steps_per_epoch: int) -> optax.GradientTransformation:
   """torch.optim.SGD semantics: weight decay added to the gradient before momentum, on every parameter;
   buf = m * buf + g; step = lr * buf (or lr * (g + m * buf) with Nesterov)."""
   o = cfg.optimizer

@@ -6,6 +6,8 @@ in eval mode under stop_gradient.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 
 from absl import logging
@@ -14,45 +16,64 @@ import jax.numpy as jnp
 import ml_collections
 
 from kdjax import checkpoint as ckpt_lib
+from kdjax import config_lib
 from kdjax import models
 from kdjax.config_lib import as_dict
 from kdjax.errors import CheckpointMismatchError, CheckpointNotFoundError
 
 
-def teacher_num_classes(cfg, num_classes: int) -> int:
-  return num_classes * cfg.teacher.get('subclasses', 1)
+# Fields that do not change what the teacher learns; left out of the cache key.
+_NOT_IN_CACHE_KEY = ('tensorboard', 'num_devices', 'steps_per_dispatch', 'eval_every_epochs',
+                     'checkpoint_every_epochs', 'keep_checkpoints', 'eval_batch_size')
 
 
 def cache_dir(cfg, dataset: str) -> str:
+  """`<cache>/<dataset>-<model>-seed<k>-<recipe hash>`: a changed recipe trains a new teacher, never a stale one."""
+  recipe = teacher_run_config(cfg).to_dict()
+  for key in _NOT_IN_CACHE_KEY:
+    recipe.pop(key, None)
+  recipe['data'].pop('data_dir', None)
+  digest = hashlib.sha1(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:8]
   root = os.path.expanduser(cfg.teacher.get('cache_dir') or '~/.cache/kdjax/teachers')
-  return os.path.join(root, f"{dataset}-{cfg.teacher.model}-seed{cfg.teacher.get('seed', 0)}")
+  return os.path.join(root, f"{dataset}-{cfg.teacher.model}-seed{cfg.teacher.get('seed', 0)}-{digest}")
+
+
+# What a teacher's supervised run takes over from the run that needs it (the data, the length and the optimizer);
+# everything else starts from the defaults, so that distillation settings do not change the teacher's cache key.
+_INHERITED = ('data', 'epochs', 'batch_size', 'eval_batch_size', 'optimizer', 'schedule', 'dtype', 'num_devices',
+              'steps_per_dispatch', 'eval_every_epochs', 'checkpoint_every_epochs', 'keep_checkpoints',
+              'tensorboard')
 
 
 def teacher_run_config(cfg) -> ml_collections.ConfigDict:
-  """The config that trains the teacher: the run's own config, overridden by `cfg.teacher.recipe`."""
-  t = ml_collections.ConfigDict(cfg.to_dict())
+  """The config that trains the teacher: the run's data and recipe, overridden by `cfg.teacher.recipe`."""
+  t = config_lib.base()
+  for key in _INHERITED:
+    t[key] = ml_collections.ConfigDict(cfg[key].to_dict()) if hasattr(cfg[key], 'to_dict') else cfg[key]
   for key, value in as_dict(cfg.teacher.get('recipe')).items():
-    if isinstance(value, dict) and key in t and isinstance(t[key], ml_collections.ConfigDict):
+    if isinstance(value, dict) and isinstance(t[key], ml_collections.ConfigDict):
       t[key].update(value)
     else:
       t[key] = value
   t.seed = cfg.teacher.get('seed', 0)
-  t.student = ml_collections.ConfigDict({'model': cfg.teacher.model, 'kwargs': as_dict(cfg.teacher.get('kwargs')),
-                                         'init_checkpoint': cfg.teacher.get('init_checkpoint', '')})
-  t.teacher = ml_collections.ConfigDict({'model': ''})
-  t.distill.losses = ml_collections.ConfigDict(as_dict(cfg.teacher.get('losses')) or {'ce': 1.0})
-  if 'omit_class' in t.data:
-    t.data.omit_class = -1  # the omitted-class experiment hides a class from the student's transfer set only
+  t.student.update(model=cfg.teacher.model, kwargs=as_dict(cfg.teacher.get('kwargs')),
+                   init_checkpoint=cfg.teacher.get('init_checkpoint', ''), subclasses=cfg.teacher.get('subclasses', 1))
+  t.distill.losses = as_dict(cfg.teacher.get('losses')) or {'ce': 1.0}
+  t.distill.subclass = ml_collections.ConfigDict(cfg.distill.subclass.to_dict())
+  t.data.omit_class = -1  # the omitted-class experiment hides a class from the student's transfer set only
   return t
 
 
-def check_meta(meta: dict, path: str, model: str, num_classes: int):
+def check_meta(meta: dict, path: str, model: str, num_classes: int, subclasses: int = 1):
   if meta.get('model') != model:
     raise CheckpointMismatchError(f"teacher checkpoint {path} holds a {meta.get('model')!r} network, but "
                                f'config.teacher.model is {model!r}')
   if meta.get('num_classes') != num_classes:
     raise CheckpointMismatchError(f"teacher checkpoint {path} has {meta.get('num_classes')} classes, but the "
                                f'dataset and config need {num_classes}')
+  if meta.get('subclasses', 1) != subclasses:
+    raise CheckpointMismatchError(f"teacher checkpoint {path} has {meta.get('subclasses', 1)} subclasses per class, "
+                                  f'but config.teacher.subclasses is {subclasses}')
 
 
 def prepare(cfg, ds, mesh):
@@ -60,9 +81,9 @@ def prepare(cfg, ds, mesh):
   if not cfg.teacher.get('model'):
     return None, None
   from kdjax import sharding, train  # train imports this module
-  num_classes = teacher_num_classes(cfg, ds.num_classes)
+  num_classes, subclasses = ds.num_classes, cfg.teacher.get('subclasses', 1)
   teacher = models.create(cfg.teacher.model, num_classes=num_classes, dtype=train.compute_dtype(cfg),
-                          **as_dict(cfg.teacher.get('kwargs')))
+                          subclasses=subclasses, **as_dict(cfg.teacher.get('kwargs')))
   path = cfg.teacher.get('checkpoint') or ''
   if not path:
     path = cache_dir(cfg, ds.name)
@@ -78,7 +99,7 @@ def prepare(cfg, ds, mesh):
                    cfg.teacher.model, path)
       train.train_and_evaluate(teacher_run_config(cfg), path)
   meta = ckpt_lib.read_meta(path)
-  check_meta(meta, path, cfg.teacher.model, num_classes)
+  check_meta(meta, path, cfg.teacher.model, num_classes, subclasses)
   x = jnp.zeros((1,) + tuple(ds.image_shape), jnp.float32)
   shapes = jax.eval_shape(lambda: teacher.init(jax.random.key(0), x))
   rep = sharding.replicated(mesh)
@@ -116,10 +137,7 @@ def evaluate_teacher(exp) -> float:
     def body(correct, batch):
       x = device_data.normalize(batch['images'], exp.ds.mean, exp.ds.std, exp.dtype)
       logits = exp.teacher.apply(teacher_vars, x, train=False).logits
-      per_class = exp.cfg.teacher.get('subclasses', 1)
-      if per_class > 1:
-        logits = jax.nn.logsumexp(logits.reshape(logits.shape[0], -1, per_class), -1)
-      hit = (jnp.argmax(logits, -1) == batch['labels']) & batch['mask']
+      hit = (jnp.argmax(logits, -1) == batch['labels']) & batch['mask']  # class logits, also with subclasses
       return correct + jnp.sum(hit), None
     return jax.lax.scan(body, jnp.int32(0), arrays)[0]
 

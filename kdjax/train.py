@@ -49,7 +49,7 @@ def compute_dtype(cfg):
 
 def build_student(cfg, num_classes: int):
   return models.create(cfg.student.model, num_classes=num_classes, dtype=compute_dtype(cfg),
-                       **dict(cfg.student.get('kwargs', {})))
+                       subclasses=cfg.student.get('subclasses', 1), **config_lib.as_dict(cfg.student.get('kwargs')))
 
 
 class Experiment:
@@ -232,15 +232,23 @@ class Experiment:
       onehot = jax.nn.one_hot(y, num_classes) * mask[:, None]
       new = {'loss': jnp.sum(nll * mask), 'top1': jnp.sum(top1 * mask), 'top5': jnp.sum(top5 * mask),
              'count': jnp.sum(mask), 'class_correct': onehot.T @ top1, 'class_count': jnp.sum(onehot, 0)}
+      if adjust:
+        adjusted = logits.at[:, self.ds.omitted].add(adjust)
+        top1_adj = (jnp.argmax(adjusted, -1) == y).astype(jnp.float32)
+        new.update(top1_adj=jnp.sum(top1_adj * mask), class_correct_adj=onehot.T @ top1_adj)
       return jax.tree.map(jnp.add, sums, new), None
 
-    zeros = {k: jnp.float32(0) for k in ('loss', 'top1', 'top5', 'count')}
+    adjust = self.cfg.distill.omitted.bias if self.ds.omitted >= 0 else 0.0
+    zeros = {k: jnp.float32(0) for k in ('loss', 'top1', 'top5', 'count') + (('top1_adj',) if adjust else ())}
     zeros.update(class_correct=jnp.zeros(num_classes), class_count=jnp.zeros(num_classes))
+    if adjust:
+      zeros['class_correct_adj'] = jnp.zeros(num_classes)
     sums, _ = jax.lax.scan(body, zeros, arrays)
     return sums
 
   def evaluate(self, ts: TrainState) -> dict:
-    """{split}_loss, {split}_accuracy, {split}_top5 (and per-class counts) for val (if any) and test."""
+    """{split}_loss, {split}_accuracy, {split}_top5, {split}_count, per-class accuracy, for val (if any) and
+    test; omitted-class runs add {split}_omitted_accuracy and the bias-adjusted {split}_*_adjusted."""
     out = {}
     for name, arrays in self.eval_sets.items():
       s = jax.device_get(self._evaluate(ts, self.teacher_vars, arrays))
@@ -249,13 +257,19 @@ class Experiment:
                   f'{name}_top5': float(s['top5']) / n,
                   f'{name}_count': int(n),
                   f'{name}_class_accuracy': (s['class_correct'] / np.maximum(s['class_count'], 1)).tolist()})
+      k = self.ds.omitted
+      if k >= 0:
+        out[f'{name}_omitted_accuracy'] = float(s['class_correct'][k] / max(s['class_count'][k], 1))
+        if 'top1_adj' in s:
+          out[f'{name}_accuracy_adjusted'] = float(s['top1_adj']) / n
+          out[f'{name}_omitted_accuracy_adjusted'] = float(s['class_correct_adj'][k] / max(s['class_count'][k], 1))
     return out
 
 
 # -------------------------------------------------------------------------------------------------- the run loop
 def _meta(cfg, ds, exp: Experiment, step: int, complete: bool) -> dict:
   return {'model': cfg.student.model, 'model_kwargs': config_lib.as_dict(cfg.student.get('kwargs')),
-          'num_classes': ds.num_classes, 'dataset': ds.name, 'step': int(step),
+          'num_classes': ds.num_classes, 'subclasses': cfg.student.get('subclasses', 1), 'dataset': ds.name, 'step': int(step),
           'epoch': int(step) // exp.steps_per_epoch, 'total_steps': exp.total_steps, 'complete': bool(complete),
           'image_shape': list(ds.image_shape)}
 
@@ -375,8 +389,7 @@ def _summary(workdir, select, last_eval, wall, ckpt, extra) -> dict:
   best = ckpt.manager.metrics(best_step)[ckpt_lib.SELECT_METRIC] if best_step is not None else None
   summary = {'select_split': select, 'last_select_accuracy': last_eval[f'{select}_accuracy'],
              'best_select_accuracy': best if best is not None else last_eval[f'{select}_accuracy'],
-             'best_step': best_step, 'test_accuracy': last_eval['test_accuracy'],
-             'test_top5': last_eval['test_top5'], 'test_class_accuracy': last_eval['test_class_accuracy'],
+             'best_step': best_step, **{k: v for k, v in last_eval.items() if k.startswith('test_')},
              'wall_seconds': wall, **extra}
   with open(os.path.join(workdir, 'summary.json'), 'w') as f:
     json.dump(summary, f, indent=2)

@@ -13,3 +13,13 @@ import pytest  # noqa: E402
 jax.config.update('jax_compilation_cache_dir', os.path.join(os.environ.get('TMPDIR', '/tmp'), 'kdjax_test_jax_cache'))
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
 jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+
+
+@pytest.fixture(scope='session')
+def digits_teacher(tmp_path_factory):
+  """A cnn_small teacher trained on digits (15 epochs), shared by the tests that need a real teacher."""
+  from kdjax import train
+  from tests.util import digits_config
+  workdir = str(tmp_path_factory.mktemp('digits_teacher'))
+  summary = train.train_and_evaluate(digits_config('cnn_small', epochs=15), workdir)
+  return workdir, summary

@@ -18,11 +18,9 @@ def _params(summary):
   return jax.tree.map(np.asarray, jax.device_get(summary['state'].params))
 
 
-@pytest.fixture(scope='session')
-def teacher_run(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp('teacher'))
-  summary = train.train_and_evaluate(digits_config('cnn_small', epochs=15), workdir)
-  return workdir, summary
+@pytest.fixture
+def teacher_run(digits_teacher):
+  return digits_teacher
 
 
 def test_teacher_learns_digits(teacher_run):

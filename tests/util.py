@@ -24,3 +24,17 @@ def digits_config(model='cnn_small', losses=None, epochs=3, **overrides) -> ml_c
     target = c[section] if section else c
     target[field] = value
   return c
+
+
+def random_teacher(workdir: str, model: str, num_classes: int = 10, image_shape=(8, 8, 1), seed: int = 0, **kw):
+  """A randomly initialised teacher checkpoint: enough to test the mechanics of a method, at no training cost."""
+  import jax
+  import jax.numpy as jnp
+  from kdjax import checkpoint as ckpt_lib
+  from kdjax import models
+  m = models.create(model, num_classes=num_classes, **kw)
+  variables = m.init(jax.random.key(seed), jnp.zeros((1,) + tuple(image_shape)))
+  meta = {'model': model, 'num_classes': num_classes, 'subclasses': kw.get('subclasses', 1),
+          'image_shape': list(image_shape)}
+  ckpt_lib.save_model(workdir, variables, meta)
+  return workdir

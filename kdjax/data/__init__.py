@@ -46,6 +46,7 @@ class Dataset:
   mean: tuple
   std: tuple
   augment: str  # 'crop_flip' | 'none'
+  omitted: int = -1  # a class left out of the training (transfer) set, or -1
 
   @property
   def image_shape(self):
@@ -70,6 +71,12 @@ def load(cfg) -> Dataset:
   if fraction:
     train, val = _split(train, fraction, cfg.get('val_seed', 0))
 
+  omitted = cfg.get('omit_class', -1)
+  if omitted >= 0:  # after the validation split, so validation keeps the class: only the transfer set lacks it
+    if omitted >= num_classes:
+      raise ConfigError(f'data.omit_class={omitted} but {name} has {num_classes} classes')
+    train = train.take(train.labels != omitted)
+
   if name in _STATS:
     mean, std = _STATS[name]
   else:  # statistics of the training images themselves
@@ -78,7 +85,7 @@ def load(cfg) -> Dataset:
   augment = cfg.get('augment', 'auto')
   if augment == 'auto':
     augment = _DEFAULT_AUGMENT.get(name, 'none')
-  return Dataset(name, num_classes, train, test, val, tuple(mean), tuple(std), augment)
+  return Dataset(name, num_classes, train, test, val, tuple(mean), tuple(std), augment, omitted)
 
 
 def _split(train: Split, fraction: float, seed: int) -> tuple[Split, Split]:

@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from kdjax import losses
 from kdjax.errors import ConfigError
 from kdjax.models.layers import Head
 
@@ -28,6 +29,7 @@ class ModelOutput:
   embedding: jax.Array   # [B, D], float32: the pooled penultimate vector, the head's input
   features: tuple = ()   # per-stage maps, NHWC (or [B, D] for MLPs), compute dtype
   preact: tuple = ()     # the same stages before their final activation
+  subclass_logits: jax.Array | None = None  # [B, num_classes * subclasses] when the head has subclasses
 
 
 def pooled_embedding(model: 'Classifier') -> bool:
@@ -36,23 +38,32 @@ def pooled_embedding(model: 'Classifier') -> bool:
 
 
 class Classifier(nn.Module):
-  """A backbone (x, train) -> (features, preact, embedding) followed by a `Head`."""
+  """A backbone (x, train) -> (features, preact, embedding) followed by a `Head`.
+
+  With `subclasses` S > 1 (subclass distillation) the head has num_classes * S outputs, class c owning columns
+  c*S .. c*S+S-1; `logits` are then the class logits, logsumexp over each class's subclasses.
+  """
   backbone: nn.Module
   num_classes: int
   head_dropout: float = 0.0
+  subclasses: int = 1
   dtype: Any = jnp.float32
 
   def setup(self):
-    self.head = Head(self.num_classes, dropout_rate=self.head_dropout, dtype=self.dtype)
+    self.head = Head(self.num_classes * self.subclasses, dropout_rate=self.head_dropout, dtype=self.dtype)
 
   def __call__(self, x, train: bool = False) -> ModelOutput:
     features, preact, embedding = self.backbone(x.astype(self.dtype), train)
     embedding = embedding.astype(jnp.float32)
-    return ModelOutput(logits=self.head(embedding, train), embedding=embedding,
-                       features=tuple(features), preact=tuple(preact))
+    raw = self.head(embedding, train)
+    return ModelOutput(logits=self._class_logits(raw), embedding=embedding, features=tuple(features),
+                       preact=tuple(preact), subclass_logits=raw if self.subclasses > 1 else None)
 
   def classify(self, embedding, train: bool = False):
-    return self.head(embedding, train)
+    return self._class_logits(self.head(embedding, train))
+
+  def _class_logits(self, raw):
+    return raw if self.subclasses == 1 else losses.subclass_to_class_logits(raw, self.num_classes)
 
 
 _REGISTRY: dict[str, tuple[Callable[..., nn.Module], dict]] = {}
@@ -70,8 +81,9 @@ def names() -> list[str]:
   return sorted(_REGISTRY)
 
 
-def create(name: str, num_classes: int, dtype: Any = jnp.float32, **kwargs) -> Classifier:
-  """Builds model `name` with `num_classes` outputs; kwargs override the registered defaults."""
+def create(name: str, num_classes: int, dtype: Any = jnp.float32, subclasses: int = 1, **kwargs) -> Classifier:
+  """Builds model `name` with `num_classes` outputs (x `subclasses` in the head); kwargs override the registered
+  defaults."""
   _load_zoo()
   if name not in _REGISTRY:
     raise ConfigError(f'unknown model {name!r}; registered models: {", ".join(sorted(_REGISTRY))}')
@@ -79,7 +91,7 @@ def create(name: str, num_classes: int, dtype: Any = jnp.float32, **kwargs) -> C
   kw = dict(defaults, **kwargs)
   head_dropout = kw.pop('head_dropout')
   return Classifier(backbone=ctor(dtype=dtype, **kw), num_classes=num_classes, head_dropout=head_dropout,
-                    dtype=dtype)
+                    subclasses=subclasses, dtype=dtype)
 
 
 def _load_zoo():

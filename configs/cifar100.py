@@ -1,0 +1,94 @@
+r"""CIFAR-100 distillation benchmark: the teacher/student pairs of the CRD, DKD and SimKD papers, every anchor method.
+
+Config string 'method,teacher,student' (default kd,resnet32x4,resnet8x4). Methods: kd fitnet at sp rkd pkt vid crd dkd
+simkd. Pairs (teacher -> student): resnet32x4->resnet8x4, wrn_40_2->wrn_16_2, wrn_40_2->wrn_40_1, vgg13->vgg8,
+resnet110->resnet32, resnet56->resnet20, resnet32x4->ShuffleV1, resnet32x4->ShuffleV2, wrn_40_2->ShuffleV1,
+vgg13->MobileNetV2, ResNet50->MobileNetV2 (other model pairs are accepted too; DKD then uses mdistiller's default
+beta 8).
+
+Recipe (RepDistiller train_student.py, also mdistiller's and SimKD's CIFAR-100 recipe): 240 epochs, batch 64, SGD
+momentum 0.9, lr 0.05 (0.01 for MobileNetV2/ShuffleV1/ShuffleV2 students), x0.1 at epochs 150/180/210, weight decay
+5e-4. Loss weights are the references' flags: KD `-r 0.1 -a 0.9 -b 0` (T = 4); FitNet/AT/SP/RKD/PKT/VID/CRD
+`-r 1 -a 0 -b <w>` with w = 100/1000/3000/1/30000/1/0.8 (RepDistiller scripts/run_cifar_distill.sh); DKD ce 1,
+alpha 1, beta per pair, T 4, 20 warmup epochs (mdistiller configs/cifar100/dkd/*.yaml); SimKD `-c 0 -d 0 -b 1`
+(DefangChen/SimKD README), factor 2.
+
+The teacher is trained first with the same recipe (lr 0.05) and cached (config.teacher.checkpoint = ''), or taken
+from a checkpoint: a kdjax run's workdir or a published PyTorch teacher imported with
+`python -m kdjax.tools.import_torch`.
+
+  python launch.py --config=configs/cifar100.py:crd,resnet32x4,resnet8x4 --workdir=runs/crd_resnet32x4_resnet8x4
+  python launch.py --config=configs/cifar100.py:dkd,vgg13,MobileNetV2 --workdir=runs/dkd_vgg13_mv2 \
+      --config.teacher.checkpoint=runs/teacher_vgg13
+"""
+
+from kdjax import config_lib
+
+PAIRS = (
+    ('resnet32x4', 'resnet8x4'),
+    ('wrn_40_2', 'wrn_16_2'),
+    ('wrn_40_2', 'wrn_40_1'),
+    ('vgg13', 'vgg8'),
+    ('resnet110', 'resnet32'),
+    ('resnet56', 'resnet20'),
+    ('resnet32x4', 'ShuffleV1'),
+    ('resnet32x4', 'ShuffleV2'),
+    ('wrn_40_2', 'ShuffleV1'),
+    ('vgg13', 'MobileNetV2'),
+    ('ResNet50', 'MobileNetV2'),
+)
+
+# config.distill.losses per method: the reference command lines' weights.
+LOSSES = {
+    'kd': {'ce': 0.1, 'kd': 0.9},
+    'fitnet': {'ce': 1.0, 'fitnet': 100.0},
+    'at': {'ce': 1.0, 'at': 1000.0},
+    'sp': {'ce': 1.0, 'sp': 3000.0},
+    'rkd': {'ce': 1.0, 'rkd': 1.0},
+    'pkt': {'ce': 1.0, 'pkt': 30000.0},
+    'vid': {'ce': 1.0, 'vid': 1.0},
+    'crd': {'ce': 1.0, 'crd': 0.8},
+    'dkd': {'ce': 1.0, 'dkd': 1.0},
+    'simkd': {'simkd': 1.0},
+}
+METHODS = tuple(LOSSES)
+
+# mdistiller configs/cifar100/dkd/*.yaml set DKD.BETA for these pairs; the others keep cfg.DKD.BETA = 8.
+DKD_BETA = {
+    ('resnet56', 'resnet20'): 2.0,
+    ('resnet110', 'resnet32'): 2.0,
+    ('wrn_40_2', 'wrn_16_2'): 6.0,
+    ('wrn_40_2', 'wrn_40_1'): 6.0,
+    ('vgg13', 'vgg8'): 6.0,
+    ('vgg13', 'MobileNetV2'): 6.0,
+}
+
+SMALL_LR_MODELS = ('MobileNetV2', 'mobile_half', 'MobileNetV2_1_0', 'ShuffleV1', 'ShuffleV2')
+
+
+def get_config(arg=None):
+  args = config_lib.parse_args(arg, ('method', 'teacher', 'student'),
+                               {'method': 'kd', 'teacher': 'resnet32x4', 'student': 'resnet8x4'})
+  method, teacher, student = args['method'], args['teacher'], args['student']
+  if method not in LOSSES:
+    raise ValueError(f'configs/cifar100.py: unknown method {method!r}; choose one of {", ".join(METHODS)}')
+  c = config_lib.base()
+  c.data.name = 'cifar100'
+  c.student.model = student
+  c.teacher.model = teacher
+  c.teacher.checkpoint = ''  # '' = train the teacher with this recipe first and cache it
+  # The teacher-to-be trains with its own learning rate, whatever the student's (configs/teacher.py's recipe).
+  c.teacher.recipe = {'optimizer': {'lr': 0.01 if teacher in SMALL_LR_MODELS else 0.05}}
+  c.distill.losses = dict(LOSSES[method])
+  c.distill.temperature = 4.0
+  c.distill.dkd.beta = DKD_BETA.get((teacher, student), 8.0)
+  c.epochs = 240
+  c.batch_size = 64
+  c.optimizer.name = 'sgd'
+  c.optimizer.lr = 0.01 if student in SMALL_LR_MODELS else 0.05
+  c.optimizer.momentum = 0.9
+  c.optimizer.weight_decay = 5e-4
+  c.schedule.name = 'step'
+  c.schedule.decay_epochs = (150, 180, 210)
+  c.schedule.decay_factor = 0.1
+  return c

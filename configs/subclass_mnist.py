@@ -1,0 +1,29 @@
+r"""Subclass distillation (Müller, Kornblith & Hinton 2020) on MNIST: the teacher has 2 subclass logits per class
+and is trained with CE on its class logits (logsumexp over subclasses) plus the auxiliary loss that spreads the
+examples over the subclasses; the student, with the same head layout, matches the teacher's subclass logits at
+temperature T plus CE on its class logits.
+
+  python launch.py --config=configs/subclass_mnist.py --workdir=runs/subclass_mnist
+  python launch.py --config=configs/subclass_mnist.py:digits --workdir=/tmp/subclass_digits   # CPU
+"""
+
+from kdjax import config_lib
+
+SUBCLASSES = 2
+
+
+def get_config(arg=None):
+  c = config_lib.base()
+  c.teacher.model, c.student.model = 'mlp_teacher', 'mlp_student'
+  c.teacher.subclasses = c.student.subclasses = SUBCLASSES
+  c.teacher.losses = {'ce': 1.0, 'subclass_aux': 1.0}
+  c.distill.losses = {'ce': 0.1, 'subclass_kd': 0.9}
+  c.distill.temperature = 4.0
+  if arg == 'digits':
+    return config_lib.digits_recipe(c)
+  c.data.name = 'mnist'
+  c.epochs, c.batch_size = 30, 128
+  c.optimizer.update(lr=0.05, weight_decay=5e-4)
+  c.schedule.name = 'cosine'
+  c.teacher.recipe = dict(epochs=30)
+  return c

@@ -1,0 +1,50 @@
+r"""Pretrained-teacher transfer: an ImageNet-style ResNet50V2 teacher, initialised from a pretrained checkpoint and
+fine-tuned on an image-folder dataset (MHIST's layout: images/ + annotations.csv), distilled into MobileNetV2
+(224x224 inputs; Hinton's loss, alpha and T as fields).
+
+The dataset and the pretrained weights are the user's: point data.folder.root at the MHIST copy and
+teacher.init_checkpoint at a kdjax checkpoint of resnet50v2_imagenet (its head is replaced when the class counts
+differ).
+
+  python launch.py --config=configs/transfer.py --workdir=runs/mhist \
+      --config.data.folder.root=/data/mhist --config.teacher.init_checkpoint=/ckpt/resnet50v2_imagenet
+  python launch.py --config=configs/transfer.py:digits --workdir=/tmp/transfer_digits   # CPU: the mechanics
+"""
+
+import ml_collections
+
+from kdjax import config_lib
+
+
+def student_run(digits: bool) -> ml_collections.ConfigDict:
+  c = config_lib.base()
+  c.teacher.model, c.student.model = 'resnet50v2_imagenet', 'mobilenetv2_imagenet'
+  config_lib.alpha_losses(c, 0.9)
+  c.distill.temperature = 4.0
+  c.data.name = 'folder'
+  c.data.folder.image_size = 224
+  c.data.augment = 'none'
+  c.epochs, c.batch_size = 50, 32
+  c.optimizer.update(lr=0.01, weight_decay=1e-4)
+  c.schedule.name = 'cosine'
+  c.teacher.recipe = dict(epochs=20, optimizer=dict(lr=0.001))
+  return c
+
+
+def get_config(arg=None):
+  if arg != 'digits':
+    return student_run(False)
+  # On CPU: 'pretrain' stands for the pretrained checkpoint; 'finetune' starts from it with a frozen backbone
+  # (only a new head is trained); 'student' distills the fine-tuned teacher into a small CNN.
+  pretrain = config_lib.digits_recipe(config_lib.base())
+  pretrain.student.model = 'resnet8'
+  finetune = config_lib.digits_recipe(config_lib.base(), epochs=4)
+  finetune.student.update(model='resnet8', init_checkpoint='{workdir}/pretrain', freeze_backbone=True)
+  student = config_lib.digits_recipe(config_lib.base())
+  student.student.model = 'cnn2'
+  student.teacher.update(model='resnet8', checkpoint='{workdir}/finetune')
+  student.distill.losses = {'ce': 0.1, 'kd': 0.9}
+  c = ml_collections.ConfigDict()
+  c.suite_order = ('pretrain', 'finetune', 'student')
+  c.suite = {'pretrain': pretrain, 'finetune': finetune, 'student': student}
+  return c

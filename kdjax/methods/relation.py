@@ -1,0 +1,23 @@
+"""Relation methods on the pooled embedding (RepDistiller's `feat[-1]`): RKD and PKT."""
+
+from __future__ import annotations
+
+from kdjax import distill
+from kdjax import losses
+
+
+def rkd_loss(ctx: distill.Context, cfg):
+  """Relational KD (Park et al., CVPR 2019): 25 x distance + 50 x angle smooth-L1 inside (RepDistiller
+  distiller_zoo/RKD.py); the teacher's relations carry no gradient."""
+  return losses.rkd_loss(ctx.student.embedding, ctx.teacher.embedding, cfg.rkd.distance_weight,
+                         cfg.rkd.angle_weight)
+
+
+def pkt_loss(ctx: distill.Context, cfg):
+  """Probabilistic Knowledge Transfer (Passalis & Tefas, ECCV 2018), RepDistiller distiller_zoo/PKT.py."""
+  del cfg
+  return losses.pkt_loss(ctx.student.embedding, ctx.teacher.embedding)
+
+
+distill.register('rkd', distill.Method(rkd_loss))
+distill.register('pkt', distill.Method(pkt_loss))
