@@ -50,3 +50,17 @@ def test_missing_dataset_is_one_clear_line(tmp_path):
   assert len(errors) == 1 and 'Traceback' not in r.stderr
   assert "dataset 'cifar10' is not prepared in" in errors[0] and str(tmp_path / 'tfds') in errors[0]
   assert 'tfds build cifar10' in errors[0]
+
+
+def test_quickstart_suite_prints_its_table(tmp_path):
+  short = [f'--config.suite.{run}.epochs=2' for run in ('teacher', 'scratch', 'kd')]
+  r = _launch('--config=configs/quickstart.py', f'--workdir={tmp_path}', *short)
+  assert r.returncode == 0, r.stderr[-3000:]
+  lines = r.stdout.strip().splitlines()
+  assert lines[0].split() == ['run', 'model', 'losses', 'test', 'acc']
+  assert [l.split()[0] for l in lines[2:]] == ['teacher', 'scratch', 'kd']
+  for line in lines[2:]:
+    assert 0.0 <= float(line.split()[-1]) <= 1.0
+  # The KD run read the teacher that the suite trained first.
+  kd_config = json.load(open(tmp_path / 'kd' / 'config.json'))
+  assert kd_config['teacher']['checkpoint'] == str(tmp_path / 'teacher')

@@ -130,3 +130,27 @@ def test_resnet8_train_step_runs_on_small_inputs():
   assert jax.tree_util.tree_structure(old) == jax.tree_util.tree_structure(new)
   changed = jax.tree_util.tree_map(lambda a, b: not np.allclose(a, b), old, new)
   assert all(jax.tree_util.tree_leaves(changed))
+
+
+@pytest.mark.parametrize('name', ['resnet8', 'wrn_16_1', 'ShuffleV2'])
+def test_bfloat16_forward_is_close_to_float32(name):
+  """Stated tolerance: with bfloat16 activations (float32 parameters and BatchNorm statistics) the logits stay
+  within 3% (relative L2) of the float32 logits, and the top-1 predictions agree on at least 90% of inputs."""
+  x = jax.random.normal(jax.random.key(1), (32, 32, 32, 3))
+  f32 = models.create(name, num_classes=100)
+  bf16 = models.create(name, num_classes=100, dtype=jnp.bfloat16)
+  variables = f32.init(jax.random.key(0), x)
+  a = np.asarray(f32.apply(variables, x).logits)
+  b = np.asarray(bf16.apply(variables, x).logits, np.float32)
+  assert np.linalg.norm(a - b) / np.linalg.norm(a) < 0.03
+  assert np.mean(a.argmax(-1) == b.argmax(-1)) >= 0.9
+
+
+@pytest.mark.parametrize('name,zero_bias,small_weights', [('vgg8', True, True), ('wrn_16_1', True, False),
+                                                           ('resnet8', False, False)])
+def test_head_init_follows_the_reference(name, zero_bias, small_weights):
+  m = models.create(name, num_classes=100)
+  head = m.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))['params']['head']
+  assert (np.abs(head['bias']).max() == 0) == zero_bias
+  std = float(np.std(head['kernel']))
+  assert (abs(std - 0.01) < 0.002) == small_weights

@@ -46,11 +46,13 @@ class Classifier(nn.Module):
   backbone: nn.Module
   num_classes: int
   head_dropout: float = 0.0
+  head_init: str = 'torch'
   subclasses: int = 1
   dtype: Any = jnp.float32
 
   def setup(self):
-    self.head = Head(self.num_classes * self.subclasses, dropout_rate=self.head_dropout, dtype=self.dtype)
+    self.head = Head(self.num_classes * self.subclasses, dropout_rate=self.head_dropout, init=self.head_init,
+                     dtype=self.dtype)
 
   def __call__(self, x, train: bool = False) -> ModelOutput:
     features, preact, embedding = self.backbone(x.astype(self.dtype), train)
@@ -69,11 +71,13 @@ class Classifier(nn.Module):
 _REGISTRY: dict[str, tuple[Callable[..., nn.Module], dict]] = {}
 
 
-def register(name: str, ctor: Callable[..., nn.Module], *, head_dropout: float = 0.0, **defaults):
-  """Registers `ctor(dtype=..., **kwargs) -> backbone` under `name` (the reference codebases' model name)."""
+def register(name: str, ctor: Callable[..., nn.Module], *, head_dropout: float = 0.0, head_init: str = 'torch',
+             **defaults):
+  """Registers `ctor(dtype=..., **kwargs) -> backbone` under `name` (the reference codebases' model name);
+  `head_init` is the classifier's initialisation in the reference (see `layers.Head`)."""
   if name in _REGISTRY:
     raise ValueError(f'model {name!r} registered twice')
-  _REGISTRY[name] = (ctor, dict(defaults, head_dropout=head_dropout))
+  _REGISTRY[name] = (ctor, dict(defaults, head_dropout=head_dropout, head_init=head_init))
 
 
 def names() -> list[str]:
@@ -89,9 +93,9 @@ def create(name: str, num_classes: int, dtype: Any = jnp.float32, subclasses: in
     raise ConfigError(f'unknown model {name!r}; registered models: {", ".join(sorted(_REGISTRY))}')
   ctor, defaults = _REGISTRY[name]
   kw = dict(defaults, **kwargs)
-  head_dropout = kw.pop('head_dropout')
+  head_dropout, head_init = kw.pop('head_dropout'), kw.pop('head_init')
   return Classifier(backbone=ctor(dtype=dtype, **kw), num_classes=num_classes, head_dropout=head_dropout,
-                    subclasses=subclasses, dtype=dtype)
+                    head_init=head_init, subclasses=subclasses, dtype=dtype)
 
 
 def _load_zoo():

@@ -166,4 +166,4 @@ class MobileNetV2ImageNet(nn.Module):
 
 
 register('resnet50v2_imagenet', ResNetV2)
-register('mobilenetv2_imagenet', MobileNetV2ImageNet, head_dropout=0.2)
+register('mobilenetv2_imagenet', MobileNetV2ImageNet, head_dropout=0.2, head_init='normal')

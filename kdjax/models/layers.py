@@ -108,13 +108,18 @@ class Head(nn.Module):
   """
   num_classes: int
   dropout_rate: float = 0.0
+  # 'torch': PyTorch's Linear default; 'normal': N(0, 0.01) weights and zero bias (RepDistiller's VGG and
+  # MobileNetV2, torchvision's MobileNetV2); 'zero_bias': default weights, zero bias (RepDistiller's WRN).
+  init: str = 'torch'
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, embedding, train: bool = False):
     fan_in = embedding.shape[-1]
-    kernel = self.param('kernel', torch_uniform_fan_in(), (fan_in, self.num_classes), jnp.float32)
-    bias = self.param('bias', torch_bias_init(fan_in), (self.num_classes,), jnp.float32)
+    kernel_init = nn.initializers.normal(0.01) if self.init == 'normal' else torch_uniform_fan_in()
+    bias_init = torch_bias_init(fan_in) if self.init == 'torch' else nn.initializers.zeros
+    kernel = self.param('kernel', kernel_init, (fan_in, self.num_classes), jnp.float32)
+    bias = self.param('bias', bias_init, (self.num_classes,), jnp.float32)
     if self.dropout_rate:
       embedding = nn.Dropout(self.dropout_rate, deterministic=not train)(embedding)
     logits = jnp.dot(embedding.astype(self.dtype), kernel.astype(self.dtype)) + bias.astype(self.dtype)

@@ -94,6 +94,6 @@ class MobileNetV2(nn.Module):
     return features, list(features), layers.avg_pool_all(x)
 
 
-register('MobileNetV2', MobileNetV2, T=6, width_mult=0.5)
-register('mobile_half', MobileNetV2, T=6, width_mult=0.5)
-register('MobileNetV2_1_0', MobileNetV2, T=6, width_mult=1.0)
+register('MobileNetV2', MobileNetV2, T=6, width_mult=0.5, head_init='normal')
+register('mobile_half', MobileNetV2, T=6, width_mult=0.5, head_init='normal')
+register('MobileNetV2_1_0', MobileNetV2, T=6, width_mult=1.0, head_init='normal')

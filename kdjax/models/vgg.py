@@ -62,8 +62,8 @@ class VGG(nn.Module):
     return features, preact, layers.avg_pool_all(x)
 
 
-register('vgg8', VGG, cfg='S')
-register('vgg11', VGG, cfg='A')
-register('vgg13', VGG, cfg='B')
-register('vgg16', VGG, cfg='D')
-register('vgg19', VGG, cfg='E')
+register('vgg8', VGG, cfg='S', head_init='normal')
+register('vgg11', VGG, cfg='A', head_init='normal')
+register('vgg13', VGG, cfg='B', head_init='normal')
+register('vgg16', VGG, cfg='D', head_init='normal')
+register('vgg19', VGG, cfg='E', head_init='normal')

@@ -85,7 +85,7 @@ class WideResNet(nn.Module):
     return features, preact, layers.avg_pool_all(nn.relu(pre))
 
 
-register('wrn_16_1', WideResNet, depth=16, widen_factor=1)
-register('wrn_16_2', WideResNet, depth=16, widen_factor=2)
-register('wrn_40_1', WideResNet, depth=40, widen_factor=1)
-register('wrn_40_2', WideResNet, depth=40, widen_factor=2)
+register('wrn_16_1', WideResNet, depth=16, widen_factor=1, head_init='zero_bias')
+register('wrn_16_2', WideResNet, depth=16, widen_factor=2, head_init='zero_bias')
+register('wrn_40_1', WideResNet, depth=40, widen_factor=1, head_init='zero_bias')
+register('wrn_40_2', WideResNet, depth=40, widen_factor=2, head_init='zero_bias')
