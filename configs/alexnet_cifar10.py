@@ -22,12 +22,8 @@ def run(alpha: float, digits: bool) -> ml_collections.ConfigDict:
   if digits:
     c.teacher.kwargs = {'hidden': (256, 256)}
     return config_lib.digits_recipe(c)
-  c.data.name = 'cifar10'
-  c.epochs, c.batch_size = 100, 128
-  c.optimizer.update(lr=0.05, weight_decay=5e-4)
-  c.schedule.name = 'cosine'
-  c.teacher.recipe = dict(epochs=100, optimizer=dict(lr=0.01))
-  return c
+  return config_lib.cosine_recipe(c, 'cifar10', epochs=100, batch_size=128, lr=0.05,
+                                 teacher=dict(optimizer=dict(lr=0.01)))
 
 
 def get_config(arg=None):

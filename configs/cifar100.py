@@ -23,6 +23,7 @@ from a checkpoint: a kdjax run's workdir or a published PyTorch teacher imported
 """
 
 from kdjax import config_lib
+from kdjax import distill
 
 PAIRS = (
     ('resnet32x4', 'resnet8x4'),
@@ -38,20 +39,7 @@ PAIRS = (
     ('ResNet50', 'MobileNetV2'),
 )
 
-# config.distill.losses per method: the reference command lines' weights.
-LOSSES = {
-    'kd': {'ce': 0.1, 'kd': 0.9},
-    'fitnet': {'ce': 1.0, 'fitnet': 100.0},
-    'at': {'ce': 1.0, 'at': 1000.0},
-    'sp': {'ce': 1.0, 'sp': 3000.0},
-    'rkd': {'ce': 1.0, 'rkd': 1.0},
-    'pkt': {'ce': 1.0, 'pkt': 30000.0},
-    'vid': {'ce': 1.0, 'vid': 1.0},
-    'crd': {'ce': 1.0, 'crd': 0.8},
-    'dkd': {'ce': 1.0, 'dkd': 1.0},
-    'simkd': {'simkd': 1.0},
-}
-METHODS = tuple(LOSSES)
+METHODS = tuple(distill.REFERENCE_WEIGHTS)
 
 # mdistiller configs/cifar100/dkd/*.yaml set DKD.BETA for these pairs; the others keep cfg.DKD.BETA = 8.
 DKD_BETA = {
@@ -63,32 +51,19 @@ DKD_BETA = {
     ('vgg13', 'MobileNetV2'): 6.0,
 }
 
-SMALL_LR_MODELS = ('MobileNetV2', 'mobile_half', 'MobileNetV2_1_0', 'ShuffleV1', 'ShuffleV2')
-
-
 def get_config(arg=None):
   args = config_lib.parse_args(arg, ('method', 'teacher', 'student'),
                                {'method': 'kd', 'teacher': 'resnet32x4', 'student': 'resnet8x4'})
   method, teacher, student = args['method'], args['teacher'], args['student']
-  if method not in LOSSES:
+  if method not in METHODS:
     raise ValueError(f'configs/cifar100.py: unknown method {method!r}; choose one of {", ".join(METHODS)}')
   c = config_lib.base()
-  c.data.name = 'cifar100'
   c.student.model = student
   c.teacher.model = teacher
   c.teacher.checkpoint = ''  # '' = train the teacher with this recipe first and cache it
   # The teacher-to-be trains with its own learning rate, whatever the student's (configs/teacher.py's recipe).
-  c.teacher.recipe = {'optimizer': {'lr': 0.01 if teacher in SMALL_LR_MODELS else 0.05}}
-  c.distill.losses = dict(LOSSES[method])
+  c.teacher.recipe = {'optimizer': {'lr': 0.01 if teacher in config_lib.SMALL_LR_STUDENTS else 0.05}}
+  c.distill.losses = distill.reference_weights(method)
   c.distill.temperature = 4.0
   c.distill.dkd.beta = DKD_BETA.get((teacher, student), 8.0)
-  c.epochs = 240
-  c.batch_size = 64
-  c.optimizer.name = 'sgd'
-  c.optimizer.lr = 0.01 if student in SMALL_LR_MODELS else 0.05
-  c.optimizer.momentum = 0.9
-  c.optimizer.weight_decay = 5e-4
-  c.schedule.name = 'step'
-  c.schedule.decay_epochs = (150, 180, 210)
-  c.schedule.decay_factor = 0.1
-  return c
+  return config_lib.cifar_recipe(c, 'cifar100')

@@ -18,9 +18,4 @@ def get_config(arg=None):
   c.distill.temperature = 4.0
   if digits:
     return config_lib.digits_recipe(c)
-  c.data.name = 'cifar10'
-  c.epochs, c.batch_size = 100, 128
-  c.optimizer.update(lr=0.1, weight_decay=5e-4)
-  c.schedule.name = 'cosine'
-  c.teacher.recipe = dict(epochs=100)
-  return c
+  return config_lib.cosine_recipe(c, 'cifar10', epochs=100, batch_size=128, lr=0.1)

@@ -26,9 +26,4 @@ def get_config(arg=None):
   c.distill.temperature = 20.0 if args['arch'] == 'mlp' else 4.0
   if args['data'] == 'digits':
     return config_lib.digits_recipe(c)
-  c.data.name = 'mnist'
-  c.epochs, c.batch_size = 30, 128
-  c.optimizer.update(lr=0.05, weight_decay=5e-4)
-  c.schedule.name = 'cosine'
-  c.teacher.recipe = dict(epochs=30)
-  return c
+  return config_lib.cosine_recipe(c, 'mnist', epochs=30, batch_size=128, lr=0.05)

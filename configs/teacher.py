@@ -10,9 +10,6 @@ digits/mnist/fashion_mnist: a short cosine recipe.
 
 from kdjax import config_lib
 
-SMALL_LR_MODELS = ('MobileNetV2', 'mobile_half', 'MobileNetV2_1_0', 'ShuffleV1', 'ShuffleV2')
-
-
 def get_config(arg=None):
   args = config_lib.parse_args(arg, ('model', 'dataset'), {'model': 'resnet32x4', 'dataset': 'cifar100'})
   c = config_lib.base()
@@ -20,10 +17,5 @@ def get_config(arg=None):
   c.data.name = args['dataset']
   c.distill.losses = {'ce': 1.0}
   if args['dataset'] in ('cifar10', 'cifar100'):
-    c.optimizer.lr = 0.01 if args['model'] in SMALL_LR_MODELS else 0.05
-  else:
-    c.epochs = 20
-    c.batch_size = 64
-    c.optimizer.lr = 0.05
-    c.schedule.name = 'cosine'
-  return c
+    return config_lib.cifar_recipe(c, args['dataset'])
+  return config_lib.cosine_recipe(c, args['dataset'], epochs=20, batch_size=64, lr=0.05)

@@ -16,24 +16,20 @@ import ml_collections
 from kdjax import config_lib
 
 
-def student_run(digits: bool) -> ml_collections.ConfigDict:
+def student_run() -> ml_collections.ConfigDict:
   c = config_lib.base()
   c.teacher.model, c.student.model = 'resnet50v2_imagenet', 'mobilenetv2_imagenet'
   config_lib.alpha_losses(c, 0.9)
   c.distill.temperature = 4.0
-  c.data.name = 'folder'
   c.data.folder.image_size = 224
   c.data.augment = 'none'
-  c.epochs, c.batch_size = 50, 32
-  c.optimizer.update(lr=0.01, weight_decay=1e-4)
-  c.schedule.name = 'cosine'
-  c.teacher.recipe = dict(epochs=20, optimizer=dict(lr=0.001))
-  return c
+  return config_lib.cosine_recipe(c, 'folder', epochs=50, batch_size=32, lr=0.01, weight_decay=1e-4,
+                                 teacher=dict(epochs=20, optimizer=dict(lr=0.001)))
 
 
 def get_config(arg=None):
   if arg != 'digits':
-    return student_run(False)
+    return student_run()
   # On CPU: 'pretrain' stands for the pretrained checkpoint; 'finetune' starts from it with a frozen backbone
   # (only a new head is trained); 'student' distills the fine-tuned teacher into a small CNN.
   pretrain = config_lib.digits_recipe(config_lib.base())

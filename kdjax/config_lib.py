@@ -83,6 +83,17 @@ def cifar_recipe(c: ml_collections.ConfigDict, dataset: str = 'cifar100') -> ml_
   return c
 
 
+def cosine_recipe(c: ml_collections.ConfigDict, dataset: str, epochs: int, batch_size: int, lr: float,
+                  weight_decay: float = 5e-4, teacher: dict | None = None) -> ml_collections.ConfigDict:
+  """SGD with a cosine schedule, the seed projects' recipe; `teacher` overrides it for the teacher's own run."""
+  c.data.name = dataset
+  c.epochs, c.batch_size = epochs, batch_size
+  c.optimizer.update(lr=lr, weight_decay=weight_decay)
+  c.schedule.name = 'cosine'
+  c.teacher.recipe = {'epochs': epochs, **(teacher or {})}
+  return c
+
+
 def digits_recipe(c: ml_collections.ConfigDict, epochs: int = 10) -> ml_collections.ConfigDict:
   """The CPU-sized stand-in of an experiment: sklearn digits, a short cosine schedule; the teacher recipe too."""
   c.data.name = 'digits'

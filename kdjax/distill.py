@@ -79,12 +79,28 @@ register('ce', Method(lambda ctx, cfg: losses.cross_entropy(_student_logits(ctx)
                       needs_teacher=False))
 register('kd', Method(lambda ctx, cfg: losses.kd_loss(_student_logits(ctx), ctx.teacher.logits, cfg.temperature)))
 
-# The reference codebases' command-line weight flags as our weights. RepDistiller: -r (gamma, CE), -a (alpha, KD),
-# -b (beta, the method's term); SimKD repo: -c (CE), -d (KD), -b (the method's term).
-PRESETS = {
-    'repdistiller_kd': {'ce': 0.1, 'kd': 0.9},
-    'hinton': {'ce': 0.1, 'kd': 0.9},
+# The references' loss weights per method, as our weights: RepDistiller's -r (CE) -a (KD) -b (the method's term)
+# in scripts/run_cifar_distill.sh; mdistiller's configs/cifar100/dkd/*.yaml (CE 1, DKD 1 with alpha/beta inside);
+# the SimKD repo's -c 0 -d 0 -b 1.
+REFERENCE_WEIGHTS = {
+    'kd': {'ce': 0.1, 'kd': 0.9},
+    'fitnet': {'ce': 1.0, 'fitnet': 100.0},
+    'at': {'ce': 1.0, 'at': 1000.0},
+    'sp': {'ce': 1.0, 'sp': 3000.0},
+    'rkd': {'ce': 1.0, 'rkd': 1.0},
+    'pkt': {'ce': 1.0, 'pkt': 30000.0},
+    'vid': {'ce': 1.0, 'vid': 1.0},
+    'crd': {'ce': 1.0, 'crd': 0.8},
+    'dkd': {'ce': 1.0, 'dkd': 1.0},
+    'simkd': {'simkd': 1.0},
 }
+
+
+def reference_weights(method: str) -> dict:
+  """`config.distill.losses` for `method` as the reference codebases run it on CIFAR-100."""
+  if method not in REFERENCE_WEIGHTS:
+    raise ConfigError(f'no reference weights for {method!r}; known: {", ".join(REFERENCE_WEIGHTS)}')
+  return dict(REFERENCE_WEIGHTS[method])
 
 
 class Extras(nn.Module):
