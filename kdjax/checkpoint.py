@@ -34,8 +34,8 @@ class Checkpointer:
     ])
     options = ocp.CheckpointManagerOptions(
         # best_fn only makes Orbax write the metrics; which steps are kept is the policy's decision.
-        best_fn=lambda m: m[SELECT_METRIC], best_mode='max', preservation_policy=policy, read_only=read_only, create=not read_only,
-        enable_async_checkpointing=async_save)
+        best_fn=lambda m: m[SELECT_METRIC], best_mode='max', preservation_policy=policy, read_only=read_only,
+        create=not read_only, enable_async_checkpointing=async_save)
     self.manager = ocp.CheckpointManager(directory(workdir), options=options,
                                          item_names=('state', 'meta'))
 

@@ -96,6 +96,19 @@ REFERENCE_WEIGHTS = {
 }
 
 
+def repdistiller_weights(method: str, r: float, a: float, b: float) -> dict:
+  """RepDistiller's `-r gamma -a alpha -b beta` (CE, KD, the method's term) as `config.distill.losses`."""
+  weights = {'ce': r, 'kd': a}
+  if method != 'kd':
+    weights[method] = b
+  return weights
+
+
+def simkd_repo_weights(method: str, c: float, d: float, b: float) -> dict:
+  """The SimKD repo's `-c -d -b` (CE, KD, the method's term) as `config.distill.losses`; the same convention."""
+  return repdistiller_weights(method, c, d, b)
+
+
 def reference_weights(method: str) -> dict:
   """`config.distill.losses` for `method` as the reference codebases run it on CIFAR-100."""
   if method not in REFERENCE_WEIGHTS:

@@ -80,7 +80,6 @@ class Experiment:
     self.rng = jax.random.key(cfg.seed)
     self.data_rng, self.init_rng, self.step_rng = jax.random.split(self.rng, 3)
     self.train_data = device_data.put_replicated(ds.train, self.replicated)
-    self.train_data['indices'] = jax.device_put(np.arange(len(ds.train), dtype=np.int32), self.replicated)
     self.eval_sets = {name: jax.device_put(device_data.padded_eval_arrays(split, cfg.eval_batch_size),
                                            self.replicated)
                       for name, split in (('val', ds.val), ('test', ds.test)) if split is not None}
@@ -149,7 +148,7 @@ class Experiment:
     t_out = None
     if self.teacher is not None:
       t_out = jax.lax.stop_gradient(self.teacher.apply(teacher_vars, x, train=False))
-    drop_rng, extra_rng = jax.random.split(rng)
+    drop_rng, extra_drop_rng, sample_rng = jax.random.split(rng, 3)
     mutable = list(state['student']) if train else False
     s_res = self.student.apply({'params': params['student'], **state['student']}, x, train=train,
                                mutable=mutable, rngs={'dropout': drop_rng})
@@ -160,7 +159,7 @@ class Experiment:
       res = self.distiller.extras.apply(
           {'params': params['extras'], **state['extras']}, s_out, t_out, labels=y, indices=idx, train=train,
           teacher_classify=self._teacher_classify(teacher_vars), mutable=e_mutable,
-          rngs={'dropout': extra_rng, 'sample': extra_rng})
+          rngs={'dropout': extra_drop_rng, 'sample': sample_rng})
       extras_out, e_new = res if train else (res, state['extras'])
     ctx = distill.Context(student=s_out, teacher=t_out, labels=y, extras=extras_out, epoch=epoch)
     return ctx, {'student': dict(s_new), 'extras': dict(e_new)}
@@ -169,9 +168,8 @@ class Experiment:
   def _train_step(self, ts: TrainState, teacher_vars, perm, step_in_epoch, epoch):
     rng = jax.random.fold_in(self.step_rng, ts.step)
     aug_rng, fwd_rng = jax.random.split(rng)
-    x, y = device_data.train_batch(self.train_data, perm, step_in_epoch, self.batch_size, aug_rng, self.ds,
-                                   self.dtype)
-    idx = jax.lax.dynamic_slice_in_dim(perm, step_in_epoch * self.batch_size, self.batch_size)
+    x, y, idx = device_data.train_batch(self.train_data, perm, step_in_epoch, self.batch_size, aug_rng, self.ds,
+                                        self.dtype)
     x = jax.lax.with_sharding_constraint(x, self.batch_sharded)
     progress = epoch + step_in_epoch.astype(jnp.float32) / self.steps_per_epoch
 
@@ -269,9 +267,14 @@ class Experiment:
 # -------------------------------------------------------------------------------------------------- the run loop
 def _meta(cfg, ds, exp: Experiment, step: int, complete: bool) -> dict:
   return {'model': cfg.student.model, 'model_kwargs': config_lib.as_dict(cfg.student.get('kwargs')),
-          'num_classes': ds.num_classes, 'subclasses': cfg.student.get('subclasses', 1), 'dataset': ds.name, 'step': int(step),
-          'epoch': int(step) // exp.steps_per_epoch, 'total_steps': exp.total_steps, 'complete': bool(complete),
-          'image_shape': list(ds.image_shape)}
+          'num_classes': ds.num_classes, 'subclasses': cfg.student.get('subclasses', 1), 'dataset': ds.name,
+          'image_shape': list(ds.image_shape), 'step': int(step), 'epoch': int(step) // exp.steps_per_epoch,
+          'total_steps': exp.total_steps, 'complete': bool(complete)}
+
+
+def _preempted(signum, step) -> Preempted:
+  return Preempted(f'stopped by signal {signum} at step {step}; the checkpoint is saved, rerun the same command '
+                   'to resume')
 
 
 def write_config(cfg, workdir: str):
@@ -315,7 +318,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   reporter = reporting.Reporter(workdir, cfg.epochs, exp.steps_per_epoch, cfg.get('tensorboard', True))
   stop = {'signal': None}
   previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
-  history, last_eval = [], {}
+  last_eval = {}
   try:
     step = int(ts.step)
     while step < exp.total_steps:
@@ -335,11 +338,10 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
       for chunk in pending:
         sums = _accumulate(sums, jax.device_get(chunk))
       step = epoch * exp.steps_per_epoch + pos
-      if stop['signal'] is not None and step < exp.total_steps and pos < exp.steps_per_epoch:
+      if stop['signal'] is not None and pos < exp.steps_per_epoch:  # stopped mid-epoch
         ckpt.save(step, ts, _meta(cfg, ds, exp, step, False))
         ckpt.wait()
-        raise Preempted(f'stopped by signal {stop["signal"]} at step {step}; the checkpoint is saved, rerun the '
-                        'same command to resume')
+        raise _preempted(stop['signal'], step)
       reporter.progress(epoch, exp.steps_per_epoch)
       epoch_seconds = time.time() - t0
       record = {'train_loss': sums['loss'] / sums['steps'], 'train_accuracy': sums['correct'] / sums['count']}
@@ -352,13 +354,11 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
         record.update({k: v for k, v in last_eval.items() if not k.endswith(('class_accuracy', '_count'))})
         metrics = {ckpt_lib.SELECT_METRIC: last_eval[f'{select}_accuracy']}
       reporter.epoch(epoch, step, record, epoch_seconds, int(sums['count']))
-      history.append(record)
       if done % cfg.get('checkpoint_every_epochs', 1) == 0 or is_last or stop['signal'] is not None:
         ckpt.save(step, ts, _meta(cfg, ds, exp, step, is_last), metrics)
       if stop['signal'] is not None and not is_last:
         ckpt.wait()
-        raise Preempted(f'stopped by signal {stop["signal"]} at step {step}; the checkpoint is saved, rerun the '
-                        'same command to resume')
+        raise _preempted(stop['signal'], step)
     ckpt.wait()
     if not last_eval:  # the run was already complete: report from the final state
       last_eval = exp.evaluate(ts)
@@ -370,6 +370,11 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     logging.info('done: last %s acc %.4f, best %s acc %.4f (step %s), test acc %.4f, wall time %.1fs',
                  select, summary['last_select_accuracy'], select, summary['best_select_accuracy'],
                  summary['best_step'], summary['test_accuracy'], summary['wall_seconds'])
+    if 'test_omitted_accuracy' in summary:
+      logging.info('omitted class %d: test acc %.4f; with its bias raised by %g: %.4f (overall %.4f)', ds.omitted,
+                   summary['test_omitted_accuracy'], cfg.distill.omitted.bias,
+                   summary.get('test_omitted_accuracy_adjusted', float('nan')),
+                   summary.get('test_accuracy_adjusted', float('nan')))
     summary['state'] = ts
     summary['experiment'] = exp
     return summary

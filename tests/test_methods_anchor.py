@@ -161,7 +161,9 @@ def test_crd_memory_update_matches_reference(crd_steps):
   # The step's batch and the embeddings the step computed (the params before the step, the same train-mode BN).
   perm = device_data.epoch_permutation(exp.data_rng, 0, n)
   idx = np.asarray(perm[:exp.batch_size])
-  x, y = device_data.train_batch(exp.train_data, perm, 0, exp.batch_size, jax.random.key(0), exp.ds, exp.dtype)
+  x, y, batch_idx = device_data.train_batch(exp.train_data, perm, 0, exp.batch_size, jax.random.key(0), exp.ds,
+                                            exp.dtype)
+  np.testing.assert_array_equal(np.asarray(batch_idx), idx)
   ctx, _ = exp._forward(s0.params, s0.state, exp.teacher_vars, x, y, jnp.asarray(idx), jax.random.key(0), True,
                         0.0)
   for side in ('s', 't'):

@@ -49,3 +49,13 @@ def test_schedules():
   assert float(s(0)) == 0.0 and float(s(10)) == pytest.approx(0.025)  # linear warmup
   assert float(s(20)) == pytest.approx(0.05) and float(s(60)) == pytest.approx(0.025, rel=1e-5)
   assert float(s(100)) == pytest.approx(0.0, abs=1e-8)
+
+
+def test_reference_weight_flags():
+  from kdjax import distill
+  assert distill.repdistiller_weights('crd', 1.0, 0.0, 0.8) == {'ce': 1.0, 'kd': 0.0, 'crd': 0.8}
+  assert distill.repdistiller_weights('kd', 0.1, 0.9, 0.0) == {'ce': 0.1, 'kd': 0.9}
+  assert distill.simkd_repo_weights('simkd', 0.0, 0.0, 1.0) == {'ce': 0.0, 'kd': 0.0, 'simkd': 1.0}
+  assert distill.reference_weights('pkt') == {'ce': 1.0, 'pkt': 30000.0}
+  with pytest.raises(ValueError, match="no reference weights for 'nope'"):
+    distill.reference_weights('nope')

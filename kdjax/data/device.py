@@ -46,12 +46,13 @@ def crop_flip(rng, images, pad: int = 4):
 
 
 def train_batch(data: dict, perm, step_in_epoch, batch_size: int, rng, ds_info: Dataset, dtype):
-  """The batch at `step_in_epoch` of the epoch whose permutation is `perm`: (images in `dtype`, int32 labels)."""
+  """The batch at `step_in_epoch` of the epoch whose permutation is `perm`: (images in `dtype`, int32 labels,
+  the examples' indices in the training set)."""
   idx = jax.lax.dynamic_slice_in_dim(perm, step_in_epoch * batch_size, batch_size)
   images = data['images'][idx]
   if ds_info.augment == 'crop_flip':
     images = crop_flip(rng, images)
-  return normalize(images, ds_info.mean, ds_info.std, dtype), data['labels'][idx]
+  return normalize(images, ds_info.mean, ds_info.std, dtype), data['labels'][idx], idx
 
 
 def padded_eval_arrays(split: Split, batch_size: int) -> dict:

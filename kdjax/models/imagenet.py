@@ -1,4 +1,4 @@
-"""ImageNet-style backbones for the transfer-learning experiment: ResNet50V2 (as Keras) and MobileNetV2 (as torchvision).
+"""ImageNet-style backbones for the transfer-learning experiment: ResNet50V2 (as Keras), MobileNetV2 (torchvision).
 
 Both are built for 224x224 inputs but end in a global average pool and only use padded strided ops, so they run on
 any input size (a 32x32 input reaches 1x1 after the 32x total stride).
