@@ -64,16 +64,18 @@ def teacher_run_config(cfg) -> ml_collections.ConfigDict:
   return t
 
 
-def check_meta(meta: dict, path: str, model: str, num_classes: int, subclasses: int = 1):
+def check_meta(meta: dict, path: str, model: str, num_classes: int | None, subclasses: int = 1,
+               role: str = 'teacher'):
+  """Fails before training when a checkpoint holds another network than the config's `role` section names."""
   if meta.get('model') != model:
-    raise CheckpointMismatchError(f"teacher checkpoint {path} holds a {meta.get('model')!r} network, but "
-                               f'config.teacher.model is {model!r}')
-  if meta.get('num_classes') != num_classes:
-    raise CheckpointMismatchError(f"teacher checkpoint {path} has {meta.get('num_classes')} classes, but the "
-                               f'dataset and config need {num_classes}')
+    raise CheckpointMismatchError(f"{role} checkpoint {path} holds a {meta.get('model')!r} network, but "
+                                  f'config.{role}.model is {model!r}')
+  if num_classes is not None and meta.get('num_classes') != num_classes:
+    raise CheckpointMismatchError(f"{role} checkpoint {path} has {meta.get('num_classes')} classes, but the "
+                                  f'dataset and config need {num_classes}')
   if meta.get('subclasses', 1) != subclasses:
-    raise CheckpointMismatchError(f"teacher checkpoint {path} has {meta.get('subclasses', 1)} subclasses per class, "
-                                  f'but config.teacher.subclasses is {subclasses}')
+    raise CheckpointMismatchError(f"{role} checkpoint {path} has {meta.get('subclasses', 1)} subclasses per class, "
+                                  f'but config.{role}.subclasses is {subclasses}')
 
 
 def prepare(cfg, ds, mesh):
@@ -114,9 +116,8 @@ def init_from_checkpoint(cfg, ds, exp, ts):
   re-initialised; `student.freeze_backbone` is applied by the optimizer."""
   path = cfg.student.init_checkpoint
   meta = ckpt_lib.read_meta(path)
-  if meta.get('model') != cfg.student.model:
-    raise CheckpointMismatchError(f"init checkpoint {path} holds a {meta.get('model')!r} network, but "
-                               f'config.student.model is {cfg.student.model!r}')
+  # The class count may differ (a new head is trained), the architecture may not.
+  check_meta(meta, path, cfg.student.model, None, cfg.student.get('subclasses', 1), role='student')
   target = {'params': ts.params['student'], **ts.state['student']}
   if meta.get('num_classes') != ds.num_classes:
     target['params'] = {k: v for k, v in target['params'].items() if k != 'head'}

@@ -173,3 +173,11 @@ def test_finetune_from_checkpoint_with_frozen_backbone(digits_teacher, tmp_path)
   jax.tree.map(np.testing.assert_array_equal, start['params']['backbone'], end['backbone'])
   assert not np.array_equal(start['params']['head']['kernel'], end['head']['kernel'])
   assert summary['test_accuracy'] >= 0.9  # it started from a trained network
+
+
+def test_finetune_rejects_another_architecture(digits_teacher, tmp_path):
+  cfg = digits_config('mlp', epochs=1)
+  cfg.student.init_checkpoint = digits_teacher[0]
+  with pytest.raises(errors.CheckpointMismatchError,
+                     match="student checkpoint .* holds a 'cnn_small' network, but config.student.model is 'mlp'"):
+    train.train_and_evaluate(cfg, str(tmp_path))
