@@ -12,10 +12,15 @@ from absl import logging
 
 
 class _QuietLibraries(logging_std.Filter):
-  """Orbax logs every save and restore at INFO; keep only its warnings so the progress lines stay readable."""
+  """Orbax logs every save and restore at INFO; keep only its warnings so the progress lines stay readable, less
+  the two our use makes routine: opening a checkpoint read-only, and saving an epoch that was not evaluated."""
+
+  _ROUTINE = ('read_only', 'read only', 'did not provide metrics')
 
   def filter(self, record):
-    return record.levelno >= logging_std.WARNING or '/orbax/' not in record.pathname
+    if '/orbax/' not in record.pathname:
+      return True
+    return record.levelno >= logging_std.WARNING and not any(s in record.getMessage() for s in self._ROUTINE)
 
 
 def quiet_library_logs():
