@@ -1,5 +1,5 @@
 r"""Digits, several seeds: teacher, scratch student, KD student and SimKD student test accuracy (mean +- std), and
-the omitted-digit experiment with and without the bias adjustment. CPU-sized (about 15 minutes on 2 cores).
+the omitted-digit experiment with and without the bias adjustment. CPU-sized (about 25 minutes on 2 cores).
 
   python benchmarks/digits_seeds.py --seeds=5 --workdir=/tmp/digits_seeds
 """
