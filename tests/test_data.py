@@ -85,3 +85,22 @@ def test_cifar100_loop_through_the_real_tfds_path(tmp_path):
   assert summary['experiment'].steps_per_epoch == 3
   assert summary['experiment'].evaluate(summary['state'])['test_count'] == 48
   assert 0.0 <= summary['test_accuracy'] <= 1.0 and np.isfinite(summary['test_top5'])
+
+
+def test_decoded_tfds_arrays_are_cached(tmp_path):
+  calls = []
+  split = data_lib.Split(np.arange(24, dtype=np.uint8).reshape(3, 2, 2, 2), np.array([0, 1, 2], np.int32))
+
+  def read():
+    calls.append(1)
+    return split
+
+  path = str(tmp_path / 'kdjax_uint8_train.npz')
+  for _ in range(2):
+    got = data_lib.cached(path, read, expected_len=3)
+    np.testing.assert_array_equal(got.images, split.images)
+    np.testing.assert_array_equal(got.labels, split.labels)
+  assert len(calls) == 1  # the second load came from the file
+  data_lib.cached(path, read, expected_len=4)  # a stale cache (another size) is rebuilt
+  assert len(calls) == 2
+  data_lib.cached(str(tmp_path / 'missing_dir' / 'x.npz'), read, expected_len=3)  # unwritable: no cache, no error

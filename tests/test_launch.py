@@ -33,6 +33,8 @@ def test_override_takes_effect_and_runs_quietly_on_cpu(tmp_path):
   for noise in ('Traceback', 'CUDA', 'cuInit'):
     assert noise not in r.stderr + r.stdout
   assert 'done: last test acc' in r.stderr
+  assert any(name.startswith('events.out.tfevents') for name in os.listdir(tmp_path / 'tensorboard'))
+  assert (tmp_path / 'summary.json').exists() and (tmp_path / 'checkpoints').is_dir()
 
 
 def test_typo_in_override_names_the_field(tmp_path):

@@ -7,7 +7,9 @@ TensorFlow needed to read), scikit-learn's shipped `digits`, and an image folder
 from __future__ import annotations
 
 import dataclasses
+import os
 
+from absl import logging
 import numpy as np
 
 from kdjax.errors import ConfigError, DatasetNotFoundError
@@ -118,21 +120,41 @@ def _prepare_hint(name: str, data_dir: str | None) -> str:
 
 def _load_tfds(name: str, data_dir: str | None) -> tuple[Split, Split, int]:
   import tensorflow_datasets as tfds
+  builder = tfds.builder(name, data_dir=data_dir)
   splits = {}
   try:
     for split in ('train', 'test'):
       source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
-      splits[split] = _read_all(source)
+      cache = os.path.join(builder.data_dir, f'kdjax_uint8_{split}.npz') if builder.is_prepared() else None
+      splits[split] = cached(cache, lambda: _read_all(source, f'{name}/{split}'), expected_len=len(source))
   except Exception as e:  # tfds raises several types for "not there"; decide by asking the builder
-    if tfds.builder(name, data_dir=data_dir).is_prepared():
+    if builder.is_prepared():
       raise
     raise DatasetNotFoundError(_prepare_hint(name, data_dir)) from e
-  num_classes = tfds.builder(name, data_dir=data_dir).info.features['label'].num_classes
-  return splits['train'], splits['test'], num_classes
+  return splits['train'], splits['test'], builder.info.features['label'].num_classes
 
 
-def _read_all(source) -> Split:
+def cached(path: str | None, read, expected_len: int) -> Split:
+  """`read()` once, then the decoded uint8 arrays from `path` (next to the TFDS files): decoding 60,000 PNGs costs
+  far more than loading one array file. An unwritable location only costs the cache."""
+  if path and os.path.exists(path):
+    with np.load(path) as f:
+      if len(f['labels']) == expected_len:
+        return Split(f['images'], f['labels'])
+  split = read()
+  if path:
+    try:
+      tmp = path + '.tmp.npz'
+      np.savez(tmp, images=split.images, labels=split.labels)
+      os.replace(tmp, path)
+    except OSError as e:
+      logging.warning('could not cache the decoded dataset at %s: %s', path, e)
+  return split
+
+
+def _read_all(source, what: str) -> Split:
   n = len(source)
+  logging.info('decoding %s: %d examples (once; later runs read the cached arrays)', what, n)
   first = source[0]
   images = np.empty((n,) + first['image'].shape, np.uint8)
   labels = np.empty((n,), np.int32)
