@@ -63,45 +63,12 @@ def time_kdjax(k: int) -> float:
 
 def time_torch() -> float:
   import torch
-  import torch.nn as tnn
-  import torch.nn.functional as F
-
-  class Block(tnn.Module):
-    def __init__(self, cin, cout, stride):
-      super().__init__()
-      self.conv1 = tnn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-      self.bn1 = tnn.BatchNorm2d(cout)
-      self.conv2 = tnn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-      self.bn2 = tnn.BatchNorm2d(cout)
-      self.downsample = None
-      if stride != 1 or cin != cout:
-        self.downsample = tnn.Sequential(tnn.Conv2d(cin, cout, 1, stride, bias=False), tnn.BatchNorm2d(cout))
-
-    def forward(self, x):
-      out = F.relu(self.bn1(self.conv1(x)))
-      out = self.bn2(self.conv2(out))
-      return F.relu(out + (x if self.downsample is None else self.downsample(x)))
-
-  class ResNet(tnn.Module):  # RepDistiller's CIFAR resnet (depth 6n+2, widths 16/32/64)
-    def __init__(self, depth, classes=100):
-      super().__init__()
-      n = (depth - 2) // 6
-      self.conv1 = tnn.Conv2d(3, 16, 3, 1, 1, bias=False)
-      self.bn1 = tnn.BatchNorm2d(16)
-      layers, cin = [], 16
-      for cout, stride in ((16, 1), (32, 2), (64, 2)):
-        for j in range(n):
-          layers.append(Block(cin, cout, stride if j == 0 else 1))
-          cin = cout
-      self.layers = tnn.Sequential(*layers)
-      self.fc = tnn.Linear(64, classes)
-
-    def forward(self, x):
-      x = self.layers(F.relu(self.bn1(self.conv1(x))))
-      return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+  from torch.nn import functional as F
+  from kdjax.tools.torch_reference import CifarResNet
 
   torch.manual_seed(0)
-  teacher, student = ResNet(20).eval(), ResNet(8).train()
+  teacher = CifarResNet(20, (16, 16, 32, 64), 100).eval()
+  student = CifarResNet(8, (16, 16, 32, 64), 100).train()
   opt = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
   x = torch.randn(FLAGS.batch, 3, 32, 32)
   y = torch.randint(0, 100, (FLAGS.batch,))

@@ -1,0 +1,237 @@
+"""PyTorch re-implementations of the reference CIFAR networks (RepDistiller models/resnet.py, wrn.py, vgg.py,
+ShuffleNetv2.py, mobilenetv2.py), with the reference's module names, hence the same state_dict keys, and the same
+forward computation.
+
+They are the other side of two comparisons: the importer's tests (imported weights must give these networks'
+logits) and the PyTorch baseline of benchmarks/kd_step.py. torch is imported here only; training never imports
+this module.
+"""
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+
+class CifarBasicBlock(nn.Module):
+  """RepDistiller resnet.py BasicBlock: conv-BN-ReLU-conv-BN + (downsample = Sequential(conv1x1, BN)), ReLU."""
+
+  def __init__(self, cin, planes, stride):
+    super().__init__()
+    self.conv1 = nn.Conv2d(cin, planes, 3, stride, 1, bias=False)
+    self.bn1 = nn.BatchNorm2d(planes)
+    self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+    self.bn2 = nn.BatchNorm2d(planes)
+    self.downsample = None
+    if stride != 1 or cin != planes:
+      self.downsample = nn.Sequential(nn.Conv2d(cin, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+
+  def forward(self, x):
+    out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+    return F.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+class CifarResNet(nn.Module):
+
+  def __init__(self, depth, widths, num_classes):
+    super().__init__()
+    n = (depth - 2) // 6
+    self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
+    self.bn1 = nn.BatchNorm2d(widths[0])
+    cin = widths[0]
+    for i, (planes, stride) in enumerate(zip(widths[1:], (1, 2, 2)), start=1):
+      blocks = []
+      for j in range(n):
+        blocks.append(CifarBasicBlock(cin, planes, stride if j == 0 else 1))
+        cin = planes
+      setattr(self, f'layer{i}', nn.Sequential(*blocks))
+    self.fc = nn.Linear(cin, num_classes)
+
+  def forward(self, x):
+    x = F.relu(self.bn1(self.conv1(x)))
+    x = self.layer3(self.layer2(self.layer1(x)))
+    return self.fc(x.mean((2, 3)))
+
+
+class WideBlock(nn.Module):
+  """wrn.py BasicBlock: pre-activation; a width-changing block's shortcut reads the activated input."""
+
+  def __init__(self, cin, cout, stride):
+    super().__init__()
+    self.bn1 = nn.BatchNorm2d(cin)
+    self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+    self.bn2 = nn.BatchNorm2d(cout)
+    self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+    self.equal = cin == cout
+    self.convShortcut = None if self.equal else nn.Conv2d(cin, cout, 1, stride, 0, bias=False)
+
+  def forward(self, x):
+    act = F.relu(self.bn1(x))
+    out = self.conv2(F.relu(self.bn2(self.conv1(act))))
+    return (x if self.equal else self.convShortcut(act)) + out
+
+
+class NetworkBlock(nn.Module):
+
+  def __init__(self, n, cin, cout, stride):
+    super().__init__()
+    self.layer = nn.Sequential(*[WideBlock(cin if j == 0 else cout, cout, stride if j == 0 else 1)
+                                 for j in range(n)])
+
+  def forward(self, x):
+    return self.layer(x)
+
+
+class WideResNet(nn.Module):
+
+  def __init__(self, depth, k, num_classes):
+    super().__init__()
+    n = (depth - 4) // 6
+    self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+    self.block1 = NetworkBlock(n, 16, 16 * k, 1)
+    self.block2 = NetworkBlock(n, 16 * k, 32 * k, 2)
+    self.block3 = NetworkBlock(n, 32 * k, 64 * k, 2)
+    self.bn1 = nn.BatchNorm2d(64 * k)
+    self.fc = nn.Linear(64 * k, num_classes)
+
+  def forward(self, x):
+    x = self.block3(self.block2(self.block1(self.conv1(x))))
+    return self.fc(F.relu(self.bn1(x)).mean((2, 3)))
+
+
+class VGG(nn.Module):
+  """vgg.py with batch_norm=True: block{b} = [conv, BN, ReLU]* minus the last ReLU; no pool before block4 at 32x32."""
+
+  def __init__(self, cfg, num_classes):
+    super().__init__()
+    cin = 3
+    for b, widths in enumerate(cfg):
+      mods = []
+      for w in widths:
+        mods += [nn.Conv2d(cin, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU()]
+        cin = w
+      setattr(self, f'block{b}', nn.Sequential(*mods[:-1]))
+    self.classifier = nn.Linear(512, num_classes)
+
+  def forward(self, x):
+    h = x.shape[2]
+    for b in range(5):
+      if 1 <= b <= 3 or (b == 4 and h == 64):
+        x = F.max_pool2d(x, 2)
+      x = F.relu(getattr(self, f'block{b}')(x))
+    return self.classifier(x.mean((2, 3)))
+
+
+def shuffle(x, g):
+  n, c, h, w = x.shape
+  return x.view(n, g, c // g, h, w).permute(0, 2, 1, 3, 4).reshape(n, c, h, w)
+
+
+class ShuffleV2Basic(nn.Module):
+
+  def __init__(self, channels):
+    super().__init__()
+    c = channels // 2
+    self.conv1 = nn.Conv2d(c, c, 1, bias=False)
+    self.bn1 = nn.BatchNorm2d(c)
+    self.conv2 = nn.Conv2d(c, c, 3, 1, 1, groups=c, bias=False)
+    self.bn2 = nn.BatchNorm2d(c)
+    self.conv3 = nn.Conv2d(c, c, 1, bias=False)
+    self.bn3 = nn.BatchNorm2d(c)
+
+  def forward(self, x):
+    c = x.shape[1] // 2
+    x1, x2 = x[:, :c], x[:, c:]
+    out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x2)))))
+    out = F.relu(self.bn3(self.conv3(out)))
+    return shuffle(torch.cat([x1, out], 1), 2)
+
+
+class ShuffleV2Down(nn.Module):
+
+  def __init__(self, cin, cout):
+    super().__init__()
+    mid = cout // 2
+    self.conv1 = nn.Conv2d(cin, cin, 3, 2, 1, groups=cin, bias=False)
+    self.bn1 = nn.BatchNorm2d(cin)
+    self.conv2 = nn.Conv2d(cin, mid, 1, bias=False)
+    self.bn2 = nn.BatchNorm2d(mid)
+    self.conv3 = nn.Conv2d(cin, mid, 1, bias=False)
+    self.bn3 = nn.BatchNorm2d(mid)
+    self.conv4 = nn.Conv2d(mid, mid, 3, 2, 1, groups=mid, bias=False)
+    self.bn4 = nn.BatchNorm2d(mid)
+    self.conv5 = nn.Conv2d(mid, mid, 1, bias=False)
+    self.bn5 = nn.BatchNorm2d(mid)
+
+  def forward(self, x):
+    left = F.relu(self.bn2(self.conv2(self.bn1(self.conv1(x)))))
+    right = self.bn4(self.conv4(F.relu(self.bn3(self.conv3(x)))))
+    right = F.relu(self.bn5(self.conv5(right)))
+    return shuffle(torch.cat([left, right], 1), 2)
+
+
+class ShuffleNetV2(nn.Module):
+  """ShuffleNetv2.py net_size 1 (`ShuffleV2`): 1x1 stem, layer{s} = [DownBlock] + BasicBlocks, conv2, linear."""
+
+  def __init__(self, num_classes, out_channels=(116, 232, 464, 1024), num_blocks=(3, 7, 3)):
+    super().__init__()
+    self.conv1 = nn.Conv2d(3, 24, 1, bias=False)
+    self.bn1 = nn.BatchNorm2d(24)
+    cin = 24
+    for s, (c, n) in enumerate(zip(out_channels[:3], num_blocks), start=1):
+      setattr(self, f'layer{s}', nn.Sequential(ShuffleV2Down(cin, c), *[ShuffleV2Basic(c) for _ in range(n)]))
+      cin = c
+    self.conv2 = nn.Conv2d(cin, out_channels[3], 1, bias=False)
+    self.bn2 = nn.BatchNorm2d(out_channels[3])
+    self.linear = nn.Linear(out_channels[3], num_classes)
+
+  def forward(self, x):
+    x = F.relu(self.bn1(self.conv1(x)))
+    x = self.layer3(self.layer2(self.layer1(x)))
+    x = F.relu(self.bn2(self.conv2(x)))
+    return self.linear(F.avg_pool2d(x, 4).flatten(1))
+
+
+class InvertedResidual(nn.Module):
+  """mobilenetv2.py: conv = Sequential(pw, BN, ReLU, dw, BN, ReLU, pw-linear, BN), the pw expand even for t=1."""
+
+  def __init__(self, cin, cout, stride, t):
+    super().__init__()
+    h = cin * t
+    self.use_res = stride == 1 and cin == cout
+    self.conv = nn.Sequential(
+        nn.Conv2d(cin, h, 1, 1, 0, bias=False), nn.BatchNorm2d(h), nn.ReLU(),
+        nn.Conv2d(h, h, 3, stride, 1, groups=h, bias=False), nn.BatchNorm2d(h), nn.ReLU(),
+        nn.Conv2d(h, cout, 1, 1, 0, bias=False), nn.BatchNorm2d(cout))
+
+  def forward(self, x):
+    return x + self.conv(x) if self.use_res else self.conv(x)
+
+
+class MobileNetV2(nn.Module):
+  """mobilenetv2.py `mobilenetv2_T_w(T, W)`; mobile_half is T=6, W=0.5."""
+
+  def __init__(self, T, width, num_classes):
+    super().__init__()
+    setting = [[1, 16, 1, 1], [T, 24, 2, 1], [T, 32, 3, 2], [T, 64, 4, 2], [T, 96, 3, 1], [T, 160, 3, 2],
+               [T, 320, 1, 1]]
+    cin = int(32 * width)
+    self.conv1 = nn.Sequential(nn.Conv2d(3, cin, 3, 2, 1, bias=False), nn.BatchNorm2d(cin), nn.ReLU())
+    self.blocks = nn.ModuleList()
+    for t, c, n, s in setting:
+      cout = int(c * width)
+      layers = []
+      for j in range(n):
+        layers.append(InvertedResidual(cin, cout, s if j == 0 else 1, t))
+        cin = cout
+      self.blocks.append(nn.Sequential(*layers))
+    last = int(1280 * width) if width > 1.0 else 1280
+    self.conv2 = nn.Sequential(nn.Conv2d(cin, last, 1, 1, 0, bias=False), nn.BatchNorm2d(last), nn.ReLU())
+    self.classifier = nn.Sequential(nn.Linear(last, num_classes))
+
+  def forward(self, x):
+    x = self.conv1(x)
+    for block in self.blocks:
+      x = block(x)
+    x = F.avg_pool2d(self.conv2(x), 2, ceil_mode=True)
+    return self.classifier(x.flatten(1))
