@@ -80,14 +80,24 @@ def load_model(workdir: str, target_variables, which: str = 'latest'):
   class count) before calling this, so a mismatch is reported by name rather than as a shape error.
   """
   ckpt = open_for_reading(workdir)
-  step = ckpt.best_step() if which == 'best' else ckpt.latest_step()
-  if step is None:
-    step = ckpt.latest_step()
-  partial = {'params': {'student': target_variables['params']},
-             'state': {'student': {k: v for k, v in target_variables.items() if k != 'params'}}}
-  restored = ckpt.restore(step, partial, partial=True)
-  variables = {'params': restored['params']['student'], **restored['state']['student']}
-  return variables, ckpt.read_meta(step)
+  try:
+    step = _pick_step(ckpt, which)
+    restored = ckpt.restore(step, _run_layout(target_variables), partial=True)
+    variables = {'params': restored['params']['student'], **restored['state']['student']}
+    return variables, ckpt.read_meta(step)
+  finally:
+    ckpt.close()
+
+
+def _run_layout(variables: dict) -> dict:
+  """A network's variables where a run's train state keeps them (the trained network is the 'student')."""
+  return {'params': {'student': variables['params']},
+          'state': {'student': {k: v for k, v in variables.items() if k != 'params'}}}
+
+
+def _pick_step(ckpt: Checkpointer, which: str) -> int:
+  step = ckpt.best_step() if which == 'best' else None
+  return ckpt.latest_step() if step is None else step
 
 
 def open_for_reading(workdir: str) -> Checkpointer:
@@ -103,8 +113,10 @@ def open_for_reading(workdir: str) -> Checkpointer:
 
 def read_meta(workdir: str, which: str = 'latest') -> dict:
   ckpt = open_for_reading(workdir)
-  step = (ckpt.best_step() if which == 'best' else None) or ckpt.latest_step()
-  return ckpt.read_meta(step)
+  try:
+    return ckpt.read_meta(_pick_step(ckpt, which))
+  finally:
+    ckpt.close()
 
 
 def abstract(tree):
@@ -118,11 +130,9 @@ def save_model(workdir: str, variables: dict, meta: dict, step: int = 0):
   `variables` = {'params': ..., 'batch_stats': ..., ...} of a `kdjax.models.create(meta['model'],
   num_classes=meta['num_classes'])` network. Used by the PyTorch importer and the deployable-student export.
   """
-  state = {'params': {'student': variables['params']},
-           'state': {'student': {k: v for k, v in variables.items() if k != 'params'}}}
   ckpt = Checkpointer(workdir, async_save=False)
   try:
-    ckpt.save(step, state, dict(meta, step=step, complete=True))
+    ckpt.save(step, _run_layout(variables), dict(meta, step=step, complete=True))
     ckpt.wait()
   finally:
     ckpt.close()

@@ -86,27 +86,28 @@ def prepare(cfg, ds, mesh):
   num_classes, subclasses = ds.num_classes, cfg.teacher.get('subclasses', 1)
   teacher = models.create(cfg.teacher.model, num_classes=num_classes, dtype=train.compute_dtype(cfg),
                           subclasses=subclasses, **as_dict(cfg.teacher.get('kwargs')))
+  which = cfg.teacher.get('which', 'latest')
   path = cfg.teacher.get('checkpoint') or ''
   if not path:
     path = cache_dir(cfg, ds.name)
-    done = False
     try:
       done = ckpt_lib.read_meta(path).get('complete', False)
     except CheckpointNotFoundError:
-      pass
+      done = False
     if done:
       logging.info('teacher: reusing the cached %s at %s', cfg.teacher.model, path)
     else:
       logging.info('teacher: config.teacher.checkpoint is empty; training %s first, cached at %s',
                    cfg.teacher.model, path)
       train.train_and_evaluate(teacher_run_config(cfg), path)
-  meta = ckpt_lib.read_meta(path)
+  # The metadata of the step that will be restored: a mismatch is reported by name, not as a shape error.
+  meta = ckpt_lib.read_meta(path, which)
   check_meta(meta, path, cfg.teacher.model, num_classes, subclasses)
   x = jnp.zeros((1,) + tuple(ds.image_shape), jnp.float32)
   shapes = jax.eval_shape(lambda: teacher.init(jax.random.key(0), x))
   rep = sharding.replicated(mesh)
   target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), shapes)
-  variables, _ = ckpt_lib.load_model(path, target, cfg.teacher.get('which', 'latest'))
+  variables, _ = ckpt_lib.load_model(path, target, which)
   logging.info('teacher: %s restored from %s (step %s)', cfg.teacher.model, path, meta.get('step'))
   return teacher, variables
 

@@ -7,24 +7,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kdjax import checkpoint as ckpt_lib
-from kdjax import data as data_lib
 from kdjax import errors
 from kdjax import models
-from kdjax import sharding
 from kdjax import train
 from kdjax.methods import simkd
-from tests.util import digits_config, random_teacher
+from tests.util import digits_config, load_digits_model, random_teacher
 
 
 def _epochs(workdir):
   return [json.loads(l) for l in open(f'{workdir}/metrics.jsonl') if '"epoch"' in l]
-
-
-def _teacher_copy(path, model, **kw):
-  m = models.create(model, num_classes=10, **kw)
-  target = jax.eval_shape(lambda: m.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1))))
-  return jax.tree.map(np.array, ckpt_lib.load_model(path, target)[0])
 
 
 @pytest.fixture(scope='module')
@@ -46,7 +37,7 @@ def test_method_step_learns_and_keeps_teacher_frozen(name, resnet_teacher, tmp_p
   cfg = digits_config('resnet8', spec['losses'], epochs=2)
   cfg.distill.simkd.update(spec.get('simkd', {}))
   cfg.teacher.update(model='resnet14', checkpoint=resnet_teacher)
-  before = _teacher_copy(resnet_teacher, 'resnet14')
+  before = load_digits_model(resnet_teacher, 'resnet14')
   summary = train.train_and_evaluate(cfg, str(tmp_path))
   after = jax.tree.map(np.asarray, summary['experiment'].teacher_vars)
   jax.tree.map(np.testing.assert_array_equal, before, after)
@@ -168,7 +159,7 @@ def test_finetune_from_checkpoint_with_frozen_backbone(digits_teacher, tmp_path)
   cfg = digits_config('cnn_small', epochs=1)
   cfg.student.update(init_checkpoint=digits_teacher[0], freeze_backbone=True)
   summary = train.train_and_evaluate(cfg, str(tmp_path))
-  start = _teacher_copy(digits_teacher[0], 'cnn_small')
+  start = load_digits_model(digits_teacher[0], 'cnn_small')
   end = jax.device_get(summary['state'].params['student'])
   jax.tree.map(np.testing.assert_array_equal, start['params']['backbone'], end['backbone'])
   assert not np.array_equal(start['params']['head']['kernel'], end['head']['kernel'])

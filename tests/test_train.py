@@ -11,7 +11,7 @@ import pytest
 from kdjax import checkpoint as ckpt_lib
 from kdjax import errors
 from kdjax import train
-from tests.util import digits_config
+from tests.util import digits_config, load_digits_model
 
 
 def _params(summary):
@@ -42,25 +42,17 @@ def test_kd_keeps_teacher_frozen_and_learns(teacher_run, tmp_path):
   cfg = digits_config('mlp', {'ce': 0.1, 'kd': 0.9}, epochs=3)
   cfg.teacher.model = 'cnn_small'
   cfg.teacher.checkpoint = teacher_dir
-  before = ckpt_lib.load_model(teacher_dir, _teacher_target())[0]
-  before = jax.tree.map(np.array, before)
+  before = load_digits_model(teacher_dir, 'cnn_small')
   summary = train.train_and_evaluate(cfg, str(tmp_path))
   exp = summary['experiment']
   after_in_memory = jax.tree.map(np.asarray, exp.teacher_vars)
-  after_on_disk = jax.tree.map(np.asarray, ckpt_lib.load_model(teacher_dir, _teacher_target())[0])
+  after_on_disk = load_digits_model(teacher_dir, 'cnn_small')
   for after in (after_in_memory, after_on_disk):
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), before, after)
   assert 'batch_stats' in before  # the statistics are compared too, not just the weights
   assert summary['test_accuracy'] > 0.8
   record = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl')][0]
   assert {'loss_ce', 'loss_kd'} <= set(record)  # every term's value is logged
-
-
-def _teacher_target():
-  from kdjax import models
-  import jax.numpy as jnp
-  m = models.create('cnn_small', num_classes=10)
-  return jax.eval_shape(lambda: m.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1))))
 
 
 def test_teacher_errors(teacher_run, tmp_path):

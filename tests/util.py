@@ -38,3 +38,15 @@ def random_teacher(workdir: str, model: str, num_classes: int = 10, image_shape=
           'image_shape': list(image_shape)}
   ckpt_lib.save_model(workdir, variables, meta)
   return workdir
+
+
+def load_digits_model(workdir: str, model: str, **kw):
+  """A host copy (NumPy) of the variables of a 10-class digits network saved in `workdir`."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from kdjax import checkpoint as ckpt_lib
+  from kdjax import models
+  m = models.create(model, num_classes=10, **kw)
+  target = jax.eval_shape(lambda: m.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1))))
+  return jax.tree.map(np.array, ckpt_lib.load_model(workdir, target)[0])
