@@ -1,7 +1,9 @@
 """Orbax checkpoints under `workdir/checkpoints`: the train state plus a JSON 'meta' item per step.
 
-Checkpoints are numbered by global train step. Kept: the latest `keep` and the best one by `select_accuracy`
-(validation accuracy, or test accuracy when there is no validation split). Saving is asynchronous.
+Checkpoints are numbered by global train step. The state holds every student of a sweep on a leading axis (one for
+a single run; `meta['students']` says how many). Kept: the latest `keep` and the best one by `select_accuracy`
+(validation accuracy, or test accuracy when there is no validation split; a sweep's mean over its students).
+Saving is asynchronous.
 A checkpoint directory is also what `config.teacher.checkpoint` points at: `load_model` restores only the model
 variables (parameters and BatchNorm statistics) of a run, whatever optimizer it used.
 """
@@ -12,6 +14,7 @@ import os
 
 import flax
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as cm
 
@@ -72,8 +75,9 @@ class Checkpointer:
     self.manager.close()
 
 
-def load_model(workdir: str, target_variables, which: str = 'latest'):
-  """Restores the trained network's variables from a run's workdir.
+def load_model(workdir: str, target_variables, which: str = 'latest', index: int = 0):
+  """Restores one trained network's variables from a run's workdir: student `index` of its sweep (0 for a single
+  run).
 
   `target_variables` ({'params': ..., 'batch_stats': ...} of the expected architecture, arrays or
   ShapeDtypeStructs) fixes structure and sharding. Returns (variables, meta). The caller checks `meta` (model name,
@@ -82,9 +86,13 @@ def load_model(workdir: str, target_variables, which: str = 'latest'):
   ckpt = open_for_reading(workdir)
   try:
     step = _pick_step(ckpt, which)
-    restored = ckpt.restore(step, _run_layout(target_variables), partial=True)
+    meta = ckpt.read_meta(step)
+    stacked = jax.tree.map(lambda s: jax.ShapeDtypeStruct((meta.get('students', 1),) + tuple(s.shape), s.dtype,
+                                                          sharding=getattr(s, 'sharding', None)),
+                           target_variables)
+    restored = ckpt.restore(step, _run_layout(stacked), partial=True)
     variables = {'params': restored['params']['student'], **restored['state']['student']}
-    return variables, ckpt.read_meta(step)
+    return jax.tree.map(lambda a: a[index], variables), meta
   finally:
     ckpt.close()
 
@@ -132,7 +140,8 @@ def save_model(workdir: str, variables: dict, meta: dict, step: int = 0):
   """
   ckpt = Checkpointer(workdir, async_save=False)
   try:
-    ckpt.save(step, _run_layout(variables), dict(meta, step=step, complete=True))
+    one = jax.tree.map(lambda a: np.asarray(a)[None], variables)  # a run of one student
+    ckpt.save(step, _run_layout(one), dict(meta, step=step, complete=True, students=1))
     ckpt.wait()
   finally:
     ckpt.close()

@@ -10,9 +10,16 @@ import ml_collections
 
 def base() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.seed = 0
+  c.seed = 0                # initialisation and dropout (and, unless data.seed is set, the data order)
+  # Sweeps (kdjax.sweep): numeric fields -> values, trained as students of one program against one teacher pass.
+  c.sweep = ''              # 'field=v1,v2,...; field2=...', e.g. 'alpha=0.1,0.9; distill.temperature=1,4'
+  c.sweep_mode = 'grid'     # grid (every combination) | zip (element-wise)
+  c.sweep_labels = ''       # 'field=display name; ...' for tables and figures
+  c.seeds = 1               # N > 1: every grid point trained with seeds seed, seed + 1, ..., seed + N - 1
+  c.mesh_students = 0       # devices along the students axis of the (students x data) mesh; 0 = auto
   c.data = dict(
       name='digits',        # digits | mnist | fashion_mnist | cifar10 | cifar100 | folder
+      seed=-1,              # batch order and augmentation; -1 = config.seed (a sweep shares its base seed's)
       data_dir='',          # TFDS data_dir ('' = TFDS default, ~/tensorflow_datasets)
       val_fraction=0.0,     # validation split carved from train (0 for paper recipes)
       val_seed=0,
@@ -39,6 +46,10 @@ def base() -> ml_collections.ConfigDict:
   c.distill = dict(
       losses={'ce': 1.0},   # term -> weight; total loss = sum(weight * term)
       temperature=4.0,      # Hinton KD (and the KD-style terms that use a temperature)
+      kd_scale='T2',        # the kd term's factor: T2 (x T^2, Hinton and the anchors) | 1 (no T^2, as some studies)
+      # Teacher outputs computed once for the whole training set and reused every epoch: auto (when the training
+      # images are not augmented and the outputs fit in 2 GiB) | on | off.
+      cache_teacher='auto',
       label_smoothing=0.0,  # for 'ce'
       # Per-method options; a method reads only its own section.
       simkd=dict(factor=2, loss='l2', use_labels=False, projectors='last'),  # projectors: last | multi | all
@@ -66,6 +77,7 @@ def base() -> ml_collections.ConfigDict:
   c.dtype = 'float32'       # compute dtype: float32 | bfloat16 (parameters stay float32)
   c.num_devices = 0         # 0 = all devices
   c.tensorboard = True
+  c.figures = True          # results figures (PNG) in workdir/figures at the end of a run
   return c
 
 

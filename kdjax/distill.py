@@ -54,8 +54,12 @@ class Method:
   module: Callable[..., nn.Module] | None = None
   # True when this method's module output 'logits' are the student's predictions (SimKD's reused teacher head).
   predicts: bool = False
-  # (Experiment, final TrainState, workdir) -> dict merged into the run summary: writes a deployable artefact.
+  # (Experiment, one student's final TrainState, its output directory) -> dict merged into its summary: writes a
+  # deployable artefact.
   export: Callable[..., dict] | None = None
+  # The options under `config.distill` that `loss` reads as numbers (e.g. 'dkd.beta'): a sweep may vary them,
+  # since they reach the loss as arrays. Options that size modules or pick code paths stay out.
+  hparams: tuple = ()
 
 
 METHODS: dict[str, Method] = {}
@@ -77,7 +81,24 @@ def _student_logits(ctx: Context):
 register('ce', Method(lambda ctx, cfg: losses.cross_entropy(_student_logits(ctx), ctx.labels,
                                                             cfg.get('label_smoothing', 0.0)),
                       needs_teacher=False))
-register('kd', Method(lambda ctx, cfg: losses.kd_loss(_student_logits(ctx), ctx.teacher.logits, cfg.temperature)))
+def soft_scale(cfg, temperature):
+  """The factor on a temperature-softened term, relative to `losses.kd_loss` (which multiplies by T^2 as Hinton et
+  al. and the anchors do): `distill.kd_scale = 'T2'` keeps it, `'1'` divides it out, the form
+  (1 - a) CE + a CE(softmax(z_t / T), softmax(z_s / T)) of studies that write the soft term without T^2."""
+  scale = cfg.get('kd_scale', 'T2')
+  if scale == 'T2':
+    return 1.0
+  if scale == '1':
+    return 1.0 / (temperature * temperature)
+  raise ConfigError(f"distill.kd_scale must be 'T2' or '1', got {scale!r}")
+
+
+def _kd(ctx: Context, cfg):
+  t = cfg.temperature
+  return soft_scale(cfg, t) * losses.kd_loss(_student_logits(ctx), ctx.teacher.logits, t)
+
+
+register('kd', Method(_kd))
 
 # The references' loss weights per method, as our weights: RepDistiller's -r (CE) -a (KD) -b (the method's term)
 # in scripts/run_cifar_distill.sh; mdistiller's configs/cifar100/dkd/*.yaml (CE 1, DKD 1 with alpha/beta inside);
@@ -136,7 +157,7 @@ class Distiller:
 
   def __init__(self, cfg, student: nn.Module, teacher: nn.Module | None):
     self.cfg = cfg
-    _load_methods()
+    load_methods()
     weights = dict(cfg.losses)
     unknown = sorted(set(weights) - set(METHODS))
     if unknown:
@@ -158,9 +179,12 @@ class Distiller:
                             for n, m in self.module_methods.items()})
     return self.extras
 
-  def losses(self, ctx: Context):
-    values = {name: method.loss(ctx, self.cfg) for name, (_, method) in self.terms.items()}
-    total = sum(w * values[name] for name, (w, _) in self.terms.items())
+  def losses(self, ctx: Context, cfg=None):
+    """(total, {term: value}); `cfg` is the distill section as one student of a sweep reads it (weights and
+    numeric options may be arrays there), `self.cfg` by default."""
+    cfg = self.cfg if cfg is None else cfg
+    values = {name: method.loss(ctx, cfg) for name, (_, method) in self.terms.items()}
+    total = sum(cfg.losses[name] * values[name] for name in self.terms)
     return total, values
 
   @staticmethod
@@ -168,6 +192,6 @@ class Distiller:
     return _student_logits(ctx)
 
 
-def _load_methods():
+def load_methods():
   # The method modules register themselves on import; kept lazy so that importing the engine stays cheap.
   from kdjax import methods  # noqa: F401

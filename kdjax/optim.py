@@ -49,8 +49,10 @@ def _base_optimizer(cfg, steps_per_epoch: int) -> optax.GradientTransformation:
   o = cfg.optimizer
   lr = schedule(cfg, steps_per_epoch)
   if o.name == 'sgd':
+    # A swept momentum is an array: keep the momentum buffer then (momentum 0 through it is plain SGD).
+    momentum = o.momentum if not isinstance(o.momentum, (int, float)) or o.momentum else None
     return optax.chain(optax.add_decayed_weights(o.weight_decay),
-                       optax.sgd(lr, momentum=o.momentum or None, nesterov=o.get('nesterov', False)))
+                       optax.sgd(lr, momentum=momentum, nesterov=o.get('nesterov', False)))
   if o.name == 'adam':
     return optax.chain(optax.add_decayed_weights(o.weight_decay), optax.adam(lr))
   if o.name == 'adamw':

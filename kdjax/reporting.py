@@ -37,15 +37,21 @@ def _fmt_time(seconds: float) -> str:
 
 
 class Reporter:
+  """Per epoch: one console line, and one `metrics.jsonl` record and TensorBoard scalars per student (a sweep's
+  students write TensorBoard runs of their own, `tensorboard/student_<i>`)."""
 
-  def __init__(self, workdir: str, total_epochs: int, steps_per_epoch: int, tensorboard: bool = True):
+  def __init__(self, workdir: str, total_epochs: int, steps_per_epoch: int, names=('run',),
+               tensorboard: bool = True):
     self.total_epochs = total_epochs
     self.steps_per_epoch = steps_per_epoch
+    self.names = list(names)
     self.jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
-    self.tb = None
+    self.tb = []
     if tensorboard:
       from tensorboardX import SummaryWriter
-      self.tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+      root = os.path.join(workdir, 'tensorboard')
+      self.tb = [SummaryWriter(root if len(self.names) == 1 else os.path.join(root, f'student_{i}'))
+                 for i in range(len(self.names))]
     self.tty = sys.stderr.isatty()
     self.epoch_times = []
 
@@ -62,34 +68,47 @@ class Reporter:
     if step_in_epoch >= self.steps_per_epoch:
       sys.stderr.write('\r' + ' ' * 90 + '\r')
 
-  def epoch(self, epoch: int, step: int, record: dict, epoch_seconds: float, images: int):
-    """Logs the epoch line, appends to metrics.jsonl and TensorBoard. `epoch` counts from 0."""
+  def epoch(self, epoch: int, step: int, records: list, epoch_seconds: float, images: int):
+    """Logs the epoch line and writes one record per student. `epoch` counts from 0; `images` is the number of
+    training images of the epoch (each student saw them all)."""
     self.epoch_times.append(epoch_seconds)
     recent = self.epoch_times[-5:] if len(self.epoch_times) > 1 else self.epoch_times
     # The first epoch includes compilation; once later epochs exist, the ETA ignores it.
     per_epoch = sum(recent[1:] or recent) / len(recent[1:] or recent)
     eta = per_epoch * (self.total_epochs - epoch - 1)
-    record = dict(record, epoch=epoch + 1, step=step, img_per_s=images / max(epoch_seconds, 1e-9),
-                  epoch_seconds=epoch_seconds)
-    parts = [f'epoch {epoch + 1}/{self.total_epochs}', f"loss {record['train_loss']:.4f}",
-             f"train acc {record['train_accuracy']:.4f}"]
-    for split in ('val', 'test'):
-      if f'{split}_accuracy' in record:
-        parts.append(f"{split} acc {record[f'{split}_accuracy']:.4f}")
-    parts += [f"{record['img_per_s']:.0f} img/s", f'ETA {_fmt_time(eta)}']
-    logging.info(' | '.join(parts))
-    self.write(record)
+    img_per_s = images / max(epoch_seconds, 1e-9)
+    records = [dict(r, epoch=epoch + 1, step=step, student=i, img_per_s=img_per_s, epoch_seconds=epoch_seconds)
+               for i, r in enumerate(records)]
 
-  def write(self, record: dict):
+    def stat(key):
+      v = [r[key] for r in records]
+      return f'{v[0]:.4f}' if len(v) == 1 else f'{sum(v) / len(v):.4f} ({min(v):.4f}-{max(v):.4f})'
+
+    parts = [f'epoch {epoch + 1}/{self.total_epochs}']
+    if len(records) > 1:
+      parts.append(f'{len(records)} students, mean (min-max)')
+    parts += [f"loss {stat('train_loss')}", f"train acc {stat('train_accuracy')}"]
+    for split in ('val', 'test'):
+      if f'{split}_accuracy' in records[0]:
+        parts.append(f"{split} acc {stat(f'{split}_accuracy')}")
+    rate = f'{img_per_s:.0f} img/s' + (f' ({img_per_s * len(records):.0f} student-img/s)' if len(records) > 1
+                                       else '')
+    parts += [rate, f'ETA {_fmt_time(eta)}']
+    logging.info(' | '.join(parts))
+    for i, r in enumerate(records):
+      self.write(r, i)
+
+  def write(self, record: dict, student: int = 0):
     self.jsonl.write(json.dumps(record) + '\n')
     self.jsonl.flush()
-    if self.tb is not None and 'step' in record:
+    if self.tb and 'step' in record:
+      tb = self.tb[student]
       for k, v in record.items():
-        if isinstance(v, (int, float)) and k not in ('step', 'epoch'):
-          self.tb.add_scalar(k, v, record['step'])
-      self.tb.flush()
+        if isinstance(v, (int, float)) and k not in ('step', 'epoch', 'student'):
+          tb.add_scalar(k, v, record['step'])
+      tb.flush()
 
   def close(self):
     self.jsonl.close()
-    if self.tb is not None:
-      self.tb.close()
+    for tb in self.tb:
+      tb.close()

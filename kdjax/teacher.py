@@ -17,7 +17,6 @@ import ml_collections
 
 from kdjax import checkpoint as ckpt_lib
 from kdjax import config_lib
-from kdjax import models
 from kdjax.config_lib import as_dict
 from kdjax.errors import CheckpointMismatchError, CheckpointNotFoundError
 
@@ -78,31 +77,38 @@ def check_meta(meta: dict, path: str, model: str, num_classes: int | None, subcl
                                   f'but config.{role}.subclasses is {subclasses}')
 
 
-def prepare(cfg, ds, mesh):
-  """Returns (teacher module, replicated teacher variables), or (None, None) when the config has no teacher."""
-  if not cfg.teacher.get('model'):
-    return None, None
-  from kdjax import sharding, train  # train imports this module
-  num_classes, subclasses = ds.num_classes, cfg.teacher.get('subclasses', 1)
-  teacher = models.create(cfg.teacher.model, num_classes=num_classes, dtype=train.compute_dtype(cfg),
-                          subclasses=subclasses, **as_dict(cfg.teacher.get('kwargs')))
-  which = cfg.teacher.get('which', 'latest')
+def checkpoint_path(cfg, ds) -> tuple[str, bool]:
+  """(the teacher's checkpoint directory, whether it must be trained first): `teacher.checkpoint`, or the cache
+  entry of its recipe, complete or not yet. The loop trains a missing one (`teacher_run_config`) before `load`."""
   path = cfg.teacher.get('checkpoint') or ''
-  if not path:
-    path = cache_dir(cfg, ds.name)
-    try:
-      done = ckpt_lib.read_meta(path).get('complete', False)
-    except CheckpointNotFoundError:
-      done = False
-    if done:
-      logging.info('teacher: reusing the cached %s at %s', cfg.teacher.model, path)
-    else:
-      logging.info('teacher: config.teacher.checkpoint is empty; training %s first, cached at %s',
-                   cfg.teacher.model, path)
-      train.train_and_evaluate(teacher_run_config(cfg), path)
+  if path:
+    return path, False
+  path = cache_dir(cfg, ds.name)
+  try:
+    done = ckpt_lib.read_meta(path).get('complete', False)
+  except CheckpointNotFoundError:
+    done = False
+  if done:
+    logging.info('teacher: reusing the cached %s at %s', cfg.teacher.model, path)
+  else:
+    logging.info('teacher: config.teacher.checkpoint is empty; training %s first, cached at %s', cfg.teacher.model,
+                 path)
+  return path, not done
+
+
+def load(cfg, ds, mesh, path: str):
+  """(teacher module, its variables replicated over `mesh`) from the checkpoint at `path`, after checking that it
+  holds the configured network."""
+  from kdjax import sharding, step
+  num_classes, subclasses = ds.num_classes, cfg.teacher.get('subclasses', 1)
+  teacher = step.build_teacher(cfg, num_classes)
+  which = cfg.teacher.get('which', 'latest')
   # The metadata of the step that will be restored: a mismatch is reported by name, not as a shape error.
   meta = ckpt_lib.read_meta(path, which)
   check_meta(meta, path, cfg.teacher.model, num_classes, subclasses)
+  if meta.get('students', 1) != 1:
+    raise CheckpointMismatchError(f"teacher checkpoint {path} holds a sweep of {meta['students']} students; "
+                                  'a teacher is one network (the workdir of a single run)')
   x = jnp.zeros((1,) + tuple(ds.image_shape), jnp.float32)
   shapes = jax.eval_shape(lambda: teacher.init(jax.random.key(0), x))
   rep = sharding.replicated(mesh)
@@ -119,15 +125,21 @@ def init_from_checkpoint(cfg, ds, exp, ts):
   meta = ckpt_lib.read_meta(path)
   # The class count may differ (a new head is trained), the architecture may not.
   check_meta(meta, path, cfg.student.model, None, cfg.student.get('subclasses', 1), role='student')
-  target = {'params': ts.params['student'], **ts.state['student']}
+  from kdjax import step
+  one = step.student(ts, 0)
+  target = {'params': one.params['student'], **one.state['student']}
   if meta.get('num_classes') != ds.num_classes:
     target['params'] = {k: v for k, v in target['params'].items() if k != 'head'}
   restored, _ = ckpt_lib.load_model(path, ckpt_lib.abstract(target))
+  # Every student of a sweep starts from the same network.
+  restored = jax.tree.map(lambda a: jnp.broadcast_to(a, (exp.num_students,) + a.shape), restored)
   params = dict(ts.params, student=dict(ts.params['student'], **restored['params']))
   state = dict(ts.state, student={k: restored[k] for k in ts.state['student']})
   logging.info('student initialised from %s (%s)', path,
                'all weights' if 'head' in restored['params'] else 'backbone; new head')
-  return ts.replace(params=params, state=state, opt_state=exp.tx.init(params))
+  opt_state = jax.vmap(lambda p, hp: exp.optimizer(hp).init(p))(params, exp.hparams)
+  ts = ts.replace(params=params, state=state, opt_state=opt_state)
+  return jax.device_put(ts, exp.state_shardings(ts))
 
 
 def evaluate_teacher(exp) -> float:

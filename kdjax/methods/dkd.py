@@ -27,4 +27,4 @@ def dkd_loss(ctx: distill.Context, cfg):
   return warmup_factor(ctx.epoch, c.warmup_epochs) * loss
 
 
-distill.register('dkd', distill.Method(dkd_loss))
+distill.register('dkd', distill.Method(dkd_loss, hparams=('dkd.alpha', 'dkd.beta', 'dkd.temperature')))

@@ -19,5 +19,5 @@ def pkt_loss(ctx: distill.Context, cfg):
   return losses.pkt_loss(ctx.student.embedding, ctx.teacher.embedding)
 
 
-distill.register('rkd', distill.Method(rkd_loss))
+distill.register('rkd', distill.Method(rkd_loss, hparams=('rkd.distance_weight', 'rkd.angle_weight')))
 distill.register('pkt', distill.Method(pkt_loss))

@@ -14,7 +14,6 @@ end, so students and teachers with different depths pair their last stages.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from absl import logging
@@ -137,8 +136,9 @@ def load_deployable(path: str):
   return module, variables
 
 
-def export(exp, ts, workdir: str) -> dict:
-  """Writes `workdir/deploy`: one inference checkpoint of backbone + projector + teacher head."""
+def export(exp, ts, path: str) -> dict:
+  """Writes `path` (the run's `deploy/`): one inference checkpoint of backbone + projector + teacher head, from one
+  student's train state."""
   cfg = exp.cfg
   s_params, s_state = ts.params['student'], ts.state['student']
   e_params = ts.params['extras']['simkd']
@@ -159,7 +159,6 @@ def export(exp, ts, workdir: str) -> dict:
   n_backbone = sum(int(v.size) for v in jax.tree.leaves(params['backbone']))
   n_projector = sum(int(v.size) for v in jax.tree.leaves(params['projector']))
   meta['num_params'] = n
-  path = os.path.join(workdir, 'deploy')
   ckpt_lib.save_model(path, jax.device_get(variables), meta, step=int(ts.step))
   logging.info('SimKD deployable student written to %s: %s parameters (backbone %s + projector %s + teacher '
                'classifier %s)', path, f'{n:,}', f'{n_backbone:,}', f'{n_projector:,}',

@@ -27,5 +27,5 @@ def _kd(ctx: distill.Context, cfg):
                         cfg.temperature)
 
 
-distill.register('subclass_aux', distill.Method(_aux, needs_teacher=False))
+distill.register('subclass_aux', distill.Method(_aux, needs_teacher=False, hparams=('subclass.temperature',)))
 distill.register('subclass_kd', distill.Method(_kd))

@@ -1,0 +1,426 @@
+"""The train state and the one jitted train step (K steps per dispatch) for the S students of a sweep, and evaluation.
+
+Data path, all inside jit: gather the batch from the device-resident uint8 arrays by the epoch's permutation,
+augment, normalise -> teacher forward once (eval mode, stop_gradient; its variables are an argument, never donated,
+never in the optimizer; or its outputs read from a table computed once when the images are not augmented) ->
+vmapped over the students: student forward (+ the methods' extra modules), every loss term, value_and_grad over the
+trainable tree, optax update. The step is a pure function of (state, teacher variables, data, rng, step); each
+student reads its swept hyperparameters from arrays with a leading students axis. A single run is S = 1.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+from absl import logging
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from kdjax import config_lib
+from kdjax import data as data_lib
+from kdjax import distill
+from kdjax import models
+from kdjax import optim
+from kdjax import sharding
+from kdjax import sweep as sweep_lib
+from kdjax.data import device as device_data
+from kdjax.errors import ConfigError
+
+# Teacher outputs cached on the device for the whole training set only below this size ('auto').
+TEACHER_CACHE_LIMIT_BYTES = 2 << 30
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # shared by every student
+  params: Any      # [S, ...] {'student': ..., 'extras': ...}: everything the optimizer updates
+  state: Any       # [S, ...] {'student': {'batch_stats': ...}, 'extras': {...}}: non-trained collections
+  opt_state: Any   # [S, ...]
+
+
+def student(ts: TrainState, i: int) -> TrainState:
+  """Student `i` of a (stacked) train state, without the students axis."""
+  return ts.replace(params=jax.tree.map(lambda a: a[i], ts.params), state=jax.tree.map(lambda a: a[i], ts.state),
+                    opt_state=jax.tree.map(lambda a: a[i], ts.opt_state))
+
+
+def compute_dtype(cfg):
+  return {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}[cfg.get('dtype', 'float32')]
+
+
+def build_student(cfg, num_classes: int):
+  return models.create(cfg.student.model, num_classes=num_classes, dtype=compute_dtype(cfg),
+                       subclasses=cfg.student.get('subclasses', 1), **config_lib.as_dict(cfg.student.get('kwargs')))
+
+
+def build_teacher(cfg, num_classes: int):
+  return models.create(cfg.teacher.model, num_classes=num_classes, dtype=compute_dtype(cfg),
+                       subclasses=cfg.teacher.get('subclasses', 1), **config_lib.as_dict(cfg.teacher.get('kwargs')))
+
+
+def _seed_key(seed, stream: int):
+  # Separate streams of one seed: the data order, the augmentation, the initialisation, the per-step randomness.
+  return jax.random.fold_in(jax.random.key(seed), stream)
+
+
+def _bytes(tree) -> int:
+  return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+class Experiment:
+  """Everything a run compiles: models, distiller, optimizer and the jitted functions, bound to one dataset and one
+  sweep (a single run is the sweep of one student)."""
+
+  def __init__(self, cfg, ds: data_lib.Dataset, mesh=None, teacher=None, teacher_vars=None, sweep=None):
+    self.sweep = sweep if sweep is not None else sweep_lib.expand(cfg)
+    self.cfg = cfg = self.sweep.base
+    self.num_students = self.sweep.size
+    self.ds = ds
+    self.batch_size = cfg.batch_size
+    self.mesh = mesh if mesh is not None else sharding.make_mesh(cfg.get('num_devices', 0), self.num_students,
+                                                                 cfg.get('mesh_students', 0), self.batch_size)
+    n_data = sharding.data_size(self.mesh)
+    if self.batch_size % n_data:
+      raise ConfigError(f'batch_size {self.batch_size} is not divisible by the {n_data} devices of the data axis')
+    if self.num_students % self.mesh.shape['students']:
+      raise ConfigError(f'{self.num_students} students do not split over the {self.mesh.shape["students"]} devices '
+                        'of the students axis')
+    self.steps_per_epoch = len(ds.train) // self.batch_size
+    if self.steps_per_epoch == 0:
+      raise ConfigError(f'batch_size {self.batch_size} exceeds the {len(ds.train)} training examples')
+    self.total_steps = cfg.epochs * self.steps_per_epoch
+    self.k = min(cfg.get('steps_per_dispatch', 0) or self._auto_steps_per_dispatch(), self.steps_per_epoch)
+    self.dtype = compute_dtype(cfg)
+    self.replicated = sharding.replicated(self.mesh)
+    self.batch_sharded = sharding.batch_sharded(self.mesh)
+    self.students_sharded = sharding.students_sharded(self.mesh)
+
+    self.student = build_student(cfg, ds.num_classes)
+    self.teacher, self.teacher_vars = teacher, teacher_vars
+    self.distiller = distill.Distiller(cfg.distill, self.student, teacher)
+    if not self.distiller.needs_teacher:
+      self.teacher = self.teacher_vars = None
+
+    # Shared randomness (batch order, augmentation) from the data seed; per-student (init, dropout) from each seed.
+    data_seed = cfg.data.get('seed', -1)
+    data_seed = cfg.seed if data_seed < 0 else data_seed
+    self.data_rng, self.aug_rng = _seed_key(data_seed, 0), _seed_key(data_seed, 1)
+    seeds = jnp.asarray([s.cfg.seed for s in self.sweep.students])
+    self.init_keys = jax.vmap(lambda s: _seed_key(s, 2))(seeds)
+    self.step_keys = jax.device_put(jax.vmap(lambda s: _seed_key(s, 3))(seeds), self.students_sharded)
+    self.hparams = jax.device_put({k: jnp.asarray(v) for k, v in self.sweep.traced.items()},
+                                  self.students_sharded)
+
+    self.train_data = device_data.put_replicated(ds.train, self.replicated)
+    self.eval_sets = {name: jax.device_put(device_data.padded_eval_arrays(split, cfg.eval_batch_size),
+                                           self.replicated)
+                      for name, split in (('val', ds.val), ('test', ds.test)) if split is not None}
+    self.teacher_table = self._teacher_table()
+    self._train_chunk = jax.jit(self._train_chunk_fn, donate_argnums=(0,))
+    self._evaluate = jax.jit(self._evaluate_fn)
+    self._compiled_chunk = None
+
+  def _auto_steps_per_dispatch(self) -> int:
+    # XLA:CPU runs a step inside a while loop ~10x slower than the same step dispatched alone (measured on the
+    # digits CNN), so the CPU dispatches single steps; accelerators amortise dispatch over up to 32 steps, a
+    # divisor of the epoch so that no step is masked.
+    if jax.default_backend() == 'cpu':
+      return 1
+    return max(d for d in range(1, 33) if self.steps_per_epoch % d == 0)
+
+  def view(self, hp) -> sweep_lib.View:
+    """The config as one student reads it inside the step: its swept fields are the arrays in `hp`."""
+    return sweep_lib.view(self.cfg, hp)
+
+  def optimizer(self, hp) -> optax.GradientTransformation:
+    return optim.optimizer(self.view(hp), self.steps_per_epoch)
+
+  # ----------------------------------------------------------------------------------------------- teacher table
+  def _teacher_table(self):
+    """The teacher's outputs for every training example, [N, ...], when they can stand in for its forward pass:
+    no augmentation (the same image every epoch) and an eval-mode teacher. None otherwise."""
+    mode = self.cfg.distill.get('cache_teacher', 'auto')
+    if mode not in ('auto', 'on', 'off'):
+      raise ConfigError(f"distill.cache_teacher must be 'auto', 'on' or 'off', got {mode!r}")
+    if self.teacher is None or mode == 'off':
+      return None
+    if self.ds.augment != 'none':
+      if mode == 'on':
+        raise ConfigError(f'distill.cache_teacher=on needs un-augmented training images, but data.augment is '
+                          f'{self.ds.augment!r}')
+      return None
+    n = len(self.ds.train)
+    one = jax.eval_shape(lambda v: self.teacher.apply(v, jnp.zeros((1,) + self.ds.image_shape, self.dtype)),
+                         self.teacher_vars)
+    size = _bytes(one) * n
+    if mode == 'auto' and size > TEACHER_CACHE_LIMIT_BYTES:
+      logging.info('teacher outputs for the %d training images would take %.1f MiB: not cached (limit %.0f MiB)',
+                   n, size / 2**20, TEACHER_CACHE_LIMIT_BYTES / 2**20)
+      return None
+    arrays = jax.device_put(device_data.padded_eval_arrays(self.ds.train, self.cfg.eval_batch_size),
+                            self.replicated)
+
+    @jax.jit
+    def table(teacher_vars, arrays):
+      def body(_, batch):
+        x = device_data.normalize(batch['images'], self.ds.mean, self.ds.std, self.dtype)
+        return None, self.teacher.apply(teacher_vars, x, train=False)
+      out = jax.lax.scan(body, None, arrays)[1]
+      return jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:])[:n], out)
+
+    logging.info('teacher outputs cached for the %d training images (%.1f MiB): one teacher pass for the run', n,
+                 size / 2**20)
+    return table(self.teacher_vars, arrays)
+
+  # ----------------------------------------------------------------------------------------------------------- init
+  def _dummy_input(self):
+    return jnp.zeros((self.batch_size,) + self.ds.image_shape, self.dtype)
+
+  def _build_extras(self):
+    x = self._dummy_input()
+    s_shapes = jax.eval_shape(lambda: self.student.apply(self.student.init(jax.random.key(0), x), x))
+    t_shapes = None
+    if self.teacher is not None:
+      t_shapes = jax.eval_shape(lambda v: self.teacher.apply(v, x), self.teacher_vars)
+    return self.distiller.build_extras(s_shapes, t_shapes,
+                                       distill.DataInfo(len(self.ds.train), self.ds.num_classes, self.student,
+                                                        self.teacher))
+
+  def _init_fn(self, init_keys, hparams, teacher_vars):
+    extras = self._build_extras()
+    x = self._dummy_input()
+
+    def one(key, hp):
+      k_s, k_e = jax.random.split(key)
+      s_vars = self.student.init(k_s, x)
+      params = {'student': s_vars['params'], 'extras': {}}
+      state = {'student': {k: v for k, v in s_vars.items() if k != 'params'}, 'extras': {}}
+      if extras is not None:
+        s_out = self.student.apply(s_vars, x)
+        t_out = self.teacher.apply(teacher_vars, x) if self.teacher is not None else None
+        e_vars = extras.init({'params': k_e, 'memory': k_e}, s_out, t_out,
+                             labels=jnp.zeros((x.shape[0],), jnp.int32),
+                             indices=jnp.zeros((x.shape[0],), jnp.int32), train=False,
+                             teacher_classify=self._teacher_classify(teacher_vars))
+        params['extras'] = e_vars.get('params', {})
+        state['extras'] = {k: v for k, v in e_vars.items() if k != 'params'}
+      return params, state, self.optimizer(hp).init(params)
+
+    params, state, opt_state = jax.vmap(one)(init_keys, hparams)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, state=state, opt_state=opt_state)
+
+  def state_shardings(self, abstract_state: TrainState):
+    return TrainState(step=self.replicated,
+                      params=jax.tree.map(lambda _: self.students_sharded, abstract_state.params),
+                      state=jax.tree.map(lambda _: self.students_sharded, abstract_state.state),
+                      opt_state=jax.tree.map(lambda _: self.students_sharded, abstract_state.opt_state))
+
+  def init_state(self, abstract: bool = False) -> TrainState:
+    """The initial train state of every student; `abstract=True` gives its shapes (with their shardings) only:
+    nothing is computed or compiled."""
+    shapes = jax.eval_shape(self._init_fn, self.init_keys, self.hparams, self.teacher_vars)
+    shardings = self.state_shardings(shapes)
+    if abstract:
+      return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+    return jax.jit(self._init_fn, out_shardings=shardings)(self.init_keys, self.hparams, self.teacher_vars)
+
+  def trace_train_step(self):
+    """Traces one dispatch of the train step on abstract values: a cheap check that a config builds and lowers."""
+    return jax.eval_shape(self._train_chunk_fn, self.init_state(abstract=True), self.teacher_vars,
+                          self.teacher_table, self.hparams, jnp.int32(0), jnp.int32(0))
+
+  def _teacher_classify(self, teacher_vars):
+    if self.teacher is None:
+      return None
+    return lambda emb: self.teacher.apply(teacher_vars, emb, method='classify')
+
+  # ---------------------------------------------------------------------------------------------------- forward
+  def _forward(self, params, state, teacher_vars, x, y, idx, rng, train: bool, epoch, t_out=None, cfg=None):
+    """One student's forward (+ extras); returns (Context, new non-trained state). `t_out`: the teacher's outputs
+    when already computed (shared by the students); `cfg`: the config as this student reads it."""
+    cfg = self.cfg if cfg is None else cfg
+    if self.teacher is not None and t_out is None:
+      t_out = jax.lax.stop_gradient(self.teacher.apply(teacher_vars, x, train=False))
+    drop_rng, extra_drop_rng, sample_rng = jax.random.split(rng, 3)
+    mutable = list(state['student']) if train else False
+    s_res = self.student.apply({'params': params['student'], **state['student']}, x, train=train,
+                               mutable=mutable, rngs={'dropout': drop_rng})
+    s_out, s_new = s_res if train else (s_res, state['student'])
+    extras_out, e_new = {}, state['extras']
+    if self.distiller.extras is not None:
+      e_mutable = list(state['extras']) if train else False
+      res = self.distiller.extras.apply(
+          {'params': params['extras'], **state['extras']}, s_out, t_out, labels=y, indices=idx, train=train,
+          teacher_classify=self._teacher_classify(teacher_vars), mutable=e_mutable,
+          rngs={'dropout': extra_drop_rng, 'sample': sample_rng})
+      extras_out, e_new = res if train else (res, state['extras'])
+    ctx = distill.Context(student=s_out, teacher=t_out, labels=y, extras=extras_out, epoch=epoch)
+    return ctx, {'student': dict(s_new), 'extras': dict(e_new)}
+
+  def _teacher_outputs(self, teacher_vars, table, x, idx):
+    if self.teacher is None:
+      return None
+    if table is not None:
+      return jax.tree.map(lambda a: a[idx], table)
+    return jax.lax.stop_gradient(self.teacher.apply(teacher_vars, x, train=False))
+
+  # ------------------------------------------------------------------------------------------------------ train
+  def _train_step(self, ts: TrainState, teacher_vars, table, hparams, perm, step_in_epoch, epoch):
+    x, y, idx = device_data.train_batch(self.train_data, perm, step_in_epoch, self.batch_size,
+                                        jax.random.fold_in(self.aug_rng, ts.step), self.ds, self.dtype)
+    x = jax.lax.with_sharding_constraint(x, self.batch_sharded)
+    t_out = self._teacher_outputs(teacher_vars, table, x, idx)  # once, shared by every student
+    progress = epoch + step_in_epoch.astype(jnp.float32) / self.steps_per_epoch
+
+    def one(params, state, opt_state, hp, key):
+      cfg = self.view(hp)
+
+      def loss_fn(params):
+        ctx, new_state = self._forward(params, state, teacher_vars, x, y, idx, jax.random.fold_in(key, ts.step),
+                                       True, progress, t_out, cfg)
+        total, terms = self.distiller.losses(ctx, cfg.distill)
+        return total, (terms, self.distiller.logits(ctx), new_state)
+
+      (total, (terms, logits, new_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+      updates, opt_state = self.optimizer(hp).update(grads, opt_state, params)
+      params = optax.apply_updates(params, updates)
+      metrics = {'loss': total, 'correct': jnp.sum(jnp.argmax(logits, -1) == y).astype(jnp.float32),
+                 'count': jnp.float32(y.shape[0]), **{f'loss_{k}': v for k, v in terms.items()}}
+      return params, new_state, opt_state, metrics
+
+    params, state, opt_state, metrics = jax.vmap(one)(ts.params, ts.state, ts.opt_state, hparams, self.step_keys)
+    # Per-step sums over a dispatch; loss terms are batch means, so they are weighted per step, not per example.
+    return TrainState(ts.step + 1, params, state, opt_state), metrics
+
+  def _train_chunk_fn(self, ts: TrainState, teacher_vars, table, hparams, epoch, start):
+    """`self.k` steps from step `start` of `epoch`; steps past the epoch's end are skipped (one compilation).
+    Metrics are per student, [S], summed over the dispatch."""
+    perm = device_data.epoch_permutation(self.data_rng, epoch, len(self.ds.train))
+    step = lambda ts, s: self._train_step(ts, teacher_vars, table, hparams, perm, s, epoch)
+    if self.k == 1:  # no loop and no mask: `start` is always inside the epoch
+      ts, m = step(ts, start)
+      return ts, dict(jax.tree.map(lambda a: a.astype(jnp.float32), m), steps=jnp.float32(1))
+    zeros = jax.eval_shape(lambda: step(ts, jnp.int32(0))[1])
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), zeros)
+    zeros['steps'] = jnp.float32(0)
+
+    def body(carry, i):
+      s = start + i
+
+      def run(c):
+        ts, sums = c
+        ts, m = step(ts, s)
+        m = dict(m, steps=jnp.float32(1))
+        return ts, jax.tree.map(lambda a, b: a + b.astype(jnp.float32), sums, m)
+
+      return jax.lax.cond(s < self.steps_per_epoch, run, lambda c: c, carry), None
+
+    (ts, sums), _ = jax.lax.scan(body, (ts, zeros), jnp.arange(self.k))
+    return ts, sums
+
+  def compile(self, ts: TrainState) -> dict:
+    """Compiles the train dispatch for `ts`'s shapes (abstract values are enough) before anything trains, and
+    returns XLA's memory estimate per device: {'state', 'temp', 'total', 'available'} in bytes."""
+    args = (ts, self.teacher_vars, self.teacher_table, self.hparams, jnp.int32(0), jnp.int32(0))
+    shardings = self.state_shardings(ts)
+    self._train_chunk = jax.jit(self._train_chunk_fn, donate_argnums=(0,), out_shardings=(shardings, None))
+    compiled = self._train_chunk.lower(*args).compile()
+    self._compiled_chunk = compiled  # the dispatches run this executable: compiled once, checked, then used
+    analysis = compiled.memory_analysis()
+    n_dev = self.mesh.devices.size
+    state = _bytes(ts) // self.mesh.shape['students']
+    out = {'state': state, 'temp': 0, 'total': state, 'available': available_memory(n_dev)}
+    if analysis is not None:
+      out['temp'] = int(analysis.temp_size_in_bytes)
+      out['total'] = int(analysis.argument_size_in_bytes + analysis.temp_size_in_bytes +
+                         max(analysis.output_size_in_bytes - analysis.alias_size_in_bytes, 0))
+    return out
+
+  def train_chunk(self, ts, epoch: int, start: int):
+    fn = self._compiled_chunk if self._compiled_chunk is not None else self._train_chunk
+    return fn(ts, self.teacher_vars, self.teacher_table, self.hparams, jnp.int32(epoch),
+                             jnp.int32(start))
+
+  # ------------------------------------------------------------------------------------------------------- eval
+  def _evaluate_fn(self, ts: TrainState, teacher_vars, hparams, arrays):
+    num_classes = self.ds.num_classes
+    top_k = min(5, num_classes)
+    adjust = self.cfg.distill.omitted.bias if self.ds.omitted >= 0 else 0.0
+
+    def batch_sums(batch):
+      x = device_data.normalize(batch['images'], self.ds.mean, self.ds.std, self.dtype)
+      x = jax.lax.with_sharding_constraint(x, self.batch_sharded)
+      y, mask = batch['labels'], batch['mask'].astype(jnp.float32)
+      t_out = self._teacher_outputs(teacher_vars, None, x, y)  # once, shared by every student
+
+      def one(params, state, hp):
+        ctx, _ = self._forward(params, state, teacher_vars, x, y, y, jax.random.key(0), False, 0.0, t_out,
+                               self.view(hp))
+        logits = self.distiller.logits(ctx)
+        nll = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+        top1 = (jnp.argmax(logits, -1) == y).astype(jnp.float32)
+        top5 = jnp.any(jax.lax.top_k(logits, top_k)[1] == y[:, None], axis=-1).astype(jnp.float32)
+        onehot = jax.nn.one_hot(y, num_classes) * mask[:, None]
+        new = {'loss': jnp.sum(nll * mask), 'top1': jnp.sum(top1 * mask), 'top5': jnp.sum(top5 * mask),
+               'count': jnp.sum(mask), 'class_correct': onehot.T @ top1, 'class_count': jnp.sum(onehot, 0)}
+        if t_out is not None:  # teacher-student top-1 agreement
+          agree = (jnp.argmax(logits, -1) == jnp.argmax(t_out.logits, -1)).astype(jnp.float32)
+          new['agree'] = jnp.sum(agree * mask)
+        if adjust:
+          adjusted = logits.at[:, self.ds.omitted].add(adjust)
+          top1_adj = (jnp.argmax(adjusted, -1) == y).astype(jnp.float32)
+          new.update(top1_adj=jnp.sum(top1_adj * mask), class_correct_adj=onehot.T @ top1_adj)
+        return new
+
+      return jax.vmap(one)(ts.params, ts.state, hparams)
+
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                         jax.eval_shape(batch_sums, jax.tree.map(lambda a: a[0], arrays)))
+    return jax.lax.scan(lambda sums, batch: (jax.tree.map(jnp.add, sums, batch_sums(batch)), None), zeros,
+                        arrays)[0]
+
+  def evaluate(self, ts: TrainState) -> list[dict]:
+    """Per student: {split}_loss, {split}_accuracy, {split}_top5, {split}_count, per-class accuracy and, with a
+    teacher, {split}_agreement (top-1 agreement with it), for val (if any) and test; omitted-class runs add
+    {split}_omitted_accuracy and the bias-adjusted {split}_*_adjusted."""
+    out = [{} for _ in range(self.num_students)]
+    for name, arrays in self.eval_sets.items():
+      sums = jax.device_get(self._evaluate(ts, self.teacher_vars, self.hparams, arrays))
+      for i, o in enumerate(out):
+        s = jax.tree.map(lambda a: np.asarray(a)[i], sums)
+        n = float(s['count'])
+        o.update({f'{name}_loss': float(s['loss']) / n, f'{name}_accuracy': float(s['top1']) / n,
+                  f'{name}_top5': float(s['top5']) / n, f'{name}_count': int(n),
+                  f'{name}_class_accuracy': (s['class_correct'] / np.maximum(s['class_count'], 1)).tolist()})
+        if 'agree' in s:
+          o[f'{name}_agreement'] = float(s['agree']) / n
+        k = self.ds.omitted
+        if k >= 0:
+          o[f'{name}_omitted_accuracy'] = float(s['class_correct'][k] / max(s['class_count'][k], 1))
+          if 'top1_adj' in s:
+            o[f'{name}_accuracy_adjusted'] = float(s['top1_adj']) / n
+            o[f'{name}_omitted_accuracy_adjusted'] = float(s['class_correct_adj'][k] / max(s['class_count'][k], 1))
+    return out
+
+
+def available_memory(num_devices: int) -> int | None:
+  """Bytes one device may use: the accelerator's limit, or on the CPU the host's available memory shared by the
+  CPU devices. None when unknown."""
+  dev = jax.devices()[0]
+  try:
+    stats = dev.memory_stats()
+  except Exception:  # not every backend reports
+    stats = None
+  if stats and 'bytes_limit' in stats:
+    return int(stats['bytes_limit'])
+  try:
+    with open('/proc/meminfo') as f:
+      info = dict(line.split(':', 1) for line in f)
+    return int(info['MemAvailable'].split()[0]) * 1024 // max(num_devices, 1)
+  except (OSError, KeyError, ValueError):
+    return None
