@@ -126,6 +126,24 @@ def alpha_losses(c: ml_collections.ConfigDict, alpha: float, extra: str = 'kd'):
   return c
 
 
+def label_alpha_losses(c: ml_collections.ConfigDict, label_alpha: float):
+  """The opposite tie, for studies whose alpha weights the label loss: losses = {'ce': label_alpha,
+  'kd': 1 - label_alpha} through the field `label_alpha`."""
+  c.label_alpha = ml_collections.FieldReference(float(label_alpha))
+  c.distill.losses = {'ce': c.get_ref('label_alpha'), 'kd': 1.0 - c.get_ref('label_alpha')}
+  return c
+
+
+def parse_flags(arg: str | None, known: tuple[str, ...], where: str) -> dict:
+  """A config string of on/off items ('grid,digits') -> {item: bool}; an unknown item is refused by name (a typo
+  must not silently select the full recipe)."""
+  items = [a for a in (arg or '').split(',') if a]
+  unknown = [a for a in items if a not in known]
+  if unknown:
+    raise ValueError(f'{where}: unknown config string item {unknown[0]!r}; known: {", ".join(known)}')
+  return {k: k in items for k in known}
+
+
 def as_dict(d) -> dict:
   """A ConfigDict (or None, or a dict) as a plain dict."""
   return d.to_dict() if hasattr(d, 'to_dict') else dict(d or {})

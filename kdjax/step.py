@@ -173,6 +173,8 @@ class Experiment:
       out = jax.lax.scan(body, None, arrays)[1]
       return jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:])[:n], out)
 
+    if any(isinstance(v, jax.ShapeDtypeStruct) for v in jax.tree.leaves(self.teacher_vars)):
+      return jax.eval_shape(table, self.teacher_vars, arrays)  # an abstract teacher (tracing a config)
     logging.info('teacher outputs cached for the %d training images (%.1f MiB): one teacher pass for the run', n,
                  size / 2**20)
     return table(self.teacher_vars, arrays)

@@ -205,8 +205,9 @@ def expand(cfg) -> Sweep:
     with base.unlocked():
       base.data.seed = base.seed
   # A swept `seed` is the seed axis: grid points x seeds, the seeds innermost.
-  seeds = axes.pop('seed') if 'seed' in axes else [base.seed + i for i in range(n_seeds)]
-  if mode == 'zip' and axes and len(seeds) > 1 and 'seed' in config_lib.as_dict(cfg.get('sweep')):
+  swept_seed = 'seed' in axes
+  seeds = axes.pop('seed') if swept_seed else [base.seed + i for i in range(n_seeds)]
+  if mode == 'zip' and axes and swept_seed:
     raise ConfigError("config.sweep_mode='zip' with a swept seed: use config.seeds for the seed axis")
   points = (list(zip(*axes.values())) if mode == 'zip' else list(itertools.product(*axes.values()))) if axes \
       else [()]

@@ -11,6 +11,7 @@ import pytest
 from kdjax import data as data_lib
 from kdjax import models
 from kdjax import sharding
+from kdjax import sweep as sweep_lib
 from kdjax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,7 +22,8 @@ CONFIGS = [
     ('simkd_cifar100.py', None), ('simkd_cifar100.py', 'wrn_40_2,wrn_16_2,multi'),
     ('simkd_cifar100.py', 'vgg13,MobileNetV2,all'), ('simkd_cifar100.py', 'digits,kl'),
     ('simkd_cifar100.py', 'digits,labels'),
-    ('kd_cifar10.py', None), ('kd_cifar10.py', 'digits'),
+    ('kd_cifar10.py', None), ('kd_cifar10.py', 'digits'), ('kd_cifar10.py', 'grid'), ('kd_cifar10.py', 'grid,digits'),
+    ('simkd_cifar100.py', 'digits,lrs'), ('mnist.py', 'mlp,mnist,grid'), ('mnist.py', 'mlp,digits,temperature'),
     ('alexnet_cifar10.py', None), ('alexnet_cifar10.py', 'digits'),
     ('mnist.py', 'mlp'), ('mnist.py', 'cnn'), ('mnist.py', 'mlp,digits'), ('mnist.py', 'cnn,digits'),
     ('subclass_mnist.py', None), ('subclass_mnist.py', 'digits'),
@@ -75,6 +77,6 @@ def test_config_builds_and_traces(name, arg):
     if arg and 'digits' in arg:
       assert run.data.name == 'digits'
     ts, metrics = trace(run)
-    assert metrics['loss'].shape == ()
+    assert metrics['loss'].shape == (sweep_lib.expand(run).size,)  # per student
     for term in run.distill.losses:
       assert f'loss_{term}' in metrics

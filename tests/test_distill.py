@@ -9,6 +9,7 @@ import pytest
 
 from kdjax import errors
 from kdjax import models
+from kdjax import step as step_lib
 from kdjax import train
 from kdjax.methods import simkd
 from tests.util import digits_config, load_digits_model, random_teacher
@@ -51,7 +52,7 @@ def test_simkd_predicts_through_the_teacher_head(resnet_teacher, tmp_path):
   cfg = digits_config('resnet8', {'simkd': 1.0}, epochs=1)
   cfg.teacher.update(model='resnet14', checkpoint=resnet_teacher)
   summary = train.train_and_evaluate(cfg, str(tmp_path))
-  exp, ts = summary['experiment'], summary['state']
+  exp, ts = summary['experiment'], step_lib.student(summary['state'], 0)
   x = jnp.asarray(exp.ds.test.images[:16], jnp.float32) / 255.0
   y = jnp.asarray(exp.ds.test.labels[:16])
 
@@ -139,7 +140,8 @@ def test_subclass_teacher_matches_a_plain_teacher_and_student_distills_subclasse
   teacher = train.train_and_evaluate(cfg, str(tmp_path / 'teacher'))
   assert teacher['test_accuracy'] == pytest.approx(digits_teacher[1]['test_accuracy'], abs=0.03)
   sub = jax.eval_shape(lambda: teacher['experiment'].student.apply(
-      {'params': teacher['state'].params['student'], **teacher['state'].state['student']},
+      {'params': step_lib.student(teacher['state'], 0).params['student'],
+       **step_lib.student(teacher['state'], 0).state['student']},
       jnp.zeros((4, 8, 8, 1)))).subclass_logits
   assert sub.shape == (4, 20)
 
@@ -160,7 +162,7 @@ def test_finetune_from_checkpoint_with_frozen_backbone(digits_teacher, tmp_path)
   cfg.student.update(init_checkpoint=digits_teacher[0], freeze_backbone=True)
   summary = train.train_and_evaluate(cfg, str(tmp_path))
   start = load_digits_model(digits_teacher[0], 'cnn_small')
-  end = jax.device_get(summary['state'].params['student'])
+  end = jax.device_get(step_lib.student(summary['state'], 0).params['student'])
   jax.tree.map(np.testing.assert_array_equal, start['params']['backbone'], end['backbone'])
   assert not np.array_equal(start['params']['head']['kernel'], end['head']['kernel'])
   assert summary['test_accuracy'] >= 0.9  # it started from a trained network

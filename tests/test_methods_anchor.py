@@ -18,7 +18,7 @@ from kdjax import losses
 from kdjax import methods  # noqa: F401  (registers the methods)
 from kdjax import models
 from kdjax import sharding
-from kdjax import teacher as teacher_lib
+from kdjax import step as step_lib
 from kdjax import train
 from kdjax.data import device as device_data
 from kdjax.methods import dkd
@@ -76,7 +76,9 @@ def test_method_trains_on_digits_with_a_frozen_teacher(method, teacher_dir, tmp_
   before = _numpy(ckpt_lib.load_model(teacher_dir, target)[0])
   # CRD's first epoch scores against memory rows that still hold their random initialisation (each row is written
   # once per epoch), so its loss is compared between the second and third epochs, once the banks hold embeddings.
-  epochs = 3 if method == 'crd' else 2
+  # PKT's term starts near its floor (about 1e-4 against a well-trained teacher) and moves by less than the noise of
+  # the first epoch; its trend is read between the second and third epochs too.
+  epochs = 3 if method in ('crd', 'pkt') else 2
   summary = train.train_and_evaluate(_digits_cfg(method, teacher_dir, epochs=epochs), str(tmp_path))
   records = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
   records = [r for r in records if 'epoch' in r]
@@ -125,7 +127,7 @@ def _crd_experiment(teacher_dir, num_devices):
   cfg = _digits_cfg('crd', teacher_dir, num_devices=num_devices, steps_per_dispatch=2 if num_devices > 1 else 1)
   ds = data_lib.load(cfg.data)
   mesh = sharding.make_mesh(num_devices)
-  teacher, teacher_vars = teacher_lib.prepare(cfg, ds, mesh)
+  teacher, teacher_vars = train.prepare_teacher(cfg, ds, mesh)
   return train.Experiment(cfg, ds, mesh, teacher, teacher_vars)
 
 
@@ -136,10 +138,10 @@ def crd_steps(teacher_dir):
   for n in (1, 4):
     exp = _crd_experiment(teacher_dir, n)
     ts = exp.init_state()
-    states = [_numpy(ts)]
+    states = [step_lib.student(_numpy(ts), 0)]
     for step in range(0, 2, exp.k):
       ts, _ = exp.train_chunk(ts, 0, step)
-      states.append(_numpy(ts))
+      states.append(step_lib.student(_numpy(ts), 0))
     runs[n] = (exp, states, ts)
   return runs
 
@@ -190,8 +192,8 @@ def test_crd_memory_survives_checkpoint_round_trip(crd_steps, tmp_path):
     restored = ckpt.restore(2, ckpt_lib.abstract(ts))
   finally:
     ckpt.close()
-  jax.tree.map(np.testing.assert_array_equal, _bank(s2), _bank(_numpy(restored)))
-  jax.tree.map(np.testing.assert_array_equal, s2.params, _numpy(restored.params))
+  jax.tree.map(np.testing.assert_array_equal, _bank(s2), _bank(step_lib.student(_numpy(restored), 0)))
+  jax.tree.map(np.testing.assert_array_equal, s2.params, step_lib.student(_numpy(restored), 0).params)
 
 
 def test_crd_four_devices_match_one(crd_steps):

@@ -27,7 +27,7 @@ def test_teacher_learns_digits(teacher_run):
   workdir, summary = teacher_run
   assert summary['test_accuracy'] >= 0.95
   # Every test example counted exactly once although 360 is not a multiple of the eval batch (100).
-  assert summary['experiment'].evaluate(summary['state'])['test_count'] == 360
+  assert summary['experiment'].evaluate(summary['state'])[0]['test_count'] == 360
   lines = [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))]
   epochs = [l for l in lines if 'epoch' in l]
   assert [l['epoch'] for l in epochs] == list(range(1, 16))
