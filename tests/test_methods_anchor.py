@@ -270,7 +270,7 @@ def _trace(cfg, teacher_name):
   exp = train.Experiment(cfg, _synthetic_cifar(num_train), sharding.make_mesh(1), teacher, teacher_vars)
   ts, metrics = exp.trace_train_step()
   if 'crd' in cfg.distill.losses:
-    assert ts.state['extras']['memory']['crd']['memory_s'].shape == (num_train, cfg.distill.crd.feat_dim)
+    assert ts.state['extras']['memory']['crd']['memory_s'].shape == (1, num_train, cfg.distill.crd.feat_dim)
     assert exp.distiller.extras.modules['crd'].nce_k == cfg.distill.crd.nce_k
   return metrics
 
@@ -292,7 +292,7 @@ def test_every_method_lowers_on_every_benchmark_pair(teacher_name, student_name)
   cfg.distill.losses = union
   metrics = _trace(cfg, teacher_name)
   for m in registered:
-    assert metrics[f'loss_{m}'].shape == (), m
+    assert metrics[f'loss_{m}'].shape == (1,), m  # one student
 
 
 @pytest.mark.parametrize('method', CIFAR100.METHODS)
