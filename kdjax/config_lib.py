@@ -17,6 +17,7 @@ def base() -> ml_collections.ConfigDict:
   c.sweep_labels = ''       # 'field=display name; ...' for tables and figures
   c.seeds = 1               # N > 1: every grid point trained with seeds seed, seed + 1, ..., seed + N - 1
   c.mesh_students = 0       # devices along the students axis of the (students x data) mesh; 0 = auto
+  c.students_loop = 'auto'  # how the step runs the students: vmap | unroll | auto (unroll on the CPU, else vmap)
   c.data = dict(
       name='digits',        # digits | mnist | fashion_mnist | cifar10 | cifar100 | folder
       seed=-1,              # batch order and augmentation; -1 = config.seed (a sweep shares its base seed's)

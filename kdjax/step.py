@@ -68,6 +68,20 @@ def _seed_key(seed, stream: int):
   return jax.random.fold_in(jax.random.key(seed), stream)
 
 
+def map_students(fn, mode: str, *args):
+  """`fn` applied to every student's slice of `args` (pytrees with a leading students axis), stacked again.
+
+  'vmap' batches the students' arithmetic into one computation (the accelerators' path); 'unroll' traces one copy
+  of `fn` per student into the same program. XLA:CPU runs the batched (grouped) convolutions that vmap makes of
+  per-student weights many times slower than S separate ones (measured in benchmarks/sweep.py), so the CPU unrolls,
+  at the price of a compile time that grows with S."""
+  if mode == 'vmap':
+    return jax.vmap(fn)(*args)
+  n = jax.tree.leaves(args)[0].shape[0]
+  outs = [fn(*jax.tree.map(lambda a: a[i], args)) for i in range(n)]
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+
+
 def _bytes(tree) -> int:
   return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
@@ -96,6 +110,11 @@ class Experiment:
     self.total_steps = cfg.epochs * self.steps_per_epoch
     self.k = min(cfg.get('steps_per_dispatch', 0) or self._auto_steps_per_dispatch(), self.steps_per_epoch)
     self.dtype = compute_dtype(cfg)
+    self.students_loop = cfg.get('students_loop', 'auto')
+    if self.students_loop not in ('auto', 'vmap', 'unroll'):
+      raise ConfigError(f"students_loop must be 'auto', 'vmap' or 'unroll', got {self.students_loop!r}")
+    if self.students_loop == 'auto':
+      self.students_loop = 'unroll' if jax.default_backend() == 'cpu' else 'vmap'
     self.replicated = sharding.replicated(self.mesh)
     self.batch_sharded = sharding.batch_sharded(self.mesh)
     self.students_sharded = sharding.students_sharded(self.mesh)
@@ -295,7 +314,8 @@ class Experiment:
                  'count': jnp.float32(y.shape[0]), **{f'loss_{k}': v for k, v in terms.items()}}
       return params, new_state, opt_state, metrics
 
-    params, state, opt_state, metrics = jax.vmap(one)(ts.params, ts.state, ts.opt_state, hparams, self.step_keys)
+    params, state, opt_state, metrics = map_students(one, self.students_loop, ts.params, ts.state, ts.opt_state,
+                                                     hparams, self.step_keys)
     # Per-step sums over a dispatch; loss terms are batch means, so they are weighted per step, not per example.
     return TrainState(ts.step + 1, params, state, opt_state), metrics
 
@@ -379,7 +399,7 @@ class Experiment:
           new.update(top1_adj=jnp.sum(top1_adj * mask), class_correct_adj=onehot.T @ top1_adj)
         return new
 
-      return jax.vmap(one)(ts.params, ts.state, hparams)
+      return map_students(one, self.students_loop, ts.params, ts.state, hparams)
 
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
                          jax.eval_shape(batch_sums, jax.tree.map(lambda a: a[0], arrays)))

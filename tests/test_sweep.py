@@ -225,3 +225,17 @@ def test_launch_refuses_a_bad_sweep_in_one_line(tmp_path):
                         'optimizer.weight_decay, seed']
   assert not os.path.exists(tmp_path / 'config.json')  # refused before anything was written
   assert 'Traceback' not in proc.stderr
+
+
+def test_vmapped_and_unrolled_students_agree(teacher_dir, tmp_path):
+  # The accelerators batch the students with vmap; the CPU unrolls them. Both are the same computation.
+  def run(loop):
+    cfg = _kd_config(teacher_dir)
+    cfg.sweep, cfg.students_loop = 'distill.temperature=2,4; optimizer.momentum=0.5,0.9', loop
+    s = train.train_and_evaluate(cfg, str(tmp_path / loop))
+    assert s['experiment'].students_loop == loop
+    return _host(s['state'])
+
+  vmapped, unrolled = run('vmap'), run('unroll')
+  _assert_close(vmapped.params, unrolled.params)
+  _assert_close(vmapped.state, unrolled.state)
