@@ -9,11 +9,17 @@ differ).
   python launch.py --config=configs/transfer.py --workdir=runs/mhist \
       --config.data.folder.root=/data/mhist --config.teacher.init_checkpoint=/ckpt/resnet50v2_imagenet
   python launch.py --config=configs/transfer.py:digits --workdir=/tmp/transfer_digits   # CPU: the mechanics
+
+The item 'temperature' trains the student for T in {1, 2, 4, 8, 16} as five students of one program (the transfer
+study's accuracy over T), e.g. `configs/transfer.py:temperature` or `configs/transfer.py:digits,temperature`.
 """
 
 import ml_collections
 
 from kdjax import config_lib
+
+
+TEMPERATURES = '1,2,4,8,16'
 
 
 def student_run() -> ml_collections.ConfigDict:
@@ -28,8 +34,12 @@ def student_run() -> ml_collections.ConfigDict:
 
 
 def get_config(arg=None):
-  if arg != 'digits':
-    return student_run()
+  items = config_lib.parse_flags(arg, ('digits', 'temperature'), 'configs/transfer.py')
+  sweep = f'distill.temperature={TEMPERATURES}' if items['temperature'] else ''
+  if not items['digits']:
+    c = student_run()
+    c.sweep, c.sweep_labels = sweep, 'distill.temperature=T'
+    return c
   # On CPU: 'pretrain' stands for the pretrained checkpoint; 'finetune' starts from it with a frozen backbone
   # (only a new head is trained); 'student' distills the fine-tuned teacher into a small CNN.
   pretrain = config_lib.digits_recipe(config_lib.base())
@@ -40,6 +50,7 @@ def get_config(arg=None):
   student.student.model = 'cnn2'
   student.teacher.update(model='resnet8', checkpoint='{workdir}/finetune')
   student.distill.losses = {'ce': 0.1, 'kd': 0.9}
+  student.sweep, student.sweep_labels = sweep, 'distill.temperature=T'
   c = ml_collections.ConfigDict()
   c.suite_order = ('pretrain', 'finetune', 'student')
   c.suite = {'pretrain': pretrain, 'finetune': finetune, 'student': student}

@@ -176,10 +176,13 @@ class Experiment:
     n = len(self.ds.train)
     one = jax.eval_shape(lambda v: self.teacher.apply(v, jnp.zeros((1,) + self.ds.image_shape, self.dtype)),
                          self.teacher_vars)
-    size = _bytes(one) * n
+    leaves, self._teacher_treedef = jax.tree.flatten(one)
+    read = self._teacher_leaves_read()
+    self._teacher_leaf_shapes = [jax.ShapeDtypeStruct(l.shape[1:], l.dtype) for l in leaves]
+    size = sum(_bytes(l) for l, r in zip(leaves, read) if r) * n
     if mode == 'auto' and size > TEACHER_CACHE_LIMIT_BYTES:
-      logging.info('teacher outputs for the %d training images would take %.1f MiB: not cached (limit %.0f MiB)',
-                   n, size / 2**20, TEACHER_CACHE_LIMIT_BYTES / 2**20)
+      logging.info('the teacher outputs the losses read would take %.1f MiB for the %d training images: not cached '
+                   '(limit %.0f MiB)', size / 2**20, n, TEACHER_CACHE_LIMIT_BYTES / 2**20)
       return None
     arrays = jax.device_put(device_data.padded_eval_arrays(self.ds.train, self.cfg.eval_batch_size),
                             self.replicated)
@@ -188,15 +191,36 @@ class Experiment:
     def table(teacher_vars, arrays):
       def body(_, batch):
         x = device_data.normalize(batch['images'], self.ds.mean, self.ds.std, self.dtype)
-        return None, self.teacher.apply(teacher_vars, x, train=False)
+        out = jax.tree.leaves(self.teacher.apply(teacher_vars, x, train=False))
+        return None, [l if r else None for l, r in zip(out, read)]
       out = jax.lax.scan(body, None, arrays)[1]
-      return jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:])[:n], out)
+      return [None if a is None else a.reshape((-1,) + a.shape[2:])[:n] for a in out]
 
     if any(isinstance(v, jax.ShapeDtypeStruct) for v in jax.tree.leaves(self.teacher_vars)):
       return jax.eval_shape(table, self.teacher_vars, arrays)  # an abstract teacher (tracing a config)
-    logging.info('teacher outputs cached for the %d training images (%.1f MiB): one teacher pass for the run', n,
-                 size / 2**20)
+    logging.info('teacher outputs cached for the %d training images (%s: %.1f MiB): one teacher pass for the run',
+                 n, f'{sum(read)} of {len(read)} output arrays, the ones the losses read', size / 2**20)
     return table(self.teacher_vars, arrays)
+
+  def _teacher_leaves_read(self) -> list[bool]:
+    """Which arrays of the teacher's output (its ModelOutput's leaves) one training step reads: traced once on
+    abstract values, an input the step's computation never uses is not read (features that no loss taps)."""
+    x, hp = self._dummy_input(), {k: jax.ShapeDtypeStruct((), jnp.asarray(v).dtype)
+                                   for k, v in self.sweep.traced.items()}
+    t_out = jax.eval_shape(lambda v: self.teacher.apply(v, x), self.teacher_vars)
+    t_leaves, treedef = jax.tree.flatten(t_out)
+    ts = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype),
+                      jax.eval_shape(self._init_fn, self.init_keys, self.hparams, self.teacher_vars))
+    y = jnp.zeros((x.shape[0],), jnp.int32)
+
+    def loss(t_leaves, params, state, hp, teacher_vars):
+      ctx, _ = self._forward(params, state, teacher_vars, x, y, y, jax.random.key(0), True, 0.0,
+                             jax.tree.unflatten(treedef, t_leaves), self.view(hp))
+      return self.distiller.losses(ctx, self.view(hp).distill)[0]
+
+    jaxpr = jax.make_jaxpr(loss)(t_leaves, ts.params, ts.state, hp, self.teacher_vars).jaxpr
+    used = {id(v) for eqn in jaxpr.eqns for v in eqn.invars} | {id(v) for v in jaxpr.outvars}
+    return [id(v) in used for v in jaxpr.invars[:len(t_leaves)]]
 
   # ----------------------------------------------------------------------------------------------------------- init
   def _dummy_input(self):
@@ -286,8 +310,10 @@ class Experiment:
   def _teacher_outputs(self, teacher_vars, table, x, idx):
     if self.teacher is None:
       return None
-    if table is not None:
-      return jax.tree.map(lambda a: a[idx], table)
+    if table is not None:  # the arrays no loss reads are not kept: zeros of their shape, which XLA drops
+      leaves = [jnp.zeros((idx.shape[0],) + s.shape, s.dtype) if a is None else a[idx]
+                for a, s in zip(table, self._teacher_leaf_shapes)]
+      return jax.tree.unflatten(self._teacher_treedef, leaves)
     return jax.lax.stop_gradient(self.teacher.apply(teacher_vars, x, train=False))
 
   # ------------------------------------------------------------------------------------------------------ train

@@ -28,12 +28,14 @@ CONFIGS = [
     ('mnist.py', 'mlp'), ('mnist.py', 'cnn'), ('mnist.py', 'mlp,digits'), ('mnist.py', 'cnn,digits'),
     ('subclass_mnist.py', None), ('subclass_mnist.py', 'digits'),
     ('omitted_mnist.py', None), ('omitted_mnist.py', 'digits'),
+    ('mnist.py', 'mlp,fashion'), ('omitted_mnist.py', 'fashion'), ('subclass_mnist.py', 'fashion'),
     ('reverse_self_cifar10.py', 'reverse'), ('reverse_self_cifar10.py', 'self'),
     ('reverse_self_cifar10.py', 'self,digits'),
-    ('transfer.py', None), ('transfer.py', 'digits'),
+    ('transfer.py', None), ('transfer.py', 'digits'), ('transfer.py', 'digits,temperature'),
 ]
 
 _SHAPES = {'cifar10': ((32, 32, 3), 10), 'cifar100': ((32, 32, 3), 100), 'mnist': ((28, 28, 1), 10),
+           'fashion_mnist': ((28, 28, 1), 10),
            'folder': ((224, 224, 3), 2)}
 
 
@@ -76,6 +78,8 @@ def test_config_builds_and_traces(name, arg):
   for run in runs:
     if arg and 'digits' in arg:
       assert run.data.name == 'digits'
+    if arg and 'fashion' in arg:
+      assert run.data.name == 'fashion_mnist'
     ts, metrics = trace(run)
     assert metrics['loss'].shape == (sweep_lib.expand(run).size,)  # per student
     for term in run.distill.losses:
