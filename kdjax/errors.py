@@ -23,3 +23,11 @@ class CheckpointMismatchError(KDError, ValueError):
 
 class Preempted(KDError):
   """A SIGTERM arrived; the checkpoint of the current step is on disk."""
+
+
+class NonFiniteError(KDError):
+  """A training step produced a non-finite loss or gradient; nothing after the last good checkpoint was saved."""
+
+
+class WorkdirInUse(KDError):
+  """Another live process holds the workdir's lock."""

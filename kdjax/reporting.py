@@ -36,21 +36,45 @@ def _fmt_time(seconds: float) -> str:
   return f'{h}:{m:02d}:{s:02d}' if h else f'{m}:{s:02d}'
 
 
+def _truncate(path: str, step: int):
+  """Keeps the per-epoch records of `path` up to `step` (the restored checkpoint's): an attempt killed after its
+  last checkpoint wrote records that the resumed run writes again, and the summary comes again at the end."""
+  if not os.path.exists(path):
+    return
+  kept = []
+  with open(path) as f:
+    for line in f:
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:  # a line cut by a kill
+        continue
+      if 'summary' not in record and record.get('step', 0) <= step:
+        kept.append(line if line.endswith('\n') else line + '\n')
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    f.writelines(kept)
+  os.replace(tmp, path)
+
+
 class Reporter:
   """Per epoch: one console line, and one `metrics.jsonl` record and TensorBoard scalars per student (a sweep's
   students write TensorBoard runs of their own, `tensorboard/student_<i>`)."""
 
   def __init__(self, workdir: str, total_epochs: int, steps_per_epoch: int, names=('run',),
-               tensorboard: bool = True):
+               tensorboard: bool = True, resume_step: int = 0):
     self.total_epochs = total_epochs
     self.steps_per_epoch = steps_per_epoch
     self.names = list(names)
-    self.jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+    path = os.path.join(workdir, 'metrics.jsonl')
+    _truncate(path, resume_step)
+    self.jsonl = open(path, 'a')
     self.tb = []
     if tensorboard:
       from tensorboardX import SummaryWriter
       root = os.path.join(workdir, 'tensorboard')
-      self.tb = [SummaryWriter(root if len(self.names) == 1 else os.path.join(root, f'student_{i}'))
+      # purge_step drops the events an earlier attempt wrote past the restored step.
+      self.tb = [SummaryWriter(root if len(self.names) == 1 else os.path.join(root, f'student_{i}'),
+                               purge_step=resume_step + 1 if resume_step else None)
                  for i in range(len(self.names))]
     self.tty = sys.stderr.isatty()
     self.epoch_times = []

@@ -334,11 +334,18 @@ class Experiment:
         return total, (terms, self.distiller.logits(ctx), new_state)
 
       (total, (terms, logits, new_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-      updates, opt_state = self.optimizer(hp).update(grads, opt_state, params)
-      params = optax.apply_updates(params, updates)
+      updates, new_opt_state = self.optimizer(hp).update(grads, opt_state, params)
+      new_params = optax.apply_updates(params, updates)
+      # The non-finite guard, in the step (no extra host sync): a step whose loss or gradient is not finite
+      # changes nothing, and says so in its metrics, which the host reads a dispatch later.
+      grads_finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+      finite = jnp.isfinite(total) & grads_finite
+      keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
       metrics = {'loss': total, 'correct': jnp.sum(jnp.argmax(logits, -1) == y).astype(jnp.float32),
-                 'count': jnp.float32(y.shape[0]), **{f'loss_{k}': v for k, v in terms.items()}}
-      return params, new_state, opt_state, metrics
+                 'count': jnp.float32(y.shape[0]), 'nonfinite': 1.0 - finite.astype(jnp.float32),
+                 'grad_nonfinite': 1.0 - grads_finite.astype(jnp.float32),
+                 **{f'loss_{k}': v for k, v in terms.items()}}
+      return keep(new_params, params), keep(new_state, state), keep(new_opt_state, opt_state), metrics
 
     params, state, opt_state, metrics = map_students(one, self.students_loop, ts.params, ts.state, ts.opt_state,
                                                      hparams, self.step_keys)

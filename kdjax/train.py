@@ -8,6 +8,8 @@ checkpoint. A teacher that must be trained first is trained here, by this same l
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import signal
@@ -27,7 +29,7 @@ from kdjax import sharding
 from kdjax import step as step_lib
 from kdjax import sweep as sweep_lib
 from kdjax import teacher as teacher_lib
-from kdjax.errors import ConfigError, Preempted
+from kdjax.errors import ConfigError, NonFiniteError, Preempted, WorkdirInUse
 
 # Re-exported: the state and the step live in kdjax.step.
 Experiment = step_lib.Experiment
@@ -57,6 +59,34 @@ def write_config(cfg, workdir: str, sweep: sweep_lib.Sweep | None = None):
       json.dump(sweep.to_json(), f, indent=2)
 
 
+@contextlib.contextmanager
+def workdir_lock(workdir: str):
+  """Holds `workdir/kdjax.lock` for the run: a second live process on the same workdir is refused with the holder's
+  pid. The kernel releases the lock of a killed process, so a stale lock file is simply taken over."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    f = open(os.path.join(workdir, 'kdjax.lock'), 'a+')
+  except OSError as e:
+    raise ConfigError(f'workdir {workdir} cannot be created or written: {e.strerror}') from None
+  try:
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    f.seek(0)
+    pid = f.read().strip() or 'unknown'
+    f.close()
+    raise WorkdirInUse(f'workdir {workdir} is in use by process {pid} (lock {f.name}); wait for it to finish or '
+                       'choose another --workdir') from None
+  f.seek(0)
+  f.truncate()
+  f.write(str(os.getpid()))
+  f.flush()
+  try:
+    yield
+  finally:
+    fcntl.flock(f, fcntl.LOCK_UN)
+    f.close()
+
+
 def prepare_teacher(cfg, ds, mesh):
   """(teacher module, replicated variables), or (None, None) when the config has no teacher. A teacher that is
   neither given nor cached is trained first by this loop, as a supervised run with its own recipe."""
@@ -84,10 +114,17 @@ def _check_memory(exp: Experiment, memory: dict):
 def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains every student of `cfg`'s sweep (one for a single run), distilling from `cfg.teacher` when the losses
   need one; returns the run summary (per student under 'students'; a single run's also at the top level)."""
-  t_start = time.time()
   reporting.quiet_library_logs()
+  if not workdir:
+    raise ConfigError('--workdir is empty: name the directory for checkpoints, logs and metrics')
   workdir = os.path.abspath(os.path.expanduser(workdir))
   sweep = sweep_lib.expand(cfg)  # refuses a bad sweep before anything is written
+  with workdir_lock(workdir):
+    return _train(cfg, sweep, workdir)
+
+
+def _train(cfg, sweep: sweep_lib.Sweep, workdir: str) -> dict:
+  t_start = time.time()
   base = sweep.base
   write_config(cfg, workdir, sweep)
   ds = data_lib.load(base.data)
@@ -112,8 +149,10 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   logging.info('student %s: %s parameters; %d steps/epoch, %d epochs, %d steps per dispatch, %d device(s)',
                base.student.model, f'{n_params:,}', exp.steps_per_epoch, base.epochs, exp.k, mesh.devices.size)
   latest = ckpt.latest_step()
+  partial = None  # the train metrics' sums of an epoch that a preemption cut
   if latest is not None:
     ts = ckpt.restore(latest, abstract)
+    partial = ckpt.read_meta(latest).get('partial_sums')
     logging.info('resuming from the checkpoint at step %d (epoch %d)', latest, latest // exp.steps_per_epoch)
   else:
     ts = exp.init_state()
@@ -123,8 +162,10 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   if teacher is not None and latest is None:
     logging.info('teacher %s test accuracy %.4f', base.teacher.model, teacher_lib.evaluate_teacher(exp))
 
+  # Records past the restored step (an earlier attempt's, lost with its process) are dropped: one per epoch.
   reporter = reporting.Reporter(workdir, base.epochs, exp.steps_per_epoch, [s.name for s in sweep.students],
-                                base.get('tensorboard', True))
+                                base.get('tensorboard', True), resume_step=int(ts.step))
+  diverged = {}  # student index -> the step its first non-finite update was skipped at
   stop = {'signal': None}
   previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
   last_eval = []
@@ -134,23 +175,27 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
       epoch, start = divmod(step, exp.steps_per_epoch)
       t0 = time.time()
       pending, sums = [], None
+      if start and partial is not None:
+        sums = {k: np.asarray(v, np.float64) for k, v in partial.items()}
       pos = start
       while pos < exp.steps_per_epoch:
         ts, chunk = exp.train_chunk(ts, epoch, pos)
-        pending.append(chunk)
+        pending.append((epoch * exp.steps_per_epoch + pos, chunk))
         pos = min(pos + exp.k, exp.steps_per_epoch)
         if len(pending) > 1:  # fetch the previous dispatch's metrics while this one runs
-          sums = _accumulate(sums, jax.device_get(pending.pop(0)))
+          sums = _accumulate(sums, _fetch(pending.pop(0), exp, ckpt, diverged))
           reporter.progress(epoch, pos - exp.k, float(np.mean(sums['loss'] / sums['steps'])))
         if stop['signal'] is not None:
           break
-      for chunk in pending:
-        sums = _accumulate(sums, jax.device_get(chunk))
+      for item in pending:
+        sums = _accumulate(sums, _fetch(item, exp, ckpt, diverged))
       step = epoch * exp.steps_per_epoch + pos
       if stop['signal'] is not None and pos < exp.steps_per_epoch:  # stopped mid-epoch
-        ckpt.save(step, ts, _meta(base, ds, exp, step, False))
+        ckpt.save(step, ts, dict(_meta(base, ds, exp, step, False),
+                                 partial_sums={k: v.tolist() for k, v in sums.items()}))
         ckpt.wait()
         raise _preempted(stop['signal'], step)
+      partial = None
       reporter.progress(epoch, exp.steps_per_epoch)
       epoch_seconds = time.time() - t0
       records = [{'train_loss': float(sums['loss'][i] / sums['steps']),
@@ -201,6 +246,30 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     signal.signal(signal.SIGTERM, previous)
     reporter.close()
     ckpt.close()
+
+
+def _fetch(item, exp: Experiment, ckpt, diverged: dict) -> dict:
+  """A dispatch's metrics on the host; a non-finite step stops a single run (nothing after the last good
+  checkpoint is saved) and freezes that student of a sweep (its update was skipped in the step; the others go on)."""
+  first_step, chunk = item
+  m = jax.device_get(chunk)
+  bad = np.flatnonzero(np.asarray(m['nonfinite']) > 0)
+  for i in bad:
+    if i in diverged:
+      continue
+    diverged[i] = first_step
+    terms = [k[5:] for k in m if k.startswith('loss_') and not np.isfinite(np.asarray(m[k])[i])]
+    what = f"non-finite loss term(s) {', '.join(terms)}" if terms else (
+        'a non-finite gradient (the loss was finite)' if m['grad_nonfinite'][i] else 'a non-finite loss')
+    where = f'steps {first_step}-{first_step + exp.k - 1}' if exp.k > 1 else f'step {first_step}'
+    good = ckpt.latest_step()
+    if exp.num_students == 1:
+      raise NonFiniteError(f'training diverged: {what} at {where} (epoch {first_step // exp.steps_per_epoch + 1}); '
+                           f'nothing was saved after the last good checkpoint (step {good}); lower the learning '
+                           'rate or check the inputs')
+    logging.warning('student %r diverged: %s at %s; its parameters stay those of its last finite step and it '
+                    'trains no further', exp.sweep.students[i].name, what, where)
+  return m
 
 
 def _accumulate(sums, new):

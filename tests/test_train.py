@@ -147,3 +147,73 @@ def test_four_devices_match_one(tmp_path):
   stats1 = jax.device_get(results[1]['state'].state)
   stats4 = jax.device_get(results[4]['state'].state)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), stats1, stats4)
+
+
+def _epoch_records(workdir):
+  lines = [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))]
+  assert 'summary' in lines[-1] and sum('summary' in l for l in lines) == 1
+  return [l for l in lines if 'epoch' in l]
+
+
+def test_records_are_written_once_per_epoch_whatever_the_interruptions(tmp_path, monkeypatch):
+  ref_dir = str(tmp_path / 'ref')
+  train.train_and_evaluate(digits_config(**RESUME_CFG), ref_dir)
+  reference = _epoch_records(ref_dir)
+
+  # SIGTERM mid-epoch 2, then a crash after epoch 3's record was written but before its checkpoint was saved.
+  work = str(tmp_path / 'work')
+  _interrupt_at_dispatch(monkeypatch, 7, lambda: os.kill(os.getpid(), signal.SIGTERM))
+  with pytest.raises(errors.Preempted):
+    train.train_and_evaluate(digits_config(**RESUME_CFG), work)
+  monkeypatch.undo()
+  original_save = ckpt_lib.Checkpointer.save
+
+  def save(self, step, *args, **kw):
+    if step == 66:
+      raise KeyboardInterrupt  # killed between the record and the checkpoint
+    return original_save(self, step, *args, **kw)
+
+  monkeypatch.setattr(ckpt_lib.Checkpointer, 'save', save)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(digits_config(**RESUME_CFG), work)
+  monkeypatch.undo()
+  assert [r['epoch'] for r in _epoch_records_partial(work)] == [1, 2, 3]  # epoch 3 recorded, not checkpointed
+  train.train_and_evaluate(digits_config(**RESUME_CFG), work)
+  records = _epoch_records(work)
+  assert [r['epoch'] for r in records] == [1, 2, 3, 4]
+  for ours, ref in zip(records, reference):
+    # Epoch 2 was cut by the SIGTERM: its train metrics still cover the whole epoch (partial sums checkpointed).
+    for key in ('train_loss', 'train_accuracy', 'loss_ce', 'test_accuracy'):
+      assert ours[key] == pytest.approx(ref[key], rel=1e-5), (ours['epoch'], key)
+
+
+def _epoch_records_partial(workdir):
+  return [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl')) if '"epoch"' in l]
+
+
+def test_nonfinite_loss_stops_a_run_and_saves_nothing_after(tmp_path):
+  cfg = digits_config('mlp', epochs=2, optimizer__lr=1e6)
+  with pytest.raises(errors.NonFiniteError, match=r'^training diverged: non-finite loss term\(s\) ce at step \d+ '
+                                                  r'\(epoch 1\); nothing was saved after the last good checkpoint '
+                                                  r'\(step None\)'):
+    train.train_and_evaluate(cfg, str(tmp_path))
+  assert ckpt_lib.Checkpointer(str(tmp_path)).latest_step() is None
+
+
+def test_a_diverging_student_of_a_sweep_is_frozen_and_the_others_train(tmp_path):
+  cfg = digits_config('mlp', epochs=2)
+  cfg.sweep = 'optimizer.lr=0.05,1e6'
+  summary = train.train_and_evaluate(cfg, str(tmp_path))
+  params = _params(summary)
+  assert all(np.isfinite(a).all() for a in jax.tree.leaves(params))
+  good, bad = summary['students']
+  assert good['test_accuracy'] > 0.8 and np.isfinite(bad['test_accuracy'])
+
+
+def test_a_second_process_on_the_same_workdir_is_refused(tmp_path):
+  with train.workdir_lock(str(tmp_path)):
+    with pytest.raises(errors.WorkdirInUse, match=rf'^workdir {tmp_path} is in use by process {os.getpid()} '):
+      train.train_and_evaluate(digits_config('mlp', epochs=1), str(tmp_path))
+  assert not os.path.exists(tmp_path / 'config.json')
+  with pytest.raises(errors.ConfigError, match='^--workdir is empty'):
+    train.train_and_evaluate(digits_config('mlp', epochs=1), '')
