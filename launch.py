@@ -8,6 +8,7 @@
 import kdjax.platform  # noqa: F401  (must run before jax is imported: selects CPU quietly when there is no GPU)
 
 import json
+import os
 import sys
 
 from absl import app
@@ -21,17 +22,38 @@ flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and metric
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+USAGE = 'usage: python launch.py --config=configs/FILE.py[:ARGS] --workdir=DIR [--config.FIELD=VALUE ...]'
+
+
+def _fail(message: str):
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(2)
+
+
 def parse_flags(argv):
-  """absl's parser, with a bad config override (e.g. a misspelt field) reported as one line naming it."""
+  """absl's parser, with every bad command line (a missing config file, a bad config string, a misspelt
+  override) reported as one line naming it, exit status 2."""
+  for arg in argv[1:]:
+    if arg.startswith('--config='):
+      path = arg[len('--config='):].split(':', 1)[0]
+      if not os.path.isfile(path):
+        _fail(f'config file {path} does not exist ({USAGE})')
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    sys.exit(f'error: {e}\nUsage: python launch.py --config=configs/FILE.py[:ARGS] --workdir=DIR '
-             '[--config.FIELD=VALUE ...]')
+    text = str(e)
+    if 'Error whilst parsing config file' in text:  # the config's own message is its last line
+      lines = [l for l in text.splitlines() if l.strip()]
+      _fail(f"{argv_config(argv)}: {lines[-1].split(': ', 1)[-1]}")
+    _fail(f"{text.splitlines()[0]} ({USAGE})")
   except (AttributeError, KeyError, TypeError, ValueError) as e:  # raised by config_flags for unknown fields
     bad = [a for a in argv[1:] if a.startswith('--config.')]
     detail = str(e.args[0] if e.args else e).replace('\n', ' ').strip('"')
-    sys.exit(f'error: invalid config override {" ".join(bad)}: no such field {detail}')
+    _fail(f'invalid config override {" ".join(bad)}: no such field {detail}')
+
+
+def argv_config(argv) -> str:
+  return next((a for a in argv[1:] if a.startswith('--config=')), '--config')
 
 
 def main(argv):

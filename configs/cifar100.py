@@ -18,6 +18,7 @@ from a checkpoint: a kdjax run's workdir or a published PyTorch teacher imported
 `python -m kdjax.tools.import_torch`.
 
   python launch.py --config=configs/cifar100.py:crd,resnet32x4,resnet8x4 --workdir=runs/crd_resnet32x4_resnet8x4
+  python launch.py --config=configs/cifar100.py:dkd,digits --workdir=/tmp/dkd_digits   # CPU, every method
   python launch.py --config=configs/cifar100.py:dkd,vgg13,MobileNetV2 --workdir=runs/dkd_vgg13_mv2 \
       --config.teacher.checkpoint=runs/teacher_vgg13
 """
@@ -52,8 +53,12 @@ DKD_BETA = {
 }
 
 def get_config(arg=None):
+  items = [a for a in (arg or '').split(',') if a]
+  digits = 'digits' in items
+  arg = ','.join(a for a in items if a != 'digits')
   args = config_lib.parse_args(arg, ('method', 'teacher', 'student'),
-                               {'method': 'kd', 'teacher': 'resnet32x4', 'student': 'resnet8x4'})
+                               {'method': 'kd', 'teacher': 'resnet20' if digits else 'resnet32x4',
+                                'student': 'resnet8' if digits else 'resnet8x4'})
   method, teacher, student = args['method'], args['teacher'], args['student']
   if method not in METHODS:
     raise ValueError(f'configs/cifar100.py: unknown method {method!r}; choose one of {", ".join(METHODS)}')
@@ -66,4 +71,9 @@ def get_config(arg=None):
   c.distill.losses = distill.reference_weights(method)
   c.distill.temperature = 4.0
   c.distill.dkd.beta = DKD_BETA.get((teacher, student), 8.0)
+  if digits:  # the method's losses and weights on the CPU-sized stand-in (resnet20 -> resnet8 by default)
+    c.teacher.recipe = {}
+    c.distill.dkd.warmup_epochs = 2
+    c.distill.crd.nce_k = 1024
+    return config_lib.digits_recipe(c)
   return config_lib.cifar_recipe(c, 'cifar100')

@@ -19,11 +19,18 @@ def base() -> ml_collections.ConfigDict:
   c.mesh_students = 0       # devices along the students axis of the (students x data) mesh; 0 = auto
   c.students_loop = 'auto'  # how the step runs the students: vmap | unroll | auto (unroll on the CPU, else vmap)
   c.data = dict(
-      name='digits',        # digits | mnist | fashion_mnist | cifar10 | cifar100 | folder
+      name='digits',        # digits | mnist | fashion_mnist | kmnist | cifar10 | cifar100 | folder
       seed=-1,              # batch order and augmentation; -1 = config.seed (a sweep shares its base seed's)
+      # torchvision's files (CIFAR pickles, MNIST-family IDX) or a folder of images, read by what it holds
+      # (kdjax.data.files); '' = TFDS (fashion_mnist: Debian's /usr/share/datasets/fashion-mnist first).
+      dir='',
       data_dir='',          # TFDS data_dir ('' = TFDS default, ~/tensorflow_datasets)
+      cache_dir='',         # decoded arrays of data.dir's files ('' = ~/.cache/kdjax/data)
+      label_set='fine',     # cifar100: fine (100 classes) | coarse (20 superclasses)
       val_fraction=0.0,     # validation split carved from train (0 for paper recipes)
       val_seed=0,
+      train_examples=0,     # > 0: a seeded stratified subset of train of this size (0 = all); likewise test
+      test_examples=0,
       augment='auto',       # auto (crop_flip for CIFAR, none otherwise) | crop_flip | none
       omit_class=-1,        # >= 0: the student's transfer set leaves this class out (omitted-class experiment)
       folder=dict(root='', image_size=0, test_fraction=0.2, seed=0, label_column='', file_column=''),
@@ -37,6 +44,7 @@ def base() -> ml_collections.ConfigDict:
       kwargs={},
       checkpoint='',        # a teacher run's workdir (or an imported checkpoint); '' = train it first and cache
       which='latest',       # latest | best
+      index=0,              # which student, when the checkpoint is a sweep's workdir
       cache_dir='',         # where auto-trained teachers are cached ('' = ~/.cache/kdjax/teachers)
       seed=0,
       subclasses=1,         # > 1: the teacher has num_classes * subclasses logits (subclass distillation)

@@ -12,7 +12,7 @@ import os
 from absl import logging
 
 from kdjax import train
-from kdjax.errors import KDError, Preempted
+from kdjax.errors import ConfigError, KDError, Preempted
 
 EXPECTED_ERRORS = (KDError,)
 
@@ -22,6 +22,8 @@ def exit_code(error: Exception) -> int:
 
 
 def run(cfg, workdir: str) -> dict:
+  if not workdir:
+    raise ConfigError('--workdir is empty: name the directory for checkpoints, logs and metrics')
   workdir = os.path.abspath(os.path.expanduser(workdir))
   if not cfg.get('suite'):
     return train.train_and_evaluate(cfg, workdir)

@@ -31,7 +31,11 @@ def cache_dir(cfg, dataset: str) -> str:
   recipe = teacher_run_config(cfg).to_dict()
   for key in _NOT_IN_CACHE_KEY:
     recipe.pop(key, None)
-  recipe['data'].pop('data_dir', None)
+  for where in ('data_dir', 'cache_dir'):  # where the data lies, not what it is (data.dir stays: a folder is its data)
+    recipe['data'].pop(where, None)
+  for key, default in (('dir', ''), ('label_set', 'fine')):  # later fields: at their defaults, the keys cached before
+    if recipe['data'].get(key) == default:
+      recipe['data'].pop(key)
   digest = hashlib.sha1(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:8]
   root = os.path.expanduser(cfg.teacher.get('cache_dir') or '~/.cache/kdjax/teachers')
   return os.path.join(root, f"{dataset}-{cfg.teacher.model}-seed{cfg.teacher.get('seed', 0)}-{digest}")
@@ -106,15 +110,17 @@ def load(cfg, ds, mesh, path: str):
   # The metadata of the step that will be restored: a mismatch is reported by name, not as a shape error.
   meta = ckpt_lib.read_meta(path, which)
   check_meta(meta, path, cfg.teacher.model, num_classes, subclasses)
-  if meta.get('students', 1) != 1:
-    raise CheckpointMismatchError(f"teacher checkpoint {path} holds a sweep of {meta['students']} students; "
-                                  'a teacher is one network (the workdir of a single run)')
+  index, students = cfg.teacher.get('index', 0), meta.get('students', 1)
+  if not 0 <= index < students:
+    raise CheckpointMismatchError(f'config.teacher.index={index}, but teacher checkpoint {path} holds '
+                                  f'{students} network(s)')
   x = jnp.zeros((1,) + tuple(ds.image_shape), jnp.float32)
   shapes = jax.eval_shape(lambda: teacher.init(jax.random.key(0), x))
   rep = sharding.replicated(mesh)
   target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), shapes)
-  variables, _ = ckpt_lib.load_model(path, target, which)
-  logging.info('teacher: %s restored from %s (step %s)', cfg.teacher.model, path, meta.get('step'))
+  variables, _ = ckpt_lib.load_model(path, target, which, index)
+  logging.info('teacher: %s restored from %s (step %s%s)', cfg.teacher.model, path, meta.get('step'),
+               f', student {index} of its sweep of {students}' if students > 1 else '')
   return teacher, variables
 
 

@@ -29,6 +29,7 @@ from kdjax import sharding
 from kdjax import step as step_lib
 from kdjax import sweep as sweep_lib
 from kdjax import teacher as teacher_lib
+from kdjax import validate
 from kdjax.errors import ConfigError, NonFiniteError, Preempted, WorkdirInUse
 
 # Re-exported: the state and the step live in kdjax.step.
@@ -118,7 +119,9 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   if not workdir:
     raise ConfigError('--workdir is empty: name the directory for checkpoints, logs and metrics')
   workdir = os.path.abspath(os.path.expanduser(workdir))
-  sweep = sweep_lib.expand(cfg)  # refuses a bad sweep before anything is written
+  sweep = sweep_lib.expand(cfg)  # refuses a bad sweep, and then any bad field, before anything is written
+  for student in sweep.students:
+    validate.check(student.cfg)
   with workdir_lock(workdir):
     return _train(cfg, sweep, workdir)
 

@@ -31,6 +31,7 @@ CONFIGS = [
     ('mnist.py', 'mlp,fashion'), ('omitted_mnist.py', 'fashion'), ('subclass_mnist.py', 'fashion'),
     ('reverse_self_cifar10.py', 'reverse'), ('reverse_self_cifar10.py', 'self'),
     ('reverse_self_cifar10.py', 'self,digits'),
+    ('cifar100.py', 'digits'), ('cifar100.py', 'crd,digits'), ('cifar100.py', 'dkd,resnet56,resnet20,digits'),
     ('transfer.py', None), ('transfer.py', 'digits'), ('transfer.py', 'digits,temperature'),
 ]
 

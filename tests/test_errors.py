@@ -47,7 +47,7 @@ def test_method_option_errors(digits, tmp_path):
   cfg = digits_config('resnet8', {'simkd': 1.0})
   cfg.teacher.update(model='resnet8', checkpoint=teacher)
   cfg.distill.simkd.projectors = 'some'
-  with pytest.raises(errors.ConfigError, match="projectors must be 'last', 'multi' or 'all', got 'some'"):
+  with pytest.raises(errors.ConfigError, match="^config.distill.simkd.projectors must be one of 'last', 'multi', 'all', got 'some'$"):
     train.train_and_evaluate(cfg, str(tmp_path / 'a'))
   cfg = digits_config('mlp', {'ce': 1.0, 'subclass_aux': 1.0})
   with pytest.raises(errors.ConfigError, match=r'need the student to have subclasses \(config.student.subclasses'):

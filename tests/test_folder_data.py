@@ -32,6 +32,7 @@ def _cfg(root, **kw):
   c = config_lib.base().data
   c.name = 'folder'
   c.folder.root = str(root)
+  c.cache_dir = str(root.parent / f'{root.name}_cache')  # not ~/.cache
   c.folder.update(kw)
   return c
 
@@ -55,7 +56,7 @@ def test_seeded_split_without_partition_and_explicit_columns(tmp_path):
 
 
 def test_folder_errors(tmp_path):
-  with pytest.raises(errors.DatasetNotFoundError, match='expected .*images/ and .*annotations.csv'):
+  with pytest.raises(errors.DatasetNotFoundError, match='no dataset found in .*images/ and annotations.csv'):
     data_lib.load(_cfg(tmp_path / 'missing'))
   _make_folder(tmp_path)
   with pytest.raises(errors.ConfigError, match='label column'):

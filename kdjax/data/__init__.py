@@ -1,7 +1,9 @@
 """Datasets as uint8 arrays in host memory: read once, then put on the devices (see `kdjax.data.device`).
 
-Sources: TFDS (`mnist`, `fashion_mnist`, `cifar10`, `cifar100`) through `tfds.data_source` (array_record files, no
-TensorFlow needed to read), scikit-learn's shipped `digits`, and an image folder with a CSV of labels.
+Sources: the files users already have in `data.dir` (torchvision's CIFAR pickles and MNIST-family IDX files, or a
+folder of images; `kdjax.data.files`), TFDS (`mnist`, `fashion_mnist`, `cifar10`, `cifar100`) through
+`tfds.data_source` (array_record files, no TensorFlow needed to read), Debian's Fashion-MNIST package, and
+scikit-learn's shipped `digits`.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ _STATS = {
     'fashion_mnist': ((0.2860,), (0.3530,)),
 }
 TFDS_NAMES = ('mnist', 'fashion_mnist', 'cifar10', 'cifar100')
+# Where Debian's dataset-fashion-mnist package puts the original gzipped IDX files.
+DEBIAN_FASHION_MNIST = '/usr/share/datasets/fashion-mnist'
+LABEL_SETS = ('fine', 'coarse')  # CIFAR-100's 100 classes, or its 20 superclasses
 # Pad-4 random crop + horizontal flip, as the CIFAR references augment; none for the digit datasets.
 _DEFAULT_AUGMENT = {'cifar10': 'crop_flip', 'cifar100': 'crop_flip'}
 
@@ -57,16 +62,38 @@ class Dataset:
 
 def load(cfg) -> Dataset:
   """Loads `cfg.name` (a `config.data` section) and carves the optional validation split from train."""
-  name = cfg.name
+  from kdjax.data import files
+  name, root = cfg.name, os.path.expanduser(cfg.get('dir') or '')
+  label_set = cfg.get('label_set', 'fine')
+  if name not in ('digits',) + files.NAMES:
+    raise ConfigError(f'unknown dataset {name!r}; choose one of digits, {", ".join(files.NAMES)}')
+  if label_set not in LABEL_SETS:
+    raise ConfigError(f'data.label_set must be one of {", ".join(LABEL_SETS)}, got {label_set!r}')
+  if label_set != 'fine' and name != 'cifar100':
+    raise ConfigError(f'data.label_set={label_set!r} applies to cifar100 only (its 20 superclasses), not {name}')
+  if name == 'folder':
+    folder_root = os.path.expanduser(cfg.folder.get('root') or '')
+    if root and folder_root and os.path.abspath(root) != os.path.abspath(folder_root):
+      raise ConfigError(f'data.dir={root} and data.folder.root={folder_root} name different folders; set one')
+    root = root or folder_root
   if name == 'digits':
+    if root:
+      raise ConfigError(f'data.dir={root} but digits is scikit-learn\'s shipped dataset; set data.name to one of '
+                        f'{", ".join(files.NAMES)} for the files there')
     train, test, num_classes = _load_digits()
+  elif root or name == 'folder':
+    train, test, num_classes = files.load(cfg, root)
+  elif name == 'fashion_mnist' and files.holds_idx(DEBIAN_FASHION_MNIST):
+    train, test, num_classes = files.load(cfg, DEBIAN_FASHION_MNIST)
   elif name in TFDS_NAMES:
-    train, test, num_classes = _load_tfds(name, cfg.get('data_dir') or None)
-  elif name == 'folder':
-    from kdjax.data import folder
-    train, test, num_classes = folder.load(cfg.folder)
+    train, test, num_classes = _load_tfds(name, cfg.get('data_dir') or None, label_set)
   else:
-    raise ConfigError(f'unknown dataset {name!r}; choose one of digits, folder, {", ".join(TFDS_NAMES)}')
+    raise ConfigError(f"{name} is read from torchvision's files: set --config.data.dir to the folder that holds "
+                      f'{files.IDX_FOLDERS.get(name, name)}')
+
+  # Seeded stratified subsets (quick experiments, CI-sized real data), before the validation split.
+  train = _subset(train, cfg.get('train_examples', 0), 'data.train_examples', cfg.get('val_seed', 0))
+  test = _subset(test, cfg.get('test_examples', 0), 'data.test_examples', cfg.get('val_seed', 0))
 
   val = None
   fraction = cfg.get('val_fraction', 0.0)
@@ -88,6 +115,17 @@ def load(cfg) -> Dataset:
   if augment == 'auto':
     augment = _DEFAULT_AUGMENT.get(name, 'none')
   return Dataset(name, num_classes, train, test, val, tuple(mean), tuple(std), augment, omitted)
+
+
+def _subset(split: Split, n: int, field: str, seed: int) -> Split:
+  """`n` examples of `split`, stratified by label and seeded (0 or n >= len(split): all of it)."""
+  if not n or n >= len(split):
+    return split
+  if n < 0:
+    raise ConfigError(f'config.{field} must be >= 0, got {n}')
+  from sklearn.model_selection import train_test_split
+  idx, _ = train_test_split(np.arange(len(split)), train_size=n, random_state=seed, stratify=split.labels)
+  return split.take(np.sort(idx))
 
 
 def _split(train: Split, fraction: float, seed: int) -> tuple[Split, Split]:
@@ -113,33 +151,38 @@ def _load_digits() -> tuple[Split, Split, int]:
 
 def _prepare_hint(name: str, data_dir: str | None) -> str:
   where = data_dir or '~/tensorflow_datasets'
+  debian = (f', or `apt-get install dataset-fashion-mnist` (Debian\'s package: the original files in '
+            f'{DEBIAN_FASHION_MNIST})') if name == 'fashion_mnist' else ''
   return (f'dataset {name!r} is not prepared in {where}; on a machine with internet run '
           f'`pip install tensorflow tensorflow-datasets && tfds build {name} --file_format=array_record '
-          f'--data_dir={where}` and copy {where}/{name} here (or set --config.data.data_dir)')
+          f'--data_dir={where}` and copy {where}/{name} here (or set --config.data.data_dir){debian}; or point '
+          "--config.data.dir at torchvision's files (see README, Data)")
 
 
-def _load_tfds(name: str, data_dir: str | None) -> tuple[Split, Split, int]:
+def _load_tfds(name: str, data_dir: str | None, label_set: str = 'fine') -> tuple[Split, Split, int]:
   import tensorflow_datasets as tfds
   builder = tfds.builder(name, data_dir=data_dir)
+  label_key, suffix = ('coarse_label', '_coarse') if label_set == 'coarse' else ('label', '')
   splits = {}
   try:
     for split in ('train', 'test'):
       source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
-      cache = os.path.join(builder.data_dir, f'kdjax_uint8_{split}.npz') if builder.is_prepared() else None
-      splits[split] = cached(cache, lambda: _read_all(source, f'{name}/{split}'), expected_len=len(source))
+      cache = os.path.join(builder.data_dir, f'kdjax_uint8_{split}{suffix}.npz') if builder.is_prepared() else None
+      splits[split] = cached(cache, lambda: _read_all(source, f'{name}/{split}', label_key), expected_len=len(source))
   except Exception as e:  # tfds raises several types for "not there"; decide by asking the builder
     if builder.is_prepared():
       raise
     raise DatasetNotFoundError(_prepare_hint(name, data_dir)) from e
-  return splits['train'], splits['test'], builder.info.features['label'].num_classes
+  return splits['train'], splits['test'], builder.info.features[label_key].num_classes
 
 
-def cached(path: str | None, read, expected_len: int) -> Split:
-  """`read()` once, then the decoded uint8 arrays from `path` (next to the TFDS files): decoding 60,000 PNGs costs
-  far more than loading one array file. An unwritable location only costs the cache."""
+def cached(path: str | None, read, expected_len: int | None) -> Split:
+  """`read()` once, then the decoded uint8 arrays from `path`: decoding 60,000 PNGs costs far more than loading one
+  array file. A cache of another length than `expected_len` is stale (None: the path's name says what it holds).
+  An unwritable location only costs the cache."""
   if path and os.path.exists(path):
     with np.load(path) as f:
-      if len(f['labels']) == expected_len:
+      if expected_len is None or len(f['labels']) == expected_len:
         return Split(f['images'], f['labels'])
   split = read()
   if path:
@@ -152,7 +195,7 @@ def cached(path: str | None, read, expected_len: int) -> Split:
   return split
 
 
-def _read_all(source, what: str) -> Split:
+def _read_all(source, what: str, label_key: str = 'label') -> Split:
   n = len(source)
   logging.info('decoding %s: %d examples (once; later runs read the cached arrays)', what, n)
   first = source[0]
@@ -161,5 +204,5 @@ def _read_all(source, what: str) -> Split:
   for i in range(n):
     ex = source[i]
     images[i] = ex['image']
-    labels[i] = ex['label']
+    labels[i] = ex[label_key]
   return Split(images, labels)
