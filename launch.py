@@ -19,6 +19,8 @@ from ml_collections import config_flags
 config_flags.DEFINE_config_file('config', None, 'Experiment config file (path[:config string]).',
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and metrics; rerun to resume.')
+flags.DEFINE_bool('restart', False, 'Start anew in a workdir that holds a run: its files are moved into '
+                  'WORKDIR/previous-<time> (nothing is deleted).')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -63,7 +65,7 @@ def main(argv):
   logging.info('JAX %s on %s: %d device(s) (%s)', jax.__version__, jax.default_backend(), jax.device_count(),
                ', '.join(sorted({d.device_kind for d in jax.devices()})))
   try:
-    runner.run(flags.FLAGS.config, flags.FLAGS.workdir)
+    runner.run(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.restart)
   except runner.EXPECTED_ERRORS as e:
     logging.error('%s', e)
     print(f'error: {e}', file=sys.stderr)

@@ -30,6 +30,7 @@ def directory(workdir: str) -> str:
 class Checkpointer:
 
   def __init__(self, workdir: str, keep: int = 2, read_only: bool = False, async_save: bool = True):
+    self.workdir = workdir
     policy = cm.AnyPreservationPolicy([
         cm.LatestN(n=keep),
         cm.BestN(get_metric_fn=lambda m: m[SELECT_METRIC], reverse=False, n=1,

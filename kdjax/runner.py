@@ -21,12 +21,12 @@ def exit_code(error: Exception) -> int:
   return 143 if isinstance(error, Preempted) else 2
 
 
-def run(cfg, workdir: str) -> dict:
+def run(cfg, workdir: str, restart: bool = False) -> dict:
   if not workdir:
     raise ConfigError('--workdir is empty: name the directory for checkpoints, logs and metrics')
   workdir = os.path.abspath(os.path.expanduser(workdir))
   if not cfg.get('suite'):
-    return train.train_and_evaluate(cfg, workdir)
+    return train.train_and_evaluate(cfg, workdir, restart)
   results = {}
   for name in cfg.suite_order:
     sub = cfg.suite[name]
@@ -35,7 +35,7 @@ def run(cfg, workdir: str) -> dict:
         if sub[section].get(key):
           sub[section][key] = sub[section][key].replace('{workdir}', workdir)
     logging.info('=== suite run %r ===', name)
-    results[name] = train.train_and_evaluate(sub, os.path.join(workdir, name))
+    results[name] = train.train_and_evaluate(sub, os.path.join(workdir, name), restart)
   print(format_table(cfg, results))
   return results
 

@@ -89,11 +89,11 @@ def _fmt(v) -> str:
   return f'{v:g}' if isinstance(v, float) else str(v)
 
 
-def _flat(d: dict, prefix: str = '') -> dict:
+def flatten(d: dict, prefix: str = '') -> dict:
   out = {}
   for k, v in d.items():
     if isinstance(v, dict) and v:
-      out.update(_flat(v, f'{prefix}{k}.'))
+      out.update(flatten(v, f'{prefix}{k}.'))
     else:
       out[f'{prefix}{k}'] = v
   return out
@@ -223,7 +223,7 @@ def expand(cfg) -> Sweep:
                       ([f'seed={seed}'] if len(seeds) > 1 else [])) or 'run'
       students.append(Student(len(students), name, values, seed, c))
 
-  flats = [_flat(s.cfg.to_dict()) for s in students]
+  flats = [flatten(s.cfg.to_dict()) for s in students]
   traced = {}
   for path in flats[0]:
     column = [f[path] for f in flats]

@@ -112,7 +112,7 @@ def _check_memory(exp: Experiment, memory: dict):
                       'or a smaller batch_size')
 
 
-def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
+def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, restart: bool = False) -> dict:
   """Trains every student of `cfg`'s sweep (one for a single run), distilling from `cfg.teacher` when the losses
   need one; returns the run summary (per student under 'students'; a single run's also at the top level)."""
   reporting.quiet_library_logs()
@@ -123,12 +123,55 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   for student in sweep.students:
     validate.check(student.cfg)
   with workdir_lock(workdir):
-    return _train(cfg, sweep, workdir)
+    return _train(cfg, sweep, workdir, restart)
 
 
-def _train(cfg, sweep: sweep_lib.Sweep, workdir: str) -> dict:
+# Fields a resumed run may change: how long it trains, how often it evaluates, checkpoints and logs, and where it
+# runs. Every other field changes the computation, and a resume with it changed is refused.
+RESUMABLE_CHANGES = ('epochs', 'eval_every_epochs', 'checkpoint_every_epochs', 'keep_checkpoints', 'tensorboard',
+                     'figures', 'eval_batch_size', 'steps_per_dispatch', 'num_devices', 'mesh_students',
+                     'students_loop', 'data.data_dir', 'data.dir', 'data.cache_dir', 'teacher.cache_dir')
+
+
+def check_resume(cfg, workdir: str):
+  """A workdir that holds checkpoints resumes only the run that wrote them: the saved config.json and `cfg` may
+  differ in RESUMABLE_CHANGES alone (logged); anything else is refused, naming each field with both values."""
+  saved_path = os.path.join(workdir, 'config.json')
+  if not (os.path.isfile(saved_path) and os.path.isdir(ckpt_lib.directory(workdir))):
+    return
+  with open(saved_path) as f:
+    saved = sweep_lib.flatten(json.load(f))
+  new = sweep_lib.flatten(json.loads(cfg.to_json_best_effort()))
+  changed = sorted(k for k in set(saved) | set(new) if saved.get(k) != new.get(k))
+  allowed = [k for k in changed if k in RESUMABLE_CHANGES]
+  refused = [k for k in changed if k not in RESUMABLE_CHANGES]
+  if refused:
+    fields = '; '.join(f'{k}: {saved.get(k)!r} -> {new.get(k)!r}' for k in refused)
+    raise ConfigError(f'{workdir} holds a run with another config ({fields}); resume it with its own config, '
+                      'choose another --workdir, or pass --restart to set that run aside and start anew')
+  for k in allowed:
+    logging.info('resuming with config.%s changed: %r -> %r', k, saved.get(k), new.get(k))
+
+
+def set_aside(workdir: str) -> str | None:
+  """Moves a previous run's files into `workdir/previous-<time>` (nothing is deleted); returns that folder."""
+  names = [n for n in os.listdir(workdir) if n != 'kdjax.lock' and not n.startswith('previous-')]
+  if not names:
+    return None
+  dest = os.path.join(workdir, time.strftime('previous-%Y%m%d-%H%M%S'))
+  os.makedirs(dest)
+  for n in names:
+    os.rename(os.path.join(workdir, n), os.path.join(dest, n))
+  logging.info('--restart: the previous run in %s is set aside in %s', workdir, dest)
+  return dest
+
+
+def _train(cfg, sweep: sweep_lib.Sweep, workdir: str, restart: bool = False) -> dict:
   t_start = time.time()
   base = sweep.base
+  if restart:
+    set_aside(workdir)
+  check_resume(cfg, workdir)
   write_config(cfg, workdir, sweep)
   ds = data_lib.load(base.data)
   logging.info('data %s: %d train, %s val, %d test, %d classes, images %s, augment %s', ds.name, len(ds.train),
@@ -151,11 +194,10 @@ def _train(cfg, sweep: sweep_lib.Sweep, workdir: str) -> dict:
   n_params = sum(x.size for x in jax.tree.leaves(abstract.params['student'])) // sweep.size
   logging.info('student %s: %s parameters; %d steps/epoch, %d epochs, %d steps per dispatch, %d device(s)',
                base.student.model, f'{n_params:,}', exp.steps_per_epoch, base.epochs, exp.k, mesh.devices.size)
-  latest = ckpt.latest_step()
+  latest, ts, meta = _restore_newest_intact(ckpt, abstract)
   partial = None  # the train metrics' sums of an epoch that a preemption cut
   if latest is not None:
-    ts = ckpt.restore(latest, abstract)
-    partial = ckpt.read_meta(latest).get('partial_sums')
+    partial = meta.get('partial_sums')
     logging.info('resuming from the checkpoint at step %d (epoch %d)', latest, latest // exp.steps_per_epoch)
   else:
     ts = exp.init_state()
@@ -249,6 +291,31 @@ def _train(cfg, sweep: sweep_lib.Sweep, workdir: str) -> dict:
     signal.signal(signal.SIGTERM, previous)
     reporter.close()
     ckpt.close()
+
+
+def _restore_newest_intact(ckpt, abstract):
+  """(step, state, meta) of the newest checkpoint that restores, or (None, None, None) without any: a step
+  damaged on disk (a truncated file, a half-written save) is skipped with one warning naming it, and moved aside to
+  `checkpoints/damaged-<step>` (kept, not deleted) so that the step can be saved again."""
+  found, damaged = (None, None, None), []
+  for step in sorted(ckpt.manager.all_steps(), reverse=True):
+    try:
+      found = step, ckpt.restore(step, abstract), ckpt.read_meta(step)
+      break
+    except Exception as e:  # Orbax and TensorStore report damage under many types
+      reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+      logging.warning('checkpoint step %d in %s is damaged (%s); trying the previous one', step,
+                      ckpt_lib.directory(ckpt.workdir), reason)
+      damaged.append(step)
+  for step in damaged:
+    root = ckpt_lib.directory(ckpt.workdir)
+    os.rename(os.path.join(root, str(step)), os.path.join(root, f'damaged-{step}-{int(time.time())}'))
+  if damaged:
+    ckpt.manager.reload()
+    logging.warning('resuming from %s; the damaged step(s) %s are kept in %s as damaged-<step>-<time>',
+                    f'step {found[0]}' if found[0] is not None else 'the start',
+                    ', '.join(map(str, damaged)), ckpt_lib.directory(ckpt.workdir))
+  return found
 
 
 def _fetch(item, exp: Experiment, ckpt, diverged: dict) -> dict:

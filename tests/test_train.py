@@ -217,3 +217,41 @@ def test_a_second_process_on_the_same_workdir_is_refused(tmp_path):
   assert not os.path.exists(tmp_path / 'config.json')
   with pytest.raises(errors.ConfigError, match='^--workdir is empty'):
     train.train_and_evaluate(digits_config('mlp', epochs=1), '')
+
+
+def test_resuming_with_another_config_is_refused_by_field(tmp_path):
+  work = str(tmp_path / 'run')
+  train.train_and_evaluate(digits_config('mlp', epochs=1), work)
+  before = {p: open(os.path.join(work, p), 'rb').read() for p in ('config.json', 'metrics.jsonl')}
+  changed = digits_config('mlp', epochs=1, batch_size=32, optimizer__lr=0.1)
+  with pytest.raises(errors.ConfigError, match=r"^\S+ holds a run with another config \(batch_size: 64 -> 32; "
+                                               r"optimizer.lr: 0.05 -> 0.1\); resume it with its own config"):
+    train.train_and_evaluate(changed, work)
+  assert before == {p: open(os.path.join(work, p), 'rb').read() for p in before}  # nothing rewritten
+  # More epochs may change: the run goes on from its checkpoint.
+  longer = train.train_and_evaluate(digits_config('mlp', epochs=2), work)
+  assert [r['epoch'] for r in _epoch_records(work)] == [1, 2] and longer['test_accuracy'] > 0.8
+  # --restart sets the old run aside and starts anew.
+  train.train_and_evaluate(changed, work, restart=True)
+  aside = [n for n in os.listdir(work) if n.startswith('previous-')]
+  assert len(aside) == 1
+  old = json.load(open(os.path.join(work, aside[0], 'config.json')))
+  assert (old['batch_size'], old['epochs']) == (64, 2)  # the resumed run's record, moved, not deleted
+  assert json.load(open(os.path.join(work, 'config.json')))['batch_size'] == 32
+
+
+def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(tmp_path, caplog):
+  work = str(tmp_path / 'run')
+  reference = _params(train.train_and_evaluate(digits_config('mlp', epochs=3), str(tmp_path / 'ref')))
+  train.train_and_evaluate(digits_config('mlp', epochs=3), work)
+  latest = os.path.join(work, 'checkpoints', '66', 'state')
+  files = [os.path.join(d, f) for d, _, fs in os.walk(latest) for f in fs]
+  biggest = max(files, key=os.path.getsize)
+  with open(biggest, 'r+b') as f:  # a save cut short: the array data truncated
+    f.truncate(os.path.getsize(biggest) // 3)
+  caplog.set_level('WARNING')
+  resumed = _params(train.train_and_evaluate(digits_config('mlp', epochs=3), work))
+  assert any('checkpoint step 66' in r.getMessage() and 'is damaged' in r.getMessage() for r in caplog.records)
+  jax.tree.map(np.testing.assert_array_equal, reference, resumed)  # epoch 3 redone from step 44: the same run
+  assert [n for n in os.listdir(os.path.join(work, 'checkpoints')) if n.startswith('damaged-66-')]
+  assert [r['epoch'] for r in _epoch_records(work)] == [1, 2, 3]
