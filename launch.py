@@ -9,6 +9,7 @@ import kdjax.platform  # noqa: F401  (must run before jax is imported: selects C
 
 import json
 import os
+import signal
 import sys
 
 from absl import app
@@ -58,8 +59,17 @@ def argv_config(argv) -> str:
   return next((a for a in argv[1:] if a.startswith('--config=')), '--config')
 
 
+def _startup_signal(signum, frame):
+  del frame
+  from kdjax.errors import Preempted
+  # Before training starts (data, teacher, compilation) nothing is worth saving; the loop installs its own handler.
+  raise Preempted(f'stopped by signal {signum} before training started; nothing was saved, rerun the same command '
+                  'to start')
+
+
 def main(argv):
   del argv
+  signal.signal(signal.SIGTERM, _startup_signal)
   import jax
   from kdjax import runner
   logging.info('JAX %s on %s: %d device(s) (%s)', jax.__version__, jax.default_backend(), jax.device_count(),

@@ -45,6 +45,7 @@ def base() -> ml_collections.ConfigDict:
       checkpoint='',        # a teacher run's workdir (or an imported checkpoint); '' = train it first and cache
       which='latest',       # latest | best
       index=0,              # which student, when the checkpoint is a sweep's workdir
+      accept_incomplete=False,  # use an explicit checkpoint of an unfinished run (refused by default)
       cache_dir='',         # where auto-trained teachers are cached ('' = ~/.cache/kdjax/teachers)
       seed=0,
       subclasses=1,         # > 1: the teacher has num_classes * subclasses logits (subclass distillation)

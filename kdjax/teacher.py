@@ -86,6 +86,12 @@ def checkpoint_path(cfg, ds) -> tuple[str, bool]:
   entry of its recipe, complete or not yet. The loop trains a missing one (`teacher_run_config`) before `load`."""
   path = cfg.teacher.get('checkpoint') or ''
   if path:
+    meta = ckpt_lib.read_meta(path)
+    if not meta.get('complete', True) and cfg.teacher.get('which', 'latest') == 'latest' \
+        and not cfg.teacher.get('accept_incomplete', False):
+      raise CheckpointMismatchError(
+          f"teacher checkpoint {path} is an unfinished run (step {meta.get('step')} of {meta.get('total_steps')}); "
+          'finish it, or accept it with --config.teacher.accept_incomplete=true (or --config.teacher.which=best)')
     return path, False
   path = cache_dir(cfg, ds.name)
   try:

@@ -96,7 +96,17 @@ def prepare_teacher(cfg, ds, mesh):
   path, must_train = teacher_lib.checkpoint_path(cfg, ds)
   if must_train:
     train_and_evaluate(teacher_lib.teacher_run_config(cfg), path)
-  return teacher_lib.load(cfg, ds, mesh, path)
+  if cfg.teacher.get('checkpoint'):
+    return teacher_lib.load(cfg, ds, mesh, path)
+  try:
+    return teacher_lib.load(cfg, ds, mesh, path)
+  except Exception as e:  # a cached teacher damaged on disk: kept aside, trained again
+    aside = f'{path}.damaged-{int(time.time())}'
+    os.rename(path, aside)
+    logging.warning('the cached teacher %s is damaged (%s); moved to %s and trained again', path,
+                    (str(e).strip().splitlines() or [type(e).__name__])[0][:200], aside)
+    train_and_evaluate(teacher_lib.teacher_run_config(cfg), path)
+    return teacher_lib.load(cfg, ds, mesh, path)
 
 
 def _check_memory(exp: Experiment, memory: dict):

@@ -66,3 +66,18 @@ def test_quickstart_suite_prints_its_table(tmp_path):
   # The KD run read the teacher that the suite trained first.
   kd_config = json.load(open(tmp_path / 'kd' / 'config.json'))
   assert kd_config['teacher']['checkpoint'] == str(tmp_path / 'teacher')
+
+
+def test_sigterm_during_startup_exits_143_with_one_line(tmp_path):
+  import signal
+  import time
+  proc = subprocess.Popen([sys.executable, 'launch.py', '--config=configs/kd_cifar10.py:digits',
+                           f'--workdir={tmp_path}'], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+  time.sleep(4)  # importing JAX / reading the data: before any training
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 143
+  lines = [l for l in err.splitlines() if l.startswith('error:')]
+  assert lines == ['error: stopped by signal 15 before training started; nothing was saved, rerun the same '
+                   'command to start']
+  assert 'Traceback' not in err and not os.path.exists(tmp_path / 'checkpoints' / '0')

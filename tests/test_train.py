@@ -255,3 +255,36 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(tmp_pat
   jax.tree.map(np.testing.assert_array_equal, reference, resumed)  # epoch 3 redone from step 44: the same run
   assert [n for n in os.listdir(os.path.join(work, 'checkpoints')) if n.startswith('damaged-66-')]
   assert [r['epoch'] for r in _epoch_records(work)] == [1, 2, 3]
+
+
+def test_a_damaged_cached_teacher_is_set_aside_and_trained_again(tmp_path, caplog):
+  cfg = digits_config('mlp', {'ce': 0.1, 'kd': 0.9}, epochs=1)
+  cfg.teacher.update(model='mlp', kwargs={'hidden': (16,)}, cache_dir=str(tmp_path / 'cache'), recipe={'epochs': 1})
+  train.train_and_evaluate(cfg, str(tmp_path / 'a'))
+  (cached,) = os.listdir(tmp_path / 'cache')
+  state = tmp_path / 'cache' / cached / 'checkpoints' / '22' / 'state'
+  for d, _, fs in os.walk(state):
+    for f in fs:
+      if os.path.getsize(os.path.join(d, f)) > 1000:
+        open(os.path.join(d, f), 'r+b').truncate(100)
+  caplog.set_level('WARNING')
+  summary = train.train_and_evaluate(cfg, str(tmp_path / 'b'))
+  assert any('is damaged' in r.getMessage() and 'trained again' in r.getMessage() for r in caplog.records)
+  assert sorted(n.split('.damaged-')[0] for n in os.listdir(tmp_path / 'cache')) == [cached, cached]
+  assert ckpt_lib.read_meta(str(tmp_path / 'cache' / cached))['complete']  # the new teacher, finished
+  assert np.isfinite(summary['test_accuracy'])
+
+
+def test_an_unfinished_explicit_teacher_is_refused(tmp_path, monkeypatch):
+  teacher = str(tmp_path / 'teacher')
+  _interrupt_at_dispatch(monkeypatch, 30, lambda: os.kill(os.getpid(), signal.SIGTERM))
+  with pytest.raises(errors.Preempted):
+    train.train_and_evaluate(digits_config('mlp', epochs=2), teacher)
+  monkeypatch.undo()
+  cfg = digits_config('mlp', {'ce': 0.1, 'kd': 0.9}, epochs=1)
+  cfg.teacher.update(model='mlp', kwargs={'hidden': (32,)}, checkpoint=teacher)
+  with pytest.raises(errors.CheckpointMismatchError, match=rf'^teacher checkpoint {teacher} is an unfinished run '
+                                                           r'\(step 30 of 44\)'):
+    train.train_and_evaluate(cfg, str(tmp_path / 's'))
+  cfg.teacher.accept_incomplete = True
+  assert train.train_and_evaluate(cfg, str(tmp_path / 's'))['test_accuracy'] > 0.5
