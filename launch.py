@@ -9,6 +9,7 @@ import kdjax.platform  # noqa: F401  (must run before jax is imported: selects C
 
 import json
 import os
+import re
 import signal
 import sys
 
@@ -50,8 +51,11 @@ def parse_flags(argv):
       _fail(f"{argv_config(argv)}: {lines[-1].split(': ', 1)[-1]}")
     _fail(f"{text.splitlines()[0]} ({USAGE})")
   except (AttributeError, KeyError, TypeError, ValueError) as e:  # raised by config_flags for unknown fields
-    bad = [a for a in argv[1:] if a.startswith('--config.')]
     detail = str(e.args[0] if e.args else e).replace('\n', ' ').strip('"')
+    field = re.search(r"'([^']+)'", detail)
+    bad = [a for a in argv[1:] if a.startswith('--config.')]
+    if field:  # name the override with the unknown field, not every override given
+      bad = [a for a in bad if f'.{field.group(1)}' in a.split('=', 1)[0]] or bad
     _fail(f'invalid config override {" ".join(bad)}: no such field {detail}')
 
 
