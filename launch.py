@@ -18,6 +18,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from kdjax.errors import KDError, Preempted
+
 config_flags.DEFINE_config_file('config', None, 'Experiment config file (path[:config string]).',
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and metrics; rerun to resume.')
@@ -65,27 +67,33 @@ def argv_config(argv) -> str:
 
 def _startup_signal(signum, frame):
   del frame
-  from kdjax.errors import Preempted
-  # Before training starts (data, teacher, compilation) nothing is worth saving; the loop installs its own handler.
-  raise Preempted(f'stopped by signal {signum} before training started; nothing was saved, rerun the same command '
-                  'to start')
+  # Before training starts (parsing, imports, data, teacher, compilation) nothing is worth saving, and an exception
+  # raised here could land inside a library that swallows it: say so and leave at once. The loop installs its own
+  # handler, which saves the step it is at.
+  print(f'error: stopped by signal {signum} before training started; nothing was saved, rerun the same command to '
+        'start', file=sys.stderr, flush=True)
+  os._exit(143)
+
+
+def _fail_with(e: KDError):
+  logging.error('%s', e)
+  print(f'error: {e}', file=sys.stderr)
+  sys.exit(143 if isinstance(e, Preempted) else 2)
 
 
 def main(argv):
   del argv
-  signal.signal(signal.SIGTERM, _startup_signal)
-  import jax
-  from kdjax import runner
-  logging.info('JAX %s on %s: %d device(s) (%s)', jax.__version__, jax.default_backend(), jax.device_count(),
-               ', '.join(sorted({d.device_kind for d in jax.devices()})))
   try:
+    import jax
+    from kdjax import runner
+    logging.info('JAX %s on %s: %d device(s) (%s)', jax.__version__, jax.default_backend(), jax.device_count(),
+                 ', '.join(sorted({d.device_kind for d in jax.devices()})))
     runner.run(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.restart)
-  except runner.EXPECTED_ERRORS as e:
-    logging.error('%s', e)
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(runner.exit_code(e))
+  except KDError as e:
+    _fail_with(e)
 
 
 if __name__ == '__main__':
+  signal.signal(signal.SIGTERM, _startup_signal)
   logging.set_verbosity(logging.INFO)
   app.run(main, flags_parser=parse_flags)

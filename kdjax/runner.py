@@ -12,14 +12,7 @@ import os
 from absl import logging
 
 from kdjax import train
-from kdjax.errors import ConfigError, KDError, Preempted
-
-EXPECTED_ERRORS = (KDError,)
-
-
-def exit_code(error: Exception) -> int:
-  return 143 if isinstance(error, Preempted) else 2
-
+from kdjax.errors import ConfigError
 
 def run(cfg, workdir: str, restart: bool = False) -> dict:
   if not workdir:
