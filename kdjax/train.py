@@ -152,7 +152,10 @@ def check_resume(cfg, workdir: str):
   with open(saved_path) as f:
     saved = sweep_lib.flatten(json.load(f))
   new = sweep_lib.flatten(json.loads(cfg.to_json_best_effort()))
-  changed = sorted(k for k in set(saved) | set(new) if saved.get(k) != new.get(k))
+  # A field the saved run did not know (added to kdjax since) counts as unchanged while it holds its default.
+  defaults = sweep_lib.flatten(json.loads(config_lib.base().to_json_best_effort()))
+  changed = sorted(k for k in set(saved) | set(new) if saved.get(k) != new.get(k)
+                   and not (k not in saved and k in defaults and new.get(k) == defaults[k]))
   allowed = [k for k in changed if k in RESUMABLE_CHANGES]
   refused = [k for k in changed if k not in RESUMABLE_CHANGES]
   if refused:

@@ -288,3 +288,12 @@ def test_an_unfinished_explicit_teacher_is_refused(tmp_path, monkeypatch):
     train.train_and_evaluate(cfg, str(tmp_path / 's'))
   cfg.teacher.accept_incomplete = True
   assert train.train_and_evaluate(cfg, str(tmp_path / 's'))['test_accuracy'] > 0.5
+
+
+def test_a_run_from_before_a_new_config_field_still_resumes(tmp_path):
+  work = str(tmp_path / 'run')
+  train.train_and_evaluate(digits_config('mlp', epochs=1), work)
+  saved = json.load(open(os.path.join(work, 'config.json')))
+  del saved['teacher']['accept_incomplete']  # as written by a kdjax that had no such field
+  json.dump(saved, open(os.path.join(work, 'config.json'), 'w'))
+  assert train.train_and_evaluate(digits_config('mlp', epochs=2), work)['test_accuracy'] > 0.8
