@@ -95,7 +95,9 @@ def _state(workdir):
 
 
 def test_kill_loop_ends_as_an_uninterrupted_run(tmp_path):
-  run = [*TINY, '--config.epochs=6']
+  # Long enough that no attempt finishes before its kill; a checkpoint (and evaluation) every epoch, so kills land
+  # in checkpoint writes too.
+  run = [*TINY, '--config.epochs=40', '--config.checkpoint_every_epochs=1', '--config.eval_every_epochs=1']
   reference = str(tmp_path / 'reference')
   assert _launch(*run, f'--workdir={reference}').returncode == 0
   rng = random.Random(0)
@@ -103,7 +105,7 @@ def test_kill_loop_ends_as_an_uninterrupted_run(tmp_path):
   for _ in range(5):  # kill -9 at random moments: start-up, training, evaluation, checkpoint writes
     proc = subprocess.Popen([sys.executable, 'launch.py', *run, f'--workdir={work}'], cwd=ROOT, env=_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(rng.uniform(1.0, 7.0))
+    time.sleep(rng.uniform(1.0, 5.0))
     assert proc.poll() is None, 'the run ended before its kill; the loop needs longer runs'
     proc.send_signal(signal.SIGKILL)
     proc.wait()
