@@ -289,8 +289,8 @@ class Experiment:
     """One student's forward (+ extras); returns (Context, new non-trained state). `t_out`: the teacher's outputs
     when already computed (shared by the students); `cfg`: the config as this student reads it."""
     cfg = self.cfg if cfg is None else cfg
-    if self.teacher is not None and t_out is None:
-      t_out = jax.lax.stop_gradient(self.teacher.apply(teacher_vars, x, train=False))
+    if t_out is None:
+      t_out = self._teacher_outputs(teacher_vars, None, x, idx)
     drop_rng, extra_drop_rng, sample_rng = jax.random.split(rng, 3)
     mutable = list(state['student']) if train else False
     s_res = self.student.apply({'params': params['student'], **state['student']}, x, train=train,

@@ -111,7 +111,8 @@ def _set(cfg, path: str, value):
                       f'({type(node[leaf]).__name__})') from e
 
 
-def _get(cfg, path: str):
+def get(cfg, path: str):
+  """The value at dotted `path` in a config; KeyError when there is none."""
   node = cfg
   for p in path.split('.'):
     if not isinstance(node, (ml_collections.ConfigDict, dict)) or p not in node:
@@ -178,7 +179,7 @@ def expand(cfg) -> Sweep:
   allowed = sweepable(base)
   for path, values in axes.items():
     try:
-      current = _get(base, path)
+      current = get(base, path)
     except KeyError:
       raise ConfigError(f'config.sweep: no such config field {path!r}') from None
     if not isinstance(values, list):

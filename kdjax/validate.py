@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numbers
 
+from kdjax import sweep
 from kdjax.errors import ConfigError
 
 CHOICES = {
@@ -66,16 +67,14 @@ RANGES = {
 _OPEN_ABOVE = ('data.val_fraction', 'distill.label_smoothing', 'optimizer.momentum')
 
 
-def _get(cfg, path: str):
-  node = cfg
-  for key in path.split('.'):
-    if key not in node:
-      return _MISSING
-    node = node[key]
-  return node
-
-
 _MISSING = object()
+
+
+def _get(cfg, path: str):
+  try:
+    return sweep.get(cfg, path)
+  except KeyError:
+    return _MISSING
 
 
 def _is_number(v) -> bool:
