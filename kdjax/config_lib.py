@@ -56,6 +56,8 @@ def base() -> ml_collections.ConfigDict:
   c.distill = dict(
       losses={'ce': 1.0},   # term -> weight; total loss = sum(weight * term)
       temperature=4.0,      # Hinton KD (and the KD-style terms that use a temperature)
+      # Logit standardization (Sun et al., CVPR 2024) of student and teacher logits in every logit-based term.
+      logit_standardize=False,
       kd_scale='T2',        # the kd term's factor: T2 (x T^2, Hinton and the anchors) | 1 (no T^2, as some studies)
       # Teacher outputs computed once for the whole training set and reused every epoch: auto (when the training
       # images are not augmented and the outputs fit in 2 GiB) | on | off.

@@ -60,6 +60,10 @@ class Method:
   # The options under `config.distill` that `loss` reads as numbers (e.g. 'dkd.beta'): a sweep may vary them,
   # since they reach the loss as arrays. Options that size modules or pick code paths stay out.
   hparams: tuple = ()
+  # (distill config, student ModelOutput shapes, teacher ModelOutput shapes, DataInfo) -> None: raises ConfigError
+  # naming the method and the model when the method cannot apply to this pair (e.g. it needs maps a model does not
+  # expose). Called for every enabled term before anything is traced.
+  check: Callable[..., None] | None = None
 
 
 METHODS: dict[str, Method] = {}
@@ -76,6 +80,24 @@ def _student_logits(ctx: Context):
     if 'logits' in out:
       return out['logits']
   return ctx.student.logits
+
+
+def standardize(logits, eps: float = 1e-7):
+  """Logit standardization (Sun et al., CVPR 2024): each row's logits minus their mean, over their standard
+  deviation."""
+  logits = jnp.asarray(logits, jnp.float32)
+  mean = jnp.mean(logits, axis=-1, keepdims=True)
+  std = jnp.std(logits, axis=-1, keepdims=True, ddof=1)
+  return (logits - mean) / (eps + std)
+
+
+def logit_pair(ctx: Context, cfg):
+  """(student logits, teacher logits) as every logit-based term reads them: standardized first when
+  `distill.logit_standardize` is set."""
+  s, t = _student_logits(ctx), ctx.teacher.logits
+  if cfg.get('logit_standardize', False):
+    s, t = standardize(s), standardize(t)
+  return s, t
 
 
 register('ce', Method(lambda ctx, cfg: losses.cross_entropy(_student_logits(ctx), ctx.labels,
@@ -95,7 +117,8 @@ def soft_scale(cfg, temperature):
 
 def _kd(ctx: Context, cfg):
   t = cfg.temperature
-  return soft_scale(cfg, t) * losses.kd_loss(_student_logits(ctx), ctx.teacher.logits, t)
+  s_logits, t_logits = logit_pair(ctx, cfg)
+  return soft_scale(cfg, t) * losses.kd_loss(s_logits, t_logits, t)
 
 
 register('kd', Method(_kd))
@@ -174,6 +197,9 @@ class Distiller:
 
   def build_extras(self, student_shapes: ModelOutput, teacher_shapes: ModelOutput | None, info: DataInfo):
     """Instantiates the methods' extra modules once the output shapes are known (they size the projectors)."""
+    for name, (_, method) in self.terms.items():
+      if method.check is not None:
+        method.check(self.cfg, student_shapes, teacher_shapes, info)
     if self.module_methods:
       self.extras = Extras({n: m.module(self.cfg, student_shapes, teacher_shapes, info)
                             for n, m in self.module_methods.items()})

@@ -5,9 +5,12 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import ml_collections
 import pytest
 
+from kdjax import distill
 from kdjax import errors
+from kdjax import losses
 from kdjax import models
 from kdjax import step as step_lib
 from kdjax import train
@@ -174,3 +177,20 @@ def test_finetune_rejects_another_architecture(digits_teacher, tmp_path):
   with pytest.raises(errors.CheckpointMismatchError,
                      match="student checkpoint .* holds a 'cnn_small' network, but config.student.model is 'mlp'"):
     train.train_and_evaluate(cfg, str(tmp_path))
+
+
+def test_logit_standardize_matches_numpy_and_reaches_kd():
+  rng = np.random.RandomState(3)
+  z = rng.randn(5, 7).astype(np.float32) * 3 + 1
+  want = (z - z.mean(-1, keepdims=True)) / (1e-7 + z.std(-1, ddof=1, keepdims=True))
+  np.testing.assert_allclose(distill.standardize(z), want, rtol=1e-5, atol=1e-6)
+  from kdjax.models import ModelOutput
+  s, t = rng.randn(5, 7).astype(np.float32), rng.randn(5, 7).astype(np.float32) * 5
+  out = lambda l: ModelOutput(logits=jnp.asarray(l), embedding=jnp.zeros((5, 1)))
+  ctx = distill.Context(student=out(s), teacher=out(t), labels=jnp.zeros(5, jnp.int32), extras={},
+                        epoch=jnp.float32(0))
+  cfg = ml_collections.ConfigDict({'temperature': 2.0, 'logit_standardize': True})
+  np.testing.assert_allclose(distill.METHODS['kd'].loss(ctx, cfg),
+                             losses.kd_loss(distill.standardize(s), distill.standardize(t), 2.0), rtol=1e-6)
+  cfg.logit_standardize = False
+  np.testing.assert_allclose(distill.METHODS['kd'].loss(ctx, cfg), losses.kd_loss(s, t, 2.0), rtol=1e-6)

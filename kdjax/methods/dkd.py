@@ -22,8 +22,8 @@ def warmup_factor(epoch, warmup_epochs: float):
 def dkd_loss(ctx: distill.Context, cfg):
   """alpha TCKD + beta NCKD at temperature T, times the linear warmup (mdistiller distillers/DKD.py)."""
   c = cfg.dkd
-  loss = losses.dkd_loss(distill.Distiller.logits(ctx), ctx.teacher.logits, ctx.labels, c.alpha, c.beta,
-                         c.temperature)
+  s_logits, t_logits = distill.logit_pair(ctx, cfg)
+  loss = losses.dkd_loss(s_logits, t_logits, ctx.labels, c.alpha, c.beta, c.temperature)
   return warmup_factor(ctx.epoch, c.warmup_epochs) * loss
 
 
