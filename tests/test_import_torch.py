@@ -35,7 +35,7 @@ ATOL = 1e-4
 # -------------------------------------------------------------------------------------------------------- helpers
 
 
-def randomize(net: nn.Module, seed: int) -> nn.Module:
+def randomize(net: nn.Module, seed: int, size: int = 32) -> nn.Module:
   """Random weights, BN affine parameters and running statistics; returns the net in eval mode.
 
   The running statistics are those of a random calibration batch (so activations stay O(1) through deep nets and
@@ -58,7 +58,7 @@ def randomize(net: nn.Module, seed: int) -> nn.Module:
       m.weight.copy_(rand(m.weight.shape, 0.5, 1.5))
       m.bias.copy_(rand(m.bias.shape, -0.3, 0.3))
       m.momentum = 1.0  # running stats := the calibration batch's
-    net.train()(torch.randn((8, 3, 32, 32), generator=g))
+    net.train()(torch.randn((8, 3, size, size), generator=g))
     for m in bns:
       m.running_mean.add_(rand(m.running_mean.shape, -0.1, 0.1) * m.running_var.sqrt())
       m.running_var.mul_(rand(m.running_var.shape, 0.8, 1.25))
@@ -190,3 +190,48 @@ def test_every_importable_family_maps_onto_distinct_keys():
     shapes = jax.eval_shape(lambda net=net: net.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))
     keys = [s.torch_key for s in import_torch._slots(name, net, shapes)]
     assert key in keys, (name, key)
+
+
+# ------------------------------------------------------------------------------------------------ ImageNet models
+# The torch side is kdjax.tools.torch_reference's copies of torchvision's resnet18/34/50 and mobilenet_v2 (same
+# state_dict keys in the same order, same outputs: checked against torchvision 0.29.1 in
+# `test_reference_equals_torchvision` where torchvision is installed) and of mdistiller's MobileNetV1.
+from kdjax.tools import torch_reference  # noqa: E402
+
+IMAGENET_CASES = {
+    'resnet18_imagenet': lambda: torch_reference.imagenet_resnet(18, 1000),
+    'resnet50_imagenet': lambda: torch_reference.imagenet_resnet(50, 1000),
+    'mobilenetv1_imagenet': lambda: torch_reference.MobileNetV1(1000),
+    'mobilenetv2_imagenet': lambda: torch_reference.ImageNetMobileNetV2(1000),
+}
+
+
+@pytest.mark.parametrize('name', list(IMAGENET_CASES))
+def test_imported_imagenet_logits_match_torch(name, tmp_path):
+  tnet = randomize(IMAGENET_CASES[name](), seed=len(name), size=64)
+  pth, out = tmp_path / f'{name}.pth', tmp_path / 'run'
+  torch.save(tnet.state_dict(), pth)
+  meta = import_torch.import_checkpoint(str(pth), str(out), name, dataset='imagenet2012', image_size=64)
+  assert meta['num_classes'] == 1000 and meta['image_shape'] == [64, 64, 3]
+  x = np.random.default_rng(1).standard_normal((2, 3, 64, 64)).astype(np.float32)
+  with torch.no_grad():
+    expected = tnet(torch.from_numpy(x)).numpy()
+  net = models.create(name, num_classes=1000)
+  xj = jnp.asarray(np.transpose(x, (0, 2, 3, 1)))
+  variables, _ = ckpt_lib.load_model(str(out), jax.eval_shape(lambda: net.init(jax.random.key(0), xj)))
+  got = np.asarray(net.apply(variables, xj, train=False).logits)
+  diff = float(np.max(np.abs(got - expected)))
+  print(f'{name}: max |logit diff| = {diff:.2e} (logit scale {np.abs(expected).max():.2f})')
+  assert diff < ATOL * max(1.0, float(np.abs(expected).max())), diff
+
+
+def test_reference_equals_torchvision():
+  torchvision = pytest.importorskip('torchvision')
+  x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+  for tv, ours in ((torchvision.models.resnet34(), torch_reference.imagenet_resnet(34)),
+                   (torchvision.models.mobilenet_v2(), torch_reference.ImageNetMobileNetV2())):
+    sd = tv.state_dict()
+    assert [(k, v.shape) for k, v in sd.items()] == [(k, v.shape) for k, v in ours.state_dict().items()]
+    ours.load_state_dict(sd)
+    with torch.no_grad():
+      np.testing.assert_array_equal(tv.eval()(x).numpy(), ours.eval()(x).numpy())

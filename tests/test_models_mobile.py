@@ -49,9 +49,17 @@ PARAM_COUNTS = [
     ('MobileNetV2_1_0', 100, 2_353_060),
     ('alexnet', 10, 20_126_538),
 ]
+# torchvision's resnet18/34/50 have 11,689,512 / 21,797,672 / 25,557,032 parameters (its model docs). mdistiller's
+# MobileNetV1 (mdistiller/models/imagenet/mobilenetv1.py), by hand: stem 3*32*9 + 2*32 = 928; each of the 13
+# depthwise-separable blocks cin*9 + 2*cin + cin*cout + 2*cout (bias-free convs, BN weight and bias); fc
+# 1024*1000 + 1000: 4,231,976 in all.
 IMAGENET_COUNTS = [
     ('resnet50v2_imagenet', 25_568_360),
     ('mobilenetv2_imagenet', 3_504_872),
+    ('resnet18_imagenet', 11_689_512),
+    ('resnet34_imagenet', 21_797_672),
+    ('resnet50_imagenet', 25_557_032),
+    ('mobilenetv1_imagenet', 4_231_976),
 ]
 
 
@@ -81,6 +89,9 @@ SHAPES_32 = [
 SHAPES_224 = [
     ('resnet50v2_imagenet', 2048, [(112, 112, 64), (28, 28, 256), (14, 14, 512), (7, 7, 1024), (7, 7, 2048)]),
     ('mobilenetv2_imagenet', 1280, [(112, 112, 32), (56, 56, 24), (28, 28, 32), (14, 14, 96), (7, 7, 320)]),
+    ('resnet18_imagenet', 512, [(112, 112, 64), (56, 56, 64), (28, 28, 128), (14, 14, 256), (7, 7, 512)]),
+    ('resnet50_imagenet', 2048, [(112, 112, 64), (56, 56, 256), (28, 28, 512), (14, 14, 1024), (7, 7, 2048)]),
+    ('mobilenetv1_imagenet', 1024, [(112, 112, 32), (56, 56, 128), (28, 28, 256), (14, 14, 512), (7, 7, 1024)]),
 ]
 
 
@@ -113,7 +124,7 @@ def test_small_grayscale_inputs(name, size):
 
 
 def test_imagenet_models_take_small_inputs():
-  for name in ('resnet50v2_imagenet', 'mobilenetv2_imagenet'):
+  for name in ('resnet50v2_imagenet', 'mobilenetv2_imagenet', 'resnet18_imagenet', 'mobilenetv1_imagenet'):
     _, out = _abstract(name, 10, (32, 32, 3))
     assert out.logits.shape == (2, 10)
     assert out.features[-1].shape[1:3] == (1, 1)

@@ -1,4 +1,20 @@
-"""ImageNet-style backbones for the transfer-learning experiment: ResNet50V2 (as Keras), MobileNetV2 (torchvision).
+"""ImageNet backbones: torchvision's ResNet18/34/50 and mdistiller's MobileNetV1 (the KD papers' ImageNet pairs),
+ResNet50V2 (as Keras) and MobileNetV2 (torchvision) for the transfer-learning experiment.
+
+torchvision's ResNets (`torchvision.models.resnet{18,34,50}`, v1.5: the bottleneck's stride on its 3x3 conv): a
+7x7/2 conv + BN + ReLU stem, a 3x3/2 max-pool (padding 1, padded with -inf as PyTorch's), four stages of the blocks
+of `cifar_resnet` (strides 1, 2, 2, 2), global average pool, `fc`. State-dict keys follow the CIFAR ResNets' rule:
+  conv1.weight, bn1.*                    -> backbone/conv1, backbone/bn1
+  layer{i}.{j}.conv{k}, .bn{k}           -> backbone/layer{i}_{j}/conv{k}, bn{k}
+  layer{i}.{j}.downsample.0 / .1         -> backbone/layer{i}_{j}/downsample_conv / downsample_bn
+  fc.{weight,bias}                       -> head/{kernel,bias}
+  Features: the stem's ReLU output (before the max-pool), then the layer1..layer4 outputs; preact the stage outputs
+  before their last ReLU (mdistiller's ImageNet `feats` / `preact_feats`).
+
+mdistiller's MobileNetV1 (`mdistiller/models/imagenet/mobilenetv1.py`, the ResNet50 -> MobileNetV1 student): a
+`model` Sequential of conv_bn(3, 32, 2) and 13 conv_dw blocks (depthwise 3x3 + BN + ReLU, pointwise 1x1 + BN +
+ReLU), global average pool, `fc`. Keys `model.{i}.{j}.*` -> backbone/model_{i}_{j}/*. Features: the stem, then the
+outputs of blocks 3, 5, 11 and 13 (128, 256, 512, 1024 channels), as that file's `feats`; preact before their ReLU.
 
 Both are built for 224x224 inputs but end in a global average pool and only use padded strided ops, so they run on
 any input size (a 32x32 input reaches 1x1 after the 32x total stride).
@@ -38,12 +54,73 @@ classifier Dropout(0.2) -> Linear in the Head, conv init kaiming_normal(fan_out)
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from kdjax.models import layers, register
+from kdjax.models import cifar_resnet, layers, register
+
+# -------------------------------------------------------------------------------------------- torchvision ResNet
+
+
+class TorchvisionResNet(nn.Module):
+  """`torchvision.models.ResNet` with `BasicBlock` or `Bottleneck` blocks."""
+  num_blocks: Sequence[int]
+  block: str = 'basicblock'
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    block_cls = cifar_resnet.BLOCKS[self.block]
+    x = cifar_resnet._conv(self.dtype)(64, 7, strides=2, padding=3, name='conv1')(x)
+    x = nn.relu(layers.batch_norm(train, self.dtype, name='bn1')(x))
+    features, preact = [x], [x]
+    x = layers.max_pool(x, 3, strides=2, padding=1)
+    in_channels = 64
+    for i, (planes, stride, n) in enumerate(zip((64, 128, 256, 512), (1, 2, 2, 2), self.num_blocks), start=1):
+      for j in range(n):
+        s = stride if j == 0 else 1
+        out_channels = planes * block_cls.expansion
+        x, pre = block_cls(planes, s, project=(s != 1 or in_channels != out_channels), dtype=self.dtype,
+                           name=f'layer{i}_{j}')(x, train)
+        in_channels = out_channels
+      features.append(x)
+      preact.append(pre)
+    return features, preact, layers.avg_pool_all(x)
+
+
+# ---------------------------------------------------------------------------------------------------- MobileNetV1
+
+# (output channels, stride) of the 13 depthwise-separable blocks after the stem.
+_MBV1_BLOCKS = ((64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2), (512, 1), (512, 1), (512, 1), (512, 1),
+                (512, 1), (1024, 2), (1024, 1))
+_MBV1_TAPS = (3, 5, 11, 13)
+
+
+class MobileNetV1(nn.Module):
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    d = self.dtype
+    conv = functools.partial(layers.conv, use_bias=False, dtype=d)  # PyTorch default init, as the reference
+    x = conv(32, 3, strides=2, padding=1, name='model_0_0')(x)
+    x = nn.relu(layers.batch_norm(train, d, name='model_0_1')(x))
+    features, preact = [x], [x]
+    for i, (out_channels, stride) in enumerate(_MBV1_BLOCKS, start=1):
+      cin = x.shape[-1]
+      x = conv(cin, 3, strides=stride, padding=1, groups=cin, name=f'model_{i}_0')(x)
+      x = nn.relu(layers.batch_norm(train, d, name=f'model_{i}_1')(x))
+      x = conv(out_channels, 1, name=f'model_{i}_3')(x)
+      pre = layers.batch_norm(train, d, name=f'model_{i}_4')(x)
+      x = nn.relu(pre)
+      if i in _MBV1_TAPS:
+        features.append(x)
+        preact.append(pre)
+    return features, preact, layers.avg_pool_all(x)
+
 
 # ---------------------------------------------------------------------------------------------------- ResNet50V2
 
@@ -165,5 +242,9 @@ class MobileNetV2ImageNet(nn.Module):
     return features, list(features), layers.avg_pool_all(x)
 
 
+register('resnet18_imagenet', TorchvisionResNet, num_blocks=(2, 2, 2, 2), block='basicblock')
+register('resnet34_imagenet', TorchvisionResNet, num_blocks=(3, 4, 6, 3), block='basicblock')
+register('resnet50_imagenet', TorchvisionResNet, num_blocks=(3, 4, 6, 3), block='bottleneck')
+register('mobilenetv1_imagenet', MobileNetV1)
 register('resnet50v2_imagenet', ResNetV2)
 register('mobilenetv2_imagenet', MobileNetV2ImageNet, head_dropout=0.2, head_init='normal')

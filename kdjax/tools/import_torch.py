@@ -5,7 +5,10 @@
 The output directory is then what `config.teacher.checkpoint` (or `student.init_checkpoint`) names.
 
 Accepted files: the state_dicts of the CIFAR models of RepDistiller (HobbitLong/RepDistiller), SimKD
-(DefangChen/SimKD) and mdistiller (megvii-research/mdistiller), which share their module names: saved as
+(DefangChen/SimKD) and mdistiller (megvii-research/mdistiller), which share their module names; torchvision's ImageNet
+`resnet18/34/50` and `mobilenet_v2` (as `resnet18_imagenet` ... `mobilenetv2_imagenet`, e.g. the files
+`torchvision.models.resnet34(weights=...)` caches) and mdistiller's ImageNet MobileNetV1 (`mobilenetv1_imagenet`),
+with `--image_size 224 --dataset imagenet2012`. Saved as
 `{'model': state_dict, ...}` (RepDistiller, SimKD, mdistiller teachers), `{'net': state_dict, ...}`,
 `{'state_dict': state_dict, ...}` or a bare state_dict; a `module.` prefix (DataParallel) is stripped. The file is
 read with `torch.load(weights_only=True)` first; only if that refuses the pickle (e.g. a checkpoint that also
@@ -84,6 +87,13 @@ FAMILY_RULES: dict[str, FamilyRule] = {
     'kdjax.models.mobilenetv2.MobileNetV2': FamilyRule('classifier.0'),
     'kdjax.models.shufflenet.ShuffleNetV1': FamilyRule('linear'),
     'kdjax.models.shufflenet.ShuffleNetV2': FamilyRule('linear'),
+    # torchvision.models.resnet{18,34,50}: as the CIFAR ResNets, `downsample = Sequential(conv, bn)`, `fc`.
+    'kdjax.models.imagenet.TorchvisionResNet': FamilyRule(
+        'fc', ((r'\bdownsample_conv\b', 'downsample.0'), (r'\bdownsample_bn\b', 'downsample.1'))),
+    # mdistiller models/imagenet/mobilenetv1.py: `model.{i}.{j}`, `fc`.
+    'kdjax.models.imagenet.MobileNetV1': FamilyRule('fc'),
+    # torchvision.models.mobilenet_v2: `features.{i}...`, classifier = Sequential(Dropout, Linear).
+    'kdjax.models.imagenet.MobileNetV2ImageNet': FamilyRule('classifier.1'),
 }
 
 # (collection, leaf name) -> PyTorch parameter/buffer name.

@@ -235,3 +235,132 @@ class MobileNetV2(nn.Module):
       x = block(x)
     x = F.avg_pool2d(self.conv2(x), 2, ceil_mode=True)
     return self.classifier(x.flatten(1))
+
+
+# ------------------------------------------------------------------------------------------------ ImageNet models
+
+
+class ImageNetBasicBlock(nn.Module):
+  """torchvision's resnet BasicBlock, with its module names (conv1 bn1 conv2 bn2 downsample)."""
+  expansion = 1
+
+  def __init__(self, cin, planes, stride):
+    super().__init__()
+    self.conv1 = nn.Conv2d(cin, planes, 3, stride, 1, bias=False)
+    self.bn1 = nn.BatchNorm2d(planes)
+    self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+    self.bn2 = nn.BatchNorm2d(planes)
+    self.downsample = _projection(cin, planes, stride)
+
+  def forward(self, x):
+    out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+    return F.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+class ImageNetBottleneck(nn.Module):
+  """torchvision's resnet Bottleneck (v1.5: the stride on the 3x3 conv)."""
+  expansion = 4
+
+  def __init__(self, cin, planes, stride):
+    super().__init__()
+    self.conv1 = nn.Conv2d(cin, planes, 1, bias=False)
+    self.bn1 = nn.BatchNorm2d(planes)
+    self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+    self.bn2 = nn.BatchNorm2d(planes)
+    self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+    self.bn3 = nn.BatchNorm2d(planes * 4)
+    self.downsample = _projection(cin, planes * 4, stride)
+
+  def forward(self, x):
+    out = F.relu(self.bn1(self.conv1(x)))
+    out = self.bn3(self.conv3(F.relu(self.bn2(self.conv2(out)))))
+    return F.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+def _projection(cin, cout, stride):
+  if stride == 1 and cin == cout:
+    return None
+  return nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+
+class ImageNetResNet(nn.Module):
+  """torchvision.models.ResNet: 7x7/2 stem, 3x3/2 max-pool, four stages, global average pool, fc."""
+
+  def __init__(self, block, num_blocks, num_classes):
+    super().__init__()
+    self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+    self.bn1 = nn.BatchNorm2d(64)
+    cin = 64
+    for i, (planes, stride, n) in enumerate(zip((64, 128, 256, 512), (1, 2, 2, 2), num_blocks), start=1):
+      blocks = []
+      for j in range(n):
+        blocks.append(block(cin, planes, stride if j == 0 else 1))
+        cin = planes * block.expansion
+      setattr(self, f'layer{i}', nn.Sequential(*blocks))
+    self.fc = nn.Linear(cin, num_classes)
+
+  def forward(self, x):
+    x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 3, 2, 1)
+    x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+    return self.fc(x.mean((2, 3)))
+
+
+def imagenet_resnet(depth: int, num_classes: int = 1000) -> ImageNetResNet:
+  blocks = {18: (ImageNetBasicBlock, (2, 2, 2, 2)), 34: (ImageNetBasicBlock, (3, 4, 6, 3)),
+            50: (ImageNetBottleneck, (3, 4, 6, 3))}[depth]
+  return ImageNetResNet(*blocks, num_classes)
+
+
+class MobileNetV1(nn.Module):
+  """mdistiller models/imagenet/mobilenetv1.py: `model` = Sequential(conv_bn, 13 x conv_dw, pool), `fc`."""
+
+  def __init__(self, num_classes=1000):
+    super().__init__()
+    cfg = ((32, 64, 1), (64, 128, 2), (128, 128, 1), (128, 256, 2), (256, 256, 1), (256, 512, 2)) + \
+        ((512, 512, 1),) * 5 + ((512, 1024, 2), (1024, 1024, 1))
+    mods = [nn.Sequential(nn.Conv2d(3, 32, 3, 2, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU())]
+    for cin, cout, s in cfg:
+      mods.append(nn.Sequential(nn.Conv2d(cin, cin, 3, s, 1, groups=cin, bias=False), nn.BatchNorm2d(cin), nn.ReLU(),
+                                nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()))
+    self.model = nn.Sequential(*mods)
+    self.fc = nn.Linear(1024, num_classes)
+
+  def forward(self, x):
+    return self.fc(self.model(x).mean((2, 3)))
+
+
+class ImageNetInvertedResidual(nn.Module):
+  """torchvision's mobilenet_v2 block: `conv` = [pw ConvBNReLU6] + dw ConvBNReLU6 + pw Conv + BN."""
+
+  def __init__(self, cin, cout, stride, t):
+    super().__init__()
+    h = cin * t
+    self.use_res = stride == 1 and cin == cout
+    mods = [] if t == 1 else [nn.Sequential(nn.Conv2d(cin, h, 1, bias=False), nn.BatchNorm2d(h), nn.ReLU6())]
+    mods += [nn.Sequential(nn.Conv2d(h, h, 3, stride, 1, groups=h, bias=False), nn.BatchNorm2d(h), nn.ReLU6()),
+             nn.Conv2d(h, cout, 1, bias=False), nn.BatchNorm2d(cout)]
+    self.conv = nn.Sequential(*mods)
+
+  def forward(self, x):
+    return x + self.conv(x) if self.use_res else self.conv(x)
+
+
+class ImageNetMobileNetV2(nn.Module):
+  """torchvision.models.mobilenet_v2 at width 1.0: `features` (stem, 17 blocks, 1x1 to 1280), `classifier`."""
+
+  def __init__(self, num_classes=1000):
+    super().__init__()
+    setting = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
+               (6, 320, 1, 1))
+    mods = [nn.Sequential(nn.Conv2d(3, 32, 3, 2, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU6())]
+    cin = 32
+    for t, c, n, s in setting:
+      for j in range(n):
+        mods.append(ImageNetInvertedResidual(cin, c, s if j == 0 else 1, t))
+        cin = c
+    mods.append(nn.Sequential(nn.Conv2d(cin, 1280, 1, bias=False), nn.BatchNorm2d(1280), nn.ReLU6()))
+    self.features = nn.Sequential(*mods)
+    self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(1280, num_classes))
+
+  def forward(self, x):
+    return self.classifier(self.features(x).mean((2, 3)))
