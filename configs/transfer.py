@@ -10,6 +10,16 @@ differ).
       --config.data.folder.root=/data/mhist --config.teacher.init_checkpoint=/ckpt/resnet50v2_imagenet
   python launch.py --config=configs/transfer.py:digits --workdir=/tmp/transfer_digits   # CPU: the mechanics
 
+Keras' pretrained weights: the item 'keras' builds both networks in Keras' layout (padding, BatchNorm epsilon), and
+teacher.init_checkpoint / student.init_checkpoint may then name Keras weight files directly (`.h5`, e.g.
+`resnet50v2_weights_tf_dim_ordering_tf_kernels.h5`, or a Keras 3 `.weights.h5`; kdjax.tools.import_keras converts
+them on the fly), or checkpoints written by `python -m kdjax.tools.import_keras`:
+
+  python launch.py --config=configs/transfer.py:keras --workdir=runs/mhist_keras \
+      --config.data.folder.root=/data/mhist \
+      --config.teacher.init_checkpoint=/keras/resnet50v2_weights_tf_dim_ordering_tf_kernels.h5 \
+      --config.student.init_checkpoint=/keras/mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224.h5
+
 The item 'temperature' trains the student for T in {1, 2, 4, 8, 16} as five students of one program (the transfer
 study's accuracy over T), e.g. `configs/transfer.py:temperature` or `configs/transfer.py:digits,temperature`.
 """
@@ -34,11 +44,13 @@ def student_run() -> ml_collections.ConfigDict:
 
 
 def get_config(arg=None):
-  items = config_lib.parse_flags(arg, ('digits', 'temperature'), 'configs/transfer.py')
+  items = config_lib.parse_flags(arg, ('digits', 'temperature', 'keras'), 'configs/transfer.py')
   sweep = f'distill.temperature={TEMPERATURES}' if items['temperature'] else ''
   if not items['digits']:
     c = student_run()
     c.sweep, c.sweep_labels = sweep, 'distill.temperature=T'
+    if items['keras']:
+      c.teacher.kwargs = c.student.kwargs = {'layout': 'keras'}
     return c
   # On CPU: 'pretrain' stands for the pretrained checkpoint; 'finetune' starts from it with a frozen backbone
   # (only a new head is trained); 'student' distills the fine-tuned teacher into a small CNN.

@@ -18,7 +18,7 @@ import ml_collections
 from kdjax import checkpoint as ckpt_lib
 from kdjax import config_lib
 from kdjax.config_lib import as_dict
-from kdjax.errors import CheckpointMismatchError, CheckpointNotFoundError
+from kdjax.errors import CheckpointMismatchError, CheckpointNotFoundError, ConfigError
 
 
 # Fields that do not change what the teacher learns; left out of the cache key.
@@ -68,7 +68,7 @@ def teacher_run_config(cfg) -> ml_collections.ConfigDict:
 
 
 def check_meta(meta: dict, path: str, model: str, num_classes: int | None, subclasses: int = 1,
-               role: str = 'teacher'):
+               role: str = 'teacher', kwargs: dict | None = None):
   """Fails before training when a checkpoint holds another network than the config's `role` section names."""
   if meta.get('model') != model:
     raise CheckpointMismatchError(f"{role} checkpoint {path} holds a {meta.get('model')!r} network, but "
@@ -76,6 +76,12 @@ def check_meta(meta: dict, path: str, model: str, num_classes: int | None, subcl
   if num_classes is not None and meta.get('num_classes') != num_classes:
     raise CheckpointMismatchError(f"{role} checkpoint {path} has {meta.get('num_classes')} classes, but the "
                                   f'dataset and config need {num_classes}')
+  # The layout of an imported network (Keras' padding and BatchNorm epsilon) must be the one the config builds.
+  layout = (meta.get('model_kwargs') or {}).get('layout', 'torch')
+  if kwargs is not None and layout != kwargs.get('layout', 'torch'):
+    raise CheckpointMismatchError(f"{role} checkpoint {path} holds a {layout!r}-layout {model}, but "
+                                  f"config.{role}.kwargs gives layout {kwargs.get('layout', 'torch')!r}; set "
+                                  f"--config.{role}.kwargs=\"{{'layout': '{layout}'}}\"")
   if meta.get('subclasses', 1) != subclasses:
     raise CheckpointMismatchError(f"{role} checkpoint {path} has {meta.get('subclasses', 1)} subclasses per class, "
                                   f'but config.{role}.subclasses is {subclasses}')
@@ -115,7 +121,7 @@ def load(cfg, ds, mesh, path: str):
   which = cfg.teacher.get('which', 'latest')
   # The metadata of the step that will be restored: a mismatch is reported by name, not as a shape error.
   meta = ckpt_lib.read_meta(path, which)
-  check_meta(meta, path, cfg.teacher.model, num_classes, subclasses)
+  check_meta(meta, path, cfg.teacher.model, num_classes, subclasses, kwargs=as_dict(cfg.teacher.get('kwargs')))
   index, students = cfg.teacher.get('index', 0), meta.get('students', 1)
   if not 0 <= index < students:
     raise CheckpointMismatchError(f'config.teacher.index={index}, but teacher checkpoint {path} holds '
@@ -134,15 +140,28 @@ def init_from_checkpoint(cfg, ds, exp, ts):
   """Fine-tuning: start the student from a run's checkpoint. The head is kept when the class counts agree, else
   re-initialised; `student.freeze_backbone` is applied by the optimizer."""
   path = cfg.student.init_checkpoint
-  meta = ckpt_lib.read_meta(path)
-  # The class count may differ (a new head is trained), the architecture may not.
-  check_meta(meta, path, cfg.student.model, None, cfg.student.get('subclasses', 1), role='student')
   from kdjax import step
   one = step.student(ts, 0)
   target = {'params': one.params['student'], **one.state['student']}
-  if meta.get('num_classes') != ds.num_classes:
-    target['params'] = {k: v for k, v in target['params'].items() if k != 'head'}
-  restored, _ = ckpt_lib.load_model(path, ckpt_lib.abstract(target))
+  if path.endswith('.h5'):  # a Keras weight file (kdjax.tools.import_keras), converted on the fly
+    from kdjax.tools import import_keras
+    layout = as_dict(cfg.student.get('kwargs')).get('layout', 'torch')
+    if layout != 'keras':
+      raise ConfigError(f"student.init_checkpoint {path} is a Keras weight file, but config.student.kwargs gives "
+                        f"layout {layout!r}; set --config.student.kwargs=\"{{'layout': 'keras'}}\"")
+    variables = import_keras.convert(import_keras.read_weights(path, cfg.student.model), cfg.student.model,
+                                     image_shape=ds.image_shape)
+    same_head = variables['params']['head']['bias'].shape[0] == ds.num_classes
+    restored = {c: v if same_head or c != 'params' else {k: a for k, a in v.items() if k != 'head'}
+                for c, v in variables.items()}
+  else:
+    meta = ckpt_lib.read_meta(path)
+    # The class count may differ (a new head is trained), the architecture may not.
+    check_meta(meta, path, cfg.student.model, None, cfg.student.get('subclasses', 1), role='student',
+               kwargs=as_dict(cfg.student.get('kwargs')))
+    if meta.get('num_classes') != ds.num_classes:
+      target['params'] = {k: v for k, v in target['params'].items() if k != 'head'}
+    restored, _ = ckpt_lib.load_model(path, ckpt_lib.abstract(target))
   # Every student of a sweep starts from the same network.
   restored = jax.tree.map(lambda a: jnp.broadcast_to(a, (exp.num_students,) + a.shape), restored)
   params = dict(ts.params, student=dict(ts.params['student'], **restored['params']))

@@ -126,14 +126,19 @@ class MobileNetV1(nn.Module):
 
 
 class ResNetV2(nn.Module):
-  """Keras' ResNetV2 family; the defaults are ResNet50V2 (blocks 3-4-6-3)."""
+  """Keras' ResNetV2 family; the defaults are ResNet50V2 (blocks 3-4-6-3). `layout='keras'` takes Keras' BatchNorm
+  epsilon (1.001e-5), so that weights imported from Keras files give Keras' outputs."""
   blocks: Sequence[int] = (3, 4, 6, 3)
   widths: Sequence[int] = (64, 128, 256, 512)
+  layout: str = 'torch'
   dtype: Any = jnp.float32
+
+  def _bn(self, train: bool, name: str):
+    return layers.batch_norm(train, self.dtype, name=name, **_keras_bn(self.layout, 1.001e-5))
 
   def _block(self, x, filters: int, stride: int, projection: bool, name: str, train: bool):
     d = self.dtype
-    pre = nn.relu(layers.batch_norm(train, d, name=f'{name}_preact_bn')(x))
+    pre = nn.relu(self._bn(train, f'{name}_preact_bn')(x))
     if projection:
       shortcut = layers.conv(4 * filters, 1, strides=stride, use_bias=True, fan_in=x.shape[-1], dtype=d,
                              name=f'{name}_0_conv')(pre)
@@ -141,9 +146,9 @@ class ResNetV2(nn.Module):
       # Keras' MaxPooling2D(1, strides=stride) is plain subsampling of the *un-activated* input.
       shortcut = x[:, ::stride, ::stride, :]
     h = layers.conv(filters, 1, dtype=d, name=f'{name}_1_conv')(pre)
-    h = nn.relu(layers.batch_norm(train, d, name=f'{name}_1_bn')(h))
+    h = nn.relu(self._bn(train, f'{name}_1_bn')(h))
     h = layers.conv(filters, 3, strides=stride, padding=1, dtype=d, name=f'{name}_2_conv')(h)
-    h = nn.relu(layers.batch_norm(train, d, name=f'{name}_2_bn')(h))
+    h = nn.relu(self._bn(train, f'{name}_2_bn')(h))
     h = layers.conv(4 * filters, 1, use_bias=True, fan_in=filters, dtype=d, name=f'{name}_3_conv')(h)
     return shortcut + h
 
@@ -164,7 +169,7 @@ class ResNetV2(nn.Module):
                         name=f'conv{s + 2}_block{b}', train=train)
       features.append(x)
     preact = list(features)
-    pre = layers.batch_norm(train, d, name='post_bn')(x)
+    pre = self._bn(train, 'post_bn')(x)
     x = nn.relu(pre)
     features[-1], preact[-1] = x, pre
     return features, preact, layers.avg_pool_all(x)
@@ -188,11 +193,18 @@ _MBV2_TAPS = (1, 2, 4, 6)
 _conv_init = layers.kaiming_normal_fan_out
 
 
+def _keras_bn(layout: str, epsilon: float) -> dict:
+  if layout not in ('torch', 'keras'):
+    raise ValueError(f"layout must be 'torch' or 'keras', got {layout!r}")
+  return {'epsilon': epsilon} if layout == 'keras' else {}
+
+
 class InvertedResidualV2(nn.Module):
   """torchvision's block: [pw expand -> BN -> ReLU6] -> dw 3x3 -> BN -> ReLU6 -> pw linear -> BN (+ identity)."""
   out_channels: int
   stride: int
   expand_ratio: int
+  layout: str = 'torch'
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -201,44 +213,56 @@ class InvertedResidualV2(nn.Module):
     cin = x.shape[-1]
     hidden = int(round(cin * self.expand_ratio))
     h = x
+    pad, bn = _mbv2_padding(self.layout), _keras_bn(self.layout, 1e-3)
     # Submodule names follow the reference's Sequential indices, which shift when the expansion conv is absent.
     i = 0
     if self.expand_ratio != 1:
       h = layers.conv(hidden, 1, kernel_init=_conv_init, dtype=d, name='conv_0_0')(h)
-      h = nn.relu6(layers.batch_norm(train, d, name='conv_0_1')(h))
+      h = nn.relu6(layers.batch_norm(train, d, name='conv_0_1', **bn)(h))
       i = 1
-    h = layers.conv(hidden, 3, strides=self.stride, groups=hidden, kernel_init=_conv_init, dtype=d,
+    h = layers.conv(hidden, 3, strides=self.stride, groups=hidden, padding=pad, kernel_init=_conv_init, dtype=d,
                     name=f'conv_{i}_0')(h)
-    h = nn.relu6(layers.batch_norm(train, d, name=f'conv_{i}_1')(h))
+    h = nn.relu6(layers.batch_norm(train, d, name=f'conv_{i}_1', **bn)(h))
     h = layers.conv(self.out_channels, 1, kernel_init=_conv_init, dtype=d, name=f'conv_{i + 1}')(h)
-    h = layers.batch_norm(train, d, name=f'conv_{i + 2}')(h)
+    h = layers.batch_norm(train, d, name=f'conv_{i + 2}', **bn)(h)
     if self.stride == 1 and cin == self.out_channels:
       h = x + h
     return h
 
 
+def _mbv2_padding(layout: str):
+  # Keras pads a stride-2 3x3 conv by (0, 1) on even sizes ('same' for the stem, `correct_pad` for the depthwise
+  # convs), torchvision by (1, 1).
+  return 'SAME' if layout == 'keras' else None
+
+
 class MobileNetV2ImageNet(nn.Module):
+  """torchvision's mobilenet_v2; `layout='keras'` pads and normalises as `keras.applications.MobileNetV2` (TF 'same'
+  padding, BatchNorm epsilon 1e-3), for weights imported from Keras files."""
   width_mult: float = 1.0
+  layout: str = 'torch'
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     d = self.dtype
-    x = layers.conv(make_divisible(32 * self.width_mult), 3, strides=2, kernel_init=_conv_init, dtype=d,
-                    name='features_0_0')(x)
-    x = nn.relu6(layers.batch_norm(train, d, name='features_0_1')(x))
+    pad, bn = _mbv2_padding(self.layout), _keras_bn(self.layout, 1e-3)
+    x = layers.conv(make_divisible(32 * self.width_mult), 3, strides=2, padding=pad, kernel_init=_conv_init,
+                    dtype=d, name='features_0_0')(x)
+    x = nn.relu6(layers.batch_norm(train, d, name='features_0_1', **bn)(x))
     features = [x]
     index = 1
     for g, (t, c, n, s) in enumerate(_MBV2_SETTING):
       out_channels = make_divisible(c * self.width_mult)
       for j in range(n):
-        x = InvertedResidualV2(out_channels, s if j == 0 else 1, t, dtype=d, name=f'features_{index}')(x, train)
+        x = InvertedResidualV2(out_channels, s if j == 0 else 1, t, self.layout, dtype=d,
+                               name=f'features_{index}')(x, train)
         index += 1
       if g in _MBV2_TAPS:
         features.append(x)
     last = make_divisible(1280 * max(1.0, self.width_mult))
     x = layers.conv(last, 1, kernel_init=_conv_init, dtype=d, name=f'features_{index}_0')(x)
-    x = nn.relu6(layers.batch_norm(train, d, name=f'features_{index}_1')(x))
+    x = nn.relu6(layers.batch_norm(train, d, name=f'features_{index}_1', **bn)(x))
     return features, list(features), layers.avg_pool_all(x)
 
 

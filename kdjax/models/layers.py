@@ -35,7 +35,7 @@ def torch_bias_init(fan_in: int):
 kaiming_normal_fan_out = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 
-def conv(features: int, kernel_size: int = 3, strides: int = 1, padding: int | None = None, groups: int = 1,
+def conv(features: int, kernel_size: int = 3, strides: int = 1, padding: int | str | None = None, groups: int = 1,
          use_bias: bool = False, fan_in: int | None = None, kernel_init=None, dtype: Dtype = jnp.float32,
          name: str | None = None) -> nn.Conv:
   """nn.Conv with PyTorch semantics: symmetric explicit padding, torch default init.
@@ -50,7 +50,8 @@ def conv(features: int, kernel_size: int = 3, strides: int = 1, padding: int | N
   return nn.Conv(
       features, (kernel_size, kernel_size),
       strides=(strides, strides),
-      padding=((pad, pad), (pad, pad)),
+      # A string ('SAME') is TensorFlow's padding, for networks laid out as Keras builds them.
+      padding=pad if isinstance(pad, str) else ((pad, pad), (pad, pad)),
       feature_group_count=groups,
       use_bias=use_bias,
       kernel_init=kernel_init or torch_uniform_fan_in(),
@@ -77,7 +78,8 @@ def batch_norm(train: bool, dtype: Dtype = jnp.float32, name: str | None = None,
   Flax computes the batch statistics in float32 even for bfloat16 inputs, which is what we want under mixed
   precision. Under jit with a batch sharded over devices the mean is global, i.e. synchronized BatchNorm.
   """
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype, name=name, **kw)
+  kw.setdefault('epsilon', 1e-5)
+  return nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=dtype, name=name, **kw)
 
 
 def avg_pool_all(x):
