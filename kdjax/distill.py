@@ -138,6 +138,12 @@ REFERENCE_WEIGHTS = {
     'dkd': {'ce': 1.0, 'dkd': 1.0},
     'simkd': {'simkd': 1.0},
 }
+# The logit frontier (kdjax/methods/logit.py): DIST, image_classification_sota configs/strategies/distill/
+# dist_cifar.yaml (ori_loss_weight 1, kd_loss_weight 2); NKD, cls_KD's CIFAR-100 config (NKD added to the student's
+# CE, weight 1); CTKD, zhengli97/CTKD scripts/run_cifar_distill.sh (-r 0.1 -a 0.9).
+REFERENCE_WEIGHTS['dist'] = {'ce': 1.0, 'dist': 2.0}
+REFERENCE_WEIGHTS['nkd'] = {'ce': 1.0, 'nkd': 1.0}
+REFERENCE_WEIGHTS['ctkd'] = {'ce': 0.1, 'ctkd': 0.9}
 
 
 def repdistiller_weights(method: str, r: float, a: float, b: float) -> dict:
