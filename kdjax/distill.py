@@ -83,8 +83,8 @@ def _student_logits(ctx: Context):
 
 
 def standardize(logits, eps: float = 1e-7):
-  """Logit standardization (Sun et al., CVPR 2024): each row's logits minus their mean, over their standard
-  deviation."""
+  """Logit standardization (Sun et al., CVPR 2024): each row's logits minus their mean, over eps + their unbiased
+  standard deviation (logit-standardization-KD mdistiller/distillers/KD.py `normalize`: torch's `std`, eps 1e-7)."""
   logits = jnp.asarray(logits, jnp.float32)
   mean = jnp.mean(logits, axis=-1, keepdims=True)
   std = jnp.std(logits, axis=-1, keepdims=True, ddof=1)
