@@ -1,17 +1,22 @@
 r"""CIFAR-100 distillation benchmark: the teacher/student pairs of the CRD, DKD and SimKD papers, every anchor method.
 
 Config string 'method,teacher,student' (default kd,resnet32x4,resnet8x4). Methods: kd fitnet at sp rkd pkt vid crd dkd
-simkd. Pairs (teacher -> student): resnet32x4->resnet8x4, wrn_40_2->wrn_16_2, wrn_40_2->wrn_40_1, vgg13->vgg8,
-resnet110->resnet32, resnet56->resnet20, resnet32x4->ShuffleV1, resnet32x4->ShuffleV2, wrn_40_2->ShuffleV1,
-vgg13->MobileNetV2, ResNet50->MobileNetV2 (other model pairs are accepted too; DKD then uses mdistiller's default
-beta 8).
+simkd dist nkd ctkd. The item `ls` (anywhere in the string, e.g. `dkd,resnet32x4,resnet8x4,ls`) runs kd, dkd or ctkd
+with logit standardization and the LS authors' settings (below). Pairs (teacher -> student): resnet32x4->resnet8x4,
+wrn_40_2->wrn_16_2, wrn_40_2->wrn_40_1, vgg13->vgg8, resnet110->resnet32, resnet56->resnet20,
+resnet32x4->ShuffleV1, resnet32x4->ShuffleV2, wrn_40_2->ShuffleV1, vgg13->MobileNetV2, ResNet50->MobileNetV2 (other
+model pairs are accepted too; DKD then uses mdistiller's default beta 8).
 
 Recipe (RepDistiller train_student.py, also mdistiller's and SimKD's CIFAR-100 recipe): 240 epochs, batch 64, SGD
 momentum 0.9, lr 0.05 (0.01 for MobileNetV2/ShuffleV1/ShuffleV2 students), x0.1 at epochs 150/180/210, weight decay
 5e-4. Loss weights are the references' flags: KD `-r 0.1 -a 0.9 -b 0` (T = 4); FitNet/AT/SP/RKD/PKT/VID/CRD
 `-r 1 -a 0 -b <w>` with w = 100/1000/3000/1/30000/1/0.8 (RepDistiller scripts/run_cifar_distill.sh); DKD ce 1,
 alpha 1, beta per pair, T 4, 20 warmup epochs (mdistiller configs/cifar100/dkd/*.yaml); SimKD `-c 0 -d 0 -b 1`
-(DefangChen/SimKD README), factor 2.
+(DefangChen/SimKD README), factor 2. DIST ce 1, dist 2 (beta 1, gamma 1, tau 4; image_classification_sota
+dist_cifar.yaml); NKD ce 1, nkd 1 (temperature 3, gamma 3.5; cls_KD's CIFAR-100 config); CTKD ce 0.1, ctkd 0.9
+(learned global temperature 1 + 20 sigmoid(t), reversal strength cosine 0 -> 1 over 10 epochs; zhengli97/CTKD).
+Logit standardization (`ls`): KD ce 0.1, kd 9, T 2; DKD ce 1, alpha 9, beta 9 x the pair's beta, T 2; CTKD ce 0.1,
+ctkd 9 (sunshangquan/logit-standardization-KD tools/train.py and CTKD/scripts/run_cifar_distill.sh).
 
 The teacher is trained first with the same recipe (lr 0.05) and cached (config.teacher.checkpoint = ''), or taken
 from a checkpoint: a kdjax run's workdir or a published PyTorch teacher imported with
@@ -52,10 +57,38 @@ DKD_BETA = {
     ('vgg13', 'MobileNetV2'): 6.0,
 }
 
+# Logit standardization (Sun et al., CVPR 2024), the config-string item `ls`: sunshangquan/logit-standardization-KD
+# tools/train.py with `--logit-stand --base-temp 2 --kd-weight 9` (its README's CIFAR-100 commands) sets, for KD, the
+# KD weight 9 and T 2 (CE keeps mdistiller/engine/cfg.py's KD.LOSS.CE_WEIGHT 0.1); for DKD, alpha and beta x 9 and
+# T 2 (CE 1, warmup 20). CTKD+LS is that repo's CTKD/scripts/run_cifar_distill.sh: -r 0.1 -a 9, t_start 1, t_end 20.
+LS_METHODS = ('kd', 'dkd', 'ctkd')
+LS_KD_WEIGHT = 9.0
+LS_BASE_TEMPERATURE = 2.0
+
+
+def logit_standardized(c, method):
+  """Turns a `method` config of this file into its logit-standardized variant with the LS authors' settings."""
+  if method not in LS_METHODS:
+    raise ValueError(f'configs/cifar100.py: no logit-standardization settings for {method!r}; '
+                     f'the ls item applies to {", ".join(LS_METHODS)}')
+  c.distill.logit_standardize = True
+  if method == 'kd':
+    c.distill.losses = {'ce': 0.1, 'kd': LS_KD_WEIGHT}
+    c.distill.temperature = LS_BASE_TEMPERATURE
+  elif method == 'dkd':
+    c.distill.dkd.alpha = c.distill.dkd.alpha * LS_KD_WEIGHT
+    c.distill.dkd.beta = c.distill.dkd.beta * LS_KD_WEIGHT
+    c.distill.dkd.temperature = LS_BASE_TEMPERATURE
+  elif method == 'ctkd':
+    c.distill.losses = {'ce': 0.1, 'ctkd': LS_KD_WEIGHT}
+  return c
+
+
 def get_config(arg=None):
   items = [a for a in (arg or '').split(',') if a]
   digits = 'digits' in items
-  arg = ','.join(a for a in items if a != 'digits')
+  ls = 'ls' in items
+  arg = ','.join(a for a in items if a not in ('digits', 'ls'))
   args = config_lib.parse_args(arg, ('method', 'teacher', 'student'),
                                {'method': 'kd', 'teacher': 'resnet20' if digits else 'resnet32x4',
                                 'student': 'resnet8' if digits else 'resnet8x4'})
@@ -71,6 +104,8 @@ def get_config(arg=None):
   c.distill.losses = distill.reference_weights(method)
   c.distill.temperature = 4.0
   c.distill.dkd.beta = DKD_BETA.get((teacher, student), 8.0)
+  if ls:
+    logit_standardized(c, method)
   if digits:  # the method's losses and weights on the CPU-sized stand-in (resnet20 -> resnet8 by default)
     c.teacher.recipe = {}
     c.distill.dkd.warmup_epochs = 2

@@ -75,6 +75,12 @@ def base() -> ml_collections.ConfigDict:
       vid=dict(init_pred_var=5.0, eps=1e-5),
       crd=dict(feat_dim=128, nce_k=16384, nce_t=0.07, nce_m=0.5),
       dkd=dict(alpha=1.0, beta=8.0, temperature=4.0, warmup_epochs=20),
+      # DIST (image_classification_sota dist_kd.py), NKD (cls_KD nkd.py), CTKD (zhengli97/CTKD): kdjax/methods/logit.py
+      dist=dict(beta=1.0, gamma=1.0, tau=4.0),
+      nkd=dict(temperature=3.0, gamma=3.5),
+      # CTKD: T = t_start + t_end * sigmoid(learned scalar); gradient reversal of strength 0 -> lambda_max (cosine)
+      # over the first `loops` epochs.
+      ctkd=dict(t_start=1.0, t_end=20.0, lambda_max=1.0, loops=10.0),
   )
   c.optimizer = dict(name='sgd', lr=0.05, momentum=0.9, nesterov=False, weight_decay=5e-4)
   c.schedule = dict(name='step', decay_epochs=(150, 180, 210), decay_factor=0.1, warmup_epochs=0,

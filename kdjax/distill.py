@@ -83,8 +83,8 @@ def _student_logits(ctx: Context):
 
 
 def standardize(logits, eps: float = 1e-7):
-  """Logit standardization (Sun et al., CVPR 2024): each row's logits minus their mean, over their standard
-  deviation."""
+  """Logit standardization (Sun et al., CVPR 2024): each row's logits minus their mean, over eps + their unbiased
+  standard deviation (logit-standardization-KD mdistiller/distillers/KD.py `normalize`: torch's `std`, eps 1e-7)."""
   logits = jnp.asarray(logits, jnp.float32)
   mean = jnp.mean(logits, axis=-1, keepdims=True)
   std = jnp.std(logits, axis=-1, keepdims=True, ddof=1)
@@ -138,6 +138,12 @@ REFERENCE_WEIGHTS = {
     'dkd': {'ce': 1.0, 'dkd': 1.0},
     'simkd': {'simkd': 1.0},
 }
+# The logit frontier (kdjax/methods/logit.py): DIST, image_classification_sota configs/strategies/distill/
+# dist_cifar.yaml (ori_loss_weight 1, kd_loss_weight 2); NKD, cls_KD's CIFAR-100 config (NKD added to the student's
+# CE, weight 1); CTKD, zhengli97/CTKD scripts/run_cifar_distill.sh (-r 0.1 -a 0.9).
+REFERENCE_WEIGHTS['dist'] = {'ce': 1.0, 'dist': 2.0}
+REFERENCE_WEIGHTS['nkd'] = {'ce': 1.0, 'nkd': 1.0}
+REFERENCE_WEIGHTS['ctkd'] = {'ce': 0.1, 'ctkd': 0.9}
 
 
 def repdistiller_weights(method: str, r: float, a: float, b: float) -> dict:
