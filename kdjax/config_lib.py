@@ -75,6 +75,10 @@ def base() -> ml_collections.ConfigDict:
       vid=dict(init_pred_var=5.0, eps=1e-5),
       crd=dict(feat_dim=128, nce_k=16384, nce_t=0.07, nce_m=0.5),
       dkd=dict(alpha=1.0, beta=8.0, temperature=4.0, warmup_epochs=20),
+      # mdistiller REVIEWKD: WARMUP_EPOCHS, STU_PREACT, the 512 cap on the ABF width (mid = min(cap, student emb.)).
+      reviewkd=dict(warmup_epochs=20, stu_preact=False, max_mid_channels=512),
+      ofd=dict(connector_kernel_size=1),  # mdistiller OFD.CONNECTOR.KERNEL_SIZE
+      cat_kd=dict(cam_resolution=2, normalize=False),  # CAT-KD CAM_RESOLUTION, IF_NORMALIZE (res32x4_res8x4.yaml)
   )
   c.optimizer = dict(name='sgd', lr=0.05, momentum=0.9, nesterov=False, weight_decay=5e-4)
   c.schedule = dict(name='step', decay_epochs=(150, 180, 210), decay_factor=0.1, warmup_epochs=0,
