@@ -33,7 +33,7 @@ def ofd_margin(gamma, beta):
   m - s * phi(m / s) / Phi(-m / s) (the mean of N(m, s^2) below 0) where Phi(-m / s) > 0.001, else -3 s."""
   s, m = jnp.abs(jnp.asarray(gamma, jnp.float32)), jnp.asarray(beta, jnp.float32)
   ratio = m / s
-  cdf = 0.5 * (1.0 + jax.scipy.special.erf(-ratio / math.sqrt(2.0)))
+  cdf = 0.5 * jax.scipy.special.erfc(ratio / math.sqrt(2.0))  # Phi(-m / s); erfc keeps float32 precision in the tail
   pdf = jnp.exp(-0.5 * ratio * ratio) / math.sqrt(2.0 * math.pi)
   safe = cdf > 0.001
   return jnp.where(safe, m - s * pdf / jnp.where(safe, cdf, 1.0), -3.0 * s)
