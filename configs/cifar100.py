@@ -1,8 +1,8 @@
 r"""CIFAR-100 distillation benchmark: the teacher/student pairs of the CRD, DKD and SimKD papers, every anchor method.
 
 Config string 'method,teacher,student' (default kd,resnet32x4,resnet8x4). Methods: kd fitnet at sp rkd pkt vid crd dkd
-simkd. Pairs (teacher -> student): resnet32x4->resnet8x4, wrn_40_2->wrn_16_2, wrn_40_2->wrn_40_1, vgg13->vgg8,
-resnet110->resnet32, resnet56->resnet20, resnet32x4->ShuffleV1, resnet32x4->ShuffleV2, wrn_40_2->ShuffleV1,
+simkd reviewkd ofd cat_kd. Pairs (teacher -> student): resnet32x4->resnet8x4, wrn_40_2->wrn_16_2, wrn_40_2->wrn_40_1,
+vgg13->vgg8, resnet110->resnet32, resnet56->resnet20, resnet32x4->ShuffleV1, resnet32x4->ShuffleV2, wrn_40_2->ShuffleV1,
 vgg13->MobileNetV2, ResNet50->MobileNetV2 (other model pairs are accepted too; DKD then uses mdistiller's default
 beta 8).
 
@@ -11,7 +11,9 @@ momentum 0.9, lr 0.05 (0.01 for MobileNetV2/ShuffleV1/ShuffleV2 students), x0.1 
 5e-4. Loss weights are the references' flags: KD `-r 0.1 -a 0.9 -b 0` (T = 4); FitNet/AT/SP/RKD/PKT/VID/CRD
 `-r 1 -a 0 -b <w>` with w = 100/1000/3000/1/30000/1/0.8 (RepDistiller scripts/run_cifar_distill.sh); DKD ce 1,
 alpha 1, beta per pair, T 4, 20 warmup epochs (mdistiller configs/cifar100/dkd/*.yaml); SimKD `-c 0 -d 0 -b 1`
-(DefangChen/SimKD README), factor 2.
+(DefangChen/SimKD README), factor 2;
+ReviewKD ce 1, reviewkd 5 (mdistiller reviewkd.yaml), OFD ce 1, ofd 0.001 (mdistiller cfg.py); CAT-KD ce 1 and the
+CAT weight, CAM resolution and normalisation per pair (`CAT_KD`, the CAT-KD repo's configs/cifar100/CAT_KD/*.yaml).
 
 The teacher is trained first with the same recipe (lr 0.05) and cached (config.teacher.checkpoint = ''), or taken
 from a checkpoint: a kdjax run's workdir or a published PyTorch teacher imported with
@@ -52,6 +54,21 @@ DKD_BETA = {
     ('vgg13', 'MobileNetV2'): 6.0,
 }
 
+# GzyAftermath/CAT-KD configs/cifar100/CAT_KD/*.yaml: (CAT_loss_weight, CAM_RESOLUTION, IF_NORMALIZE) per pair.
+CAT_KD = {
+    ('resnet32x4', 'resnet8x4'): (15.0, 2, False),
+    ('wrn_40_2', 'wrn_16_2'): (12.0, 2, False),
+    ('wrn_40_2', 'wrn_40_1'): (1.5, 2, False),
+    ('vgg13', 'vgg8'): (4.5, 2, False),
+    ('resnet110', 'resnet32'): (1.8, 2, False),
+    ('resnet56', 'resnet20'): (0.7, 2, False),
+    ('resnet32x4', 'ShuffleV1'): (600.0, 4, True),
+    ('resnet32x4', 'ShuffleV2'): (600.0, 4, True),
+    ('wrn_40_2', 'ShuffleV1'): (80.0, 4, True),
+    ('vgg13', 'MobileNetV2'): (15.0, 2, True),
+    ('ResNet50', 'MobileNetV2'): (40.0, 2, True),
+}
+
 def get_config(arg=None):
   items = [a for a in (arg or '').split(',') if a]
   digits = 'digits' in items
@@ -71,6 +88,10 @@ def get_config(arg=None):
   c.distill.losses = distill.reference_weights(method)
   c.distill.temperature = 4.0
   c.distill.dkd.beta = DKD_BETA.get((teacher, student), 8.0)
+  cat_weight, c.distill.cat_kd.cam_resolution, c.distill.cat_kd.normalize = CAT_KD.get((teacher, student),
+                                                                                       (15.0, 2, False))
+  if method == 'cat_kd':
+    c.distill.losses['cat_kd'] = cat_weight
   if digits:  # the method's losses and weights on the CPU-sized stand-in (resnet20 -> resnet8 by default)
     c.teacher.recipe = {}
     c.distill.dkd.warmup_epochs = 2
