@@ -272,7 +272,7 @@ def test_ofd_module_reads_the_teacher_bn_and_matches_numpy():
     out = module.apply({**variables, 'params': params}, s_out, t_out, teacher_variables=t_vars, **kw)
     return ofd.ofd_loss(_ctx(s_out, t_out, {'ofd': out}), cfg), out
 
-  (got, out), (g_params, g_teacher) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
+  (got, out), (g_params, g_teacher) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(
       variables['params'], t_vars)
   p, st, tp = _np(variables['params']), _np(variables['batch_stats']), _np(t_vars['params']['backbone'])
   want, n = 0.0, 3
@@ -311,12 +311,16 @@ def test_ofd_bn_paths_per_teacher_family():
 
 
 def test_ofd_refuses_a_teacher_without_bn_before_relu():
-  s_model, _, s_out = _tiny('resnet8', seed=1)
-  t_model = models.create('MobileNetV2', num_classes=5)
-  t_out = jax.eval_shape(lambda: t_model.apply(t_model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))),
-                                               jnp.zeros((1, 32, 32, 3))))
+  rng = np.random.RandomState(0)
+  student, teacher = _review_pair(rng)  # the check reads the teacher's family, not its maps' values
+  s_model, t_model = models.create('resnet8', num_classes=5), models.create('MobileNetV2', num_classes=5)
   with pytest.raises(ConfigError, match=r'^ofd .*MobileNetV2'):
-    ofd._check(_cfg(), s_out, t_out, _info(s_model, t_model))
+    ofd._check(_cfg(), student, teacher, _info(s_model, t_model))
+  resnet = models.create('resnet32x4', num_classes=5)
+  with pytest.raises(ConfigError, match=r'^ofd: .*CifarResNet has 2 pre-ReLU stage maps but 3'):
+    ofd._check(_cfg(), student, teacher, _info(s_model, resnet))
+  teacher = teacher.replace(preact=teacher.preact + teacher.preact[-1:])
+  ofd._check(_cfg(), student, teacher, _info(s_model, resnet))  # three stages: accepted
 
 
 # ----------------------------------------------------------------------------------------------------- CAT-KD
@@ -351,7 +355,7 @@ def test_cat_kd_matches_numpy_and_detaches_the_teacher(normalize):
                        student_classify=s_classify)
     return cat.cat_kd_loss(_ctx(s_out, t_out, {'cat_kd': out}), cfg)
 
-  got, (g_s, g_t) = jax.value_and_grad(loss, argnums=(0, 1))(s_vars['params'], t_vars)
+  got, (g_s, g_t) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(s_vars['params'], t_vars)
   # CAMs at full resolution with the bias-free 1x1 conv made of each head's weight (CAT-KD tools/train.py).
   fs = np.asarray(s_out.features[-1], np.float64)
   ft = np.maximum(np.asarray(t_out.preact[-1], np.float64), 0.0)

@@ -117,11 +117,13 @@ def _check(cfg, student_shapes, teacher_shapes, info):
   if not s_maps or any(m.ndim != 4 for m in s_maps):
     raise ConfigError(f'ofd needs the student\'s pre-ReLU stage maps, but {type(info.student.backbone).__name__} '
                       'exposes none')
-  paths = _bn_paths(info.teacher)
-  if paths is None or len(paths) != len(t_maps):
-    raise ConfigError(f'ofd needs the BatchNorm before each pre-ReLU stage map of the teacher, but '
-                      f'{type(getattr(info.teacher, "backbone", info.teacher)).__name__} does not expose it '
-                      '(supported: resnet*, ResNet*, wrn_*, vgg* teachers)')
+  paths, name = _bn_paths(info.teacher), type(getattr(info.teacher, 'backbone', info.teacher)).__name__
+  if paths is None:
+    raise ConfigError(f'ofd needs the BatchNorm before each pre-ReLU stage map of the teacher, but {name} does not '
+                      'expose it (supported: resnet*, ResNet*, wrn_*, vgg* teachers)')
+  if len(paths) != len(t_maps):
+    raise ConfigError(f'ofd: the teacher {name} has {len(t_maps)} pre-ReLU stage maps but {len(paths)} BatchNorms '
+                      'before a ReLU')
 
 
 def _module(cfg, student_shapes, teacher_shapes, info):
