@@ -371,3 +371,21 @@ def test_cat_kd_refuses_a_model_whose_pooled_map_is_hidden():
   s_model, t_model = models.create('ShuffleV2', num_classes=5), models.create('resnet8', num_classes=5)
   with pytest.raises(ConfigError, match=r"^cat_kd .*student.*ShuffleNetV2"):
     cat._check(_cfg(), None, None, _info(s_model, t_model))
+
+
+def test_extras_passes_the_optional_inputs_only_to_the_modules_that_list_them():
+  rng = np.random.RandomState(8)
+  student, teacher = _review_pair(rng)  # student features[-1]: 8x8x4, teacher's: 8x8x7
+  w_s, w_t = rng.normal(size=(4, 5)), rng.normal(size=(7, 5))
+  # ReviewKD's module takes neither optional input: it would fail on an unexpected keyword.
+  extras = distill.Extras({'reviewkd': review._module(_cfg(), student, teacher, None),
+                           'cat_kd': cat.CATKD('features', 'features', 2)})
+  kw = dict(labels=None, indices=None, train=False, teacher_variables={'params': {}},
+            teacher_classify=lambda e: e @ jnp.asarray(w_t, jnp.float32) + 3.0,
+            student_classify=lambda e: e @ jnp.asarray(w_s, jnp.float32) - 2.0)
+  out, _ = extras.init_with_output(jax.random.key(0), student, teacher, **kw)
+  assert set(out) == {'reviewkd', 'cat_kd'}
+  cam_s = np_pool(np.einsum('nhwc,ck->nhwk', np.asarray(student.features[-1], np.float64), w_s), 2, 2)
+  cam_t = np_pool(np.einsum('nhwc,ck->nhwk', np.asarray(teacher.features[-1], np.float64), w_t), 2, 2)
+  np.testing.assert_allclose(np.asarray(out['cat_kd']['cam_s']), cam_s, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(np.asarray(out['cat_kd']['cam_t']), cam_t, rtol=1e-4, atol=1e-4)
