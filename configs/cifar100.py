@@ -1,7 +1,8 @@
 r"""CIFAR-100 distillation benchmark: the teacher/student pairs of the CRD, DKD and SimKD papers, every anchor method.
 
-Config string 'method,teacher,student' (default kd,resnet32x4,resnet8x4). Methods: kd fitnet at sp rkd pkt vid crd dkd
-simkd dist nkd ctkd. The item `ls` (anywhere in the string, e.g. `dkd,resnet32x4,resnet8x4,ls`) runs kd, dkd or ctkd
+Config string 'method,teacher,student' (default kd,resnet32x4,resnet8x4). Methods: every key of
+`kdjax.distill.REFERENCE_WEIGHTS` (kd fitnet at sp rkd pkt vid crd dkd simkd, dist nkd ctkd, reviewkd ofd cat_kd,
+...). A method that cannot apply to a pair is refused in one line naming it and the model. The item `ls` (anywhere in the string, e.g. `dkd,resnet32x4,resnet8x4,ls`) runs kd, dkd or ctkd
 with logit standardization and the LS authors' settings (below). Pairs (teacher -> student): resnet32x4->resnet8x4,
 wrn_40_2->wrn_16_2, wrn_40_2->wrn_40_1, vgg13->vgg8, resnet110->resnet32, resnet56->resnet20,
 resnet32x4->ShuffleV1, resnet32x4->ShuffleV2, wrn_40_2->ShuffleV1, vgg13->MobileNetV2, ResNet50->MobileNetV2 (other
@@ -17,6 +18,8 @@ dist_cifar.yaml); NKD ce 1, nkd 1 (temperature 3, gamma 3.5; cls_KD's CIFAR-100 
 (learned global temperature 1 + 20 sigmoid(t), reversal strength cosine 0 -> 1 over 10 epochs; zhengli97/CTKD).
 Logit standardization (`ls`): KD ce 0.1, kd 9, T 2; DKD ce 1, alpha 9, beta 9 x the pair's beta, T 2; CTKD ce 0.1,
 ctkd 9 (sunshangquan/logit-standardization-KD tools/train.py and CTKD/scripts/run_cifar_distill.sh).
+ReviewKD ce 1, reviewkd 5 (mdistiller reviewkd.yaml), OFD ce 1, ofd 0.001 (mdistiller cfg.py); CAT-KD ce 1 and the
+CAT weight, CAM resolution and normalisation per pair (`CAT_KD`, the CAT-KD repo's configs/cifar100/CAT_KD/*.yaml).
 
 The teacher is trained first with the same recipe (lr 0.05) and cached (config.teacher.checkpoint = ''), or taken
 from a checkpoint: a kdjax run's workdir or a published PyTorch teacher imported with
@@ -84,6 +87,22 @@ def logit_standardized(c, method):
   return c
 
 
+# GzyAftermath/CAT-KD configs/cifar100/CAT_KD/*.yaml: (CAT_loss_weight, CAM_RESOLUTION, IF_NORMALIZE) per pair.
+CAT_KD = {
+    ('resnet32x4', 'resnet8x4'): (15.0, 2, False),
+    ('wrn_40_2', 'wrn_16_2'): (12.0, 2, False),
+    ('wrn_40_2', 'wrn_40_1'): (1.5, 2, False),
+    ('vgg13', 'vgg8'): (4.5, 2, False),
+    ('resnet110', 'resnet32'): (1.8, 2, False),
+    ('resnet56', 'resnet20'): (0.7, 2, False),
+    ('resnet32x4', 'ShuffleV1'): (600.0, 4, True),
+    ('resnet32x4', 'ShuffleV2'): (600.0, 4, True),
+    ('wrn_40_2', 'ShuffleV1'): (80.0, 4, True),
+    ('vgg13', 'MobileNetV2'): (15.0, 2, True),
+    ('ResNet50', 'MobileNetV2'): (40.0, 2, True),
+}
+
+
 def get_config(arg=None):
   items = [a for a in (arg or '').split(',') if a]
   digits = 'digits' in items
@@ -106,6 +125,10 @@ def get_config(arg=None):
   c.distill.dkd.beta = DKD_BETA.get((teacher, student), 8.0)
   if ls:
     logit_standardized(c, method)
+  cat_weight, c.distill.cat_kd.cam_resolution, c.distill.cat_kd.normalize = CAT_KD.get((teacher, student),
+                                                                                       (15.0, 2, False))
+  if method == 'cat_kd':
+    c.distill.losses['cat_kd'] = cat_weight
   if digits:  # the method's losses and weights on the CPU-sized stand-in (resnet20 -> resnet8 by default)
     c.teacher.recipe = {}
     c.distill.dkd.warmup_epochs = 2

@@ -81,6 +81,10 @@ def base() -> ml_collections.ConfigDict:
       # CTKD: T = t_start + t_end * sigmoid(learned scalar); gradient reversal of strength 0 -> lambda_max (cosine)
       # over the first `loops` epochs.
       ctkd=dict(t_start=1.0, t_end=20.0, lambda_max=1.0, loops=10.0),
+      # mdistiller REVIEWKD: WARMUP_EPOCHS, STU_PREACT, the 512 cap on the ABF width (mid = min(cap, student emb.)).
+      reviewkd=dict(warmup_epochs=20, stu_preact=False, max_mid_channels=512),
+      ofd=dict(connector_kernel_size=1),  # mdistiller OFD.CONNECTOR.KERNEL_SIZE
+      cat_kd=dict(cam_resolution=2, normalize=False),  # CAT-KD CAM_RESOLUTION, IF_NORMALIZE (res32x4_res8x4.yaml)
   )
   c.optimizer = dict(name='sgd', lr=0.05, momentum=0.9, nesterov=False, weight_decay=5e-4)
   c.schedule = dict(name='step', decay_epochs=(150, 180, 210), decay_factor=0.1, warmup_epochs=0,

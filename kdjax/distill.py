@@ -137,6 +137,11 @@ REFERENCE_WEIGHTS = {
     'crd': {'ce': 1.0, 'crd': 0.8},
     'dkd': {'ce': 1.0, 'dkd': 1.0},
     'simkd': {'simkd': 1.0},
+    # mdistiller configs/cifar100/reviewkd.yaml (REVIEWKD_WEIGHT 5) and engine/cfg.py (OFD FEAT_WEIGHT 0.001);
+    # GzyAftermath/CAT-KD configs/cifar100/CAT_KD/res32x4_res8x4.yaml (CAT_loss_weight 15).
+    'reviewkd': {'ce': 1.0, 'reviewkd': 5.0},
+    'ofd': {'ce': 1.0, 'ofd': 0.001},
+    'cat_kd': {'ce': 1.0, 'cat_kd': 15.0},
 }
 # The logit frontier (kdjax/methods/logit.py): DIST, image_classification_sota configs/strategies/distill/
 # dist_cifar.yaml (ori_loss_weight 1, kd_loss_weight 2); NKD, cls_KD's CIFAR-100 config (NKD added to the student's
@@ -172,12 +177,17 @@ class Extras(nn.Module):
 
   @nn.compact
   def __call__(self, student: ModelOutput, teacher: ModelOutput | None, *, labels, indices, train: bool,
-               teacher_classify: Callable | None):
+               teacher_classify: Callable | None, teacher_variables=None, student_classify: Callable | None = None):
     # teacher_classify(embedding) applies the frozen teacher's head; it closes over the step's teacher variables,
     # which is why it is a call argument and not a module attribute.
+    # A module whose class lists names in `extra_inputs` also receives those of: `teacher_variables` (the frozen
+    # teacher's variables, e.g. OFD's margins from its BN parameters) and `student_classify` (the student's head,
+    # differentiable, e.g. CAT-KD's class activation maps); the other modules' signatures stay as they are.
+    optional = {'teacher_variables': teacher_variables, 'student_classify': student_classify}
     # Cloned under the method's own name, so parameters read params['extras'][method] (not 'modules_<method>').
-    return {name: module.clone(name=name, parent=self)(student, teacher, labels=labels, indices=indices,
-                                                        train=train, teacher_classify=teacher_classify)
+    return {name: module.clone(name=name, parent=self)(
+                student, teacher, labels=labels, indices=indices, train=train, teacher_classify=teacher_classify,
+                **{k: optional[k] for k in getattr(module, 'extra_inputs', ())})
             for name, module in self.modules.items()}
 
 

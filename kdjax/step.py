@@ -251,7 +251,8 @@ class Experiment:
         e_vars = extras.init({'params': k_e, 'memory': k_e}, s_out, t_out,
                              labels=jnp.zeros((x.shape[0],), jnp.int32),
                              indices=jnp.zeros((x.shape[0],), jnp.int32), train=False,
-                             teacher_classify=self._teacher_classify(teacher_vars))
+                             teacher_classify=self._teacher_classify(teacher_vars), teacher_variables=teacher_vars,
+                             student_classify=lambda emb: self.student.apply(s_vars, emb, method='classify'))
         params['extras'] = e_vars.get('params', {})
         state['extras'] = {k: v for k, v in e_vars.items() if k != 'params'}
       return params, state, self.optimizer(hp).init(params)
@@ -301,7 +302,9 @@ class Experiment:
       e_mutable = list(state['extras']) if train else False
       res = self.distiller.extras.apply(
           {'params': params['extras'], **state['extras']}, s_out, t_out, labels=y, indices=idx, train=train,
-          teacher_classify=self._teacher_classify(teacher_vars), mutable=e_mutable,
+          teacher_classify=self._teacher_classify(teacher_vars), teacher_variables=teacher_vars,
+          student_classify=lambda emb: self.student.apply({'params': params['student']}, emb, method='classify'),
+          mutable=e_mutable,
           rngs={'dropout': extra_drop_rng, 'sample': sample_rng})
       extras_out, e_new = res if train else (res, state['extras'])
     ctx = distill.Context(student=s_out, teacher=t_out, labels=y, extras=extras_out, epoch=epoch)

@@ -4,3 +4,4 @@ from kdjax.methods import simkd  # noqa: F401
 from kdjax.methods import subclass  # noqa: F401
 from kdjax.methods import feature, relation, crd, dkd  # noqa: F401
 from kdjax.methods import logit  # noqa: F401
+from kdjax.methods import review, ofd, cat  # noqa: F401
