@@ -41,6 +41,14 @@ class DataInfo:
   num_classes: int
   student: Any = None  # the Linen modules, for methods that depend on their structure
   teacher: Any = None
+  student_name: str = ''  # config.student.model / config.teacher.model, for messages
+  teacher_name: str = ''
+
+  def name(self, who: str) -> str:
+    """The configured model name of the 'student' or 'teacher' (its backbone class when none was given)."""
+    given = self.student_name if who == 'student' else self.teacher_name
+    model = self.student if who == 'student' else self.teacher
+    return given or type(getattr(model, 'backbone', model)).__name__
 
 
 @dataclasses.dataclass(frozen=True)

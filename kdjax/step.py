@@ -234,7 +234,8 @@ class Experiment:
       t_shapes = jax.eval_shape(lambda v: self.teacher.apply(v, x), self.teacher_vars)
     return self.distiller.build_extras(s_shapes, t_shapes,
                                        distill.DataInfo(len(self.ds.train), self.ds.num_classes, self.student,
-                                                        self.teacher))
+                                                        self.teacher, self.cfg.student.model,
+                                                        self.cfg.teacher.get('model', '')))
 
   def _init_fn(self, init_keys, hparams, teacher_vars):
     extras = self._build_extras()

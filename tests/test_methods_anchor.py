@@ -283,7 +283,7 @@ def _refusals(cfg, teacher_name, student_name, methods) -> dict:
   x = jnp.zeros((cfg.batch_size, 32, 32, 3), jnp.float32)
   s_shapes = jax.eval_shape(lambda: student.apply(student.init(jax.random.key(0), x), x))
   t_shapes = jax.eval_shape(lambda v: teacher.apply(v, x), teacher_vars)
-  info = distill.DataInfo(2 * cfg.batch_size, 100, student, teacher)
+  info = distill.DataInfo(2 * cfg.batch_size, 100, student, teacher, student_name, teacher_name)
   refused = {}
   for m in methods:
     check = distill.METHODS[m].check

@@ -74,8 +74,8 @@ def _check(cfg, student_shapes, teacher_shapes, info):
   del cfg, student_shapes, teacher_shapes
   for who, model in (('student', info.student), ('teacher', info.teacher)):
     if _head_map_kind(model) is None:
-      raise ConfigError(f'cat_kd needs the map the {who}\'s classifier pools, but '
-                        f'{type(getattr(model, "backbone", model)).__name__} does not expose it (supported: '
+      raise ConfigError(f'cat_kd needs the map the {who}\'s classifier pools, but {info.name(who)} does not '
+                        'expose it (supported: '
                         'resnet*, ResNet*, vgg*, wrn_*, ShuffleV1)')
     if getattr(model, 'subclasses', 1) != 1:
       raise ConfigError(f'cat_kd reads class activation maps through a linear head, but the {who} has subclasses')

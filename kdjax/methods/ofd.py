@@ -115,9 +115,9 @@ def _check(cfg, student_shapes, teacher_shapes, info):
   del cfg
   s_maps, t_maps = student_shapes.preact[1:], teacher_shapes.preact[1:]
   if not s_maps or any(m.ndim != 4 for m in s_maps):
-    raise ConfigError(f'ofd needs the student\'s pre-ReLU stage maps, but {type(info.student.backbone).__name__} '
+    raise ConfigError(f'ofd needs the student\'s pre-ReLU stage maps, but {info.name("student")} '
                       'exposes none')
-  paths, name = _bn_paths(info.teacher), type(getattr(info.teacher, 'backbone', info.teacher)).__name__
+  paths, name = _bn_paths(info.teacher), info.name('teacher')
   if paths is None:
     raise ConfigError(f'ofd needs the BatchNorm before each pre-ReLU stage map of the teacher, but {name} does not '
                       'expose it (supported: resnet*, ResNet*, wrn_*, vgg* teachers)')
