@@ -22,15 +22,17 @@ from kdjax.errors import CheckpointMismatchError, CheckpointNotFoundError, Confi
 
 
 # Fields that do not change what the teacher learns; left out of the cache key.
-_NOT_IN_CACHE_KEY = ('tensorboard', 'num_devices', 'steps_per_dispatch', 'eval_every_epochs',
-                     'checkpoint_every_epochs', 'keep_checkpoints', 'eval_batch_size')
+_IN_CACHE_KEY = ('seed', 'data', 'student', 'epochs', 'batch_size', 'optimizer', 'schedule', 'dtype')
+_DISTILL_IN_CACHE_KEY = ('losses', 'label_smoothing', 'subclass')
 
 
 def cache_dir(cfg, dataset: str) -> str:
   """`<cache>/<dataset>-<model>-seed<k>-<recipe hash>`: a changed recipe trains a new teacher, never a stale one."""
-  recipe = teacher_run_config(cfg).to_dict()
-  for key in _NOT_IN_CACHE_KEY:
-    recipe.pop(key, None)
+  run = teacher_run_config(cfg).to_dict()
+  # Only what a supervised teacher run reads: fields added to the schema later (another method's options, a new
+  # top-level switch) leave the keys of teachers cached before them unchanged.
+  recipe = {key: run[key] for key in _IN_CACHE_KEY}
+  recipe['distill'] = {key: run['distill'][key] for key in _DISTILL_IN_CACHE_KEY}
   for where in ('data_dir', 'cache_dir'):  # where the data lies, not what it is (data.dir stays: a folder is its data)
     recipe['data'].pop(where, None)
   for key, default in (('dir', ''), ('label_set', 'fine')):  # later fields: at their defaults, the keys cached before

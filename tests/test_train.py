@@ -297,3 +297,36 @@ def test_a_run_from_before_a_new_config_field_still_resumes(tmp_path):
   del saved['teacher']['accept_incomplete']  # as written by a kdjax that had no such field
   json.dump(saved, open(os.path.join(work, 'config.json'), 'w'))
   assert train.train_and_evaluate(digits_config('mlp', epochs=2), work)['test_accuracy'] > 0.8
+
+
+def test_teacher_cache_key_reads_only_the_teacher_recipe(monkeypatch):
+  """Fields added to the schema later (another method's options, a new switch) and student-side settings keep a
+  cached teacher's key; a change to what the teacher trains with does not."""
+  from kdjax import config_lib
+  from kdjax import teacher as teacher_lib
+  base = digits_config('cnn_small', {'ce': 1.0, 'kd': 1.0})
+  base.teacher.model = 'cnn_small'
+  key = teacher_lib.cache_dir(base, 'digits')
+  schema = config_lib.base
+
+  def grown():
+    c = schema()
+    c.distill.new_method = {'weight': 3.0}
+    c.new_switch = 'auto'
+    return c
+
+  monkeypatch.setattr(config_lib, 'base', grown)
+  assert teacher_lib.cache_dir(base, 'digits') == key
+  monkeypatch.setattr(config_lib, 'base', schema)
+  student_side = base.copy_and_resolve_references()
+  student_side.distill.temperature = 8.0
+  student_side.distill.dkd.beta = 2.0
+  student_side.students_loop = 'vmap'
+  assert teacher_lib.cache_dir(student_side, 'digits') == key
+  for change in ({'optimizer': {'lr': 0.01}}, {'epochs': 7}, {'distill': {'label_smoothing': 0.1}}):
+    other = base.copy_and_resolve_references()
+    other.teacher.recipe = change
+    assert teacher_lib.cache_dir(other, 'digits') != key, change
+  other = base.copy_and_resolve_references()
+  other.teacher.seed = 1
+  assert teacher_lib.cache_dir(other, 'digits') != key
