@@ -1,7 +1,7 @@
 r"""CIFAR-100 distillation benchmark: the teacher/student pairs of the CRD, DKD and SimKD papers, every anchor method.
 
 Config string 'method,teacher,student' (default kd,resnet32x4,resnet8x4). Methods: kd fitnet at sp rkd pkt vid crd dkd
-simkd. Pairs (teacher -> student): resnet32x4->resnet8x4, wrn_40_2->wrn_16_2, wrn_40_2->wrn_40_1, vgg13->vgg8,
+simkd mlkd (MLKD: the lr and epochs of its repo's per-pair yaml, MLKD_RECIPE). Pairs (teacher -> student): resnet32x4->resnet8x4, wrn_40_2->wrn_16_2, wrn_40_2->wrn_40_1, vgg13->vgg8,
 resnet110->resnet32, resnet56->resnet20, resnet32x4->ShuffleV1, resnet32x4->ShuffleV2, wrn_40_2->ShuffleV1,
 vgg13->MobileNetV2, ResNet50->MobileNetV2 (other model pairs are accepted too; DKD then uses mdistiller's default
 beta 8).
@@ -52,6 +52,22 @@ DKD_BETA = {
     ('vgg13', 'MobileNetV2'): 6.0,
 }
 
+# Multi-Level-Logit-Distillation configs/cifar100/ours/*.yaml: (lr, epochs) per pair; the lr decays x0.1 at 150, 180
+# and 210 in every file, the 480-epoch ones included.
+MLKD_RECIPE = {
+    ('resnet32x4', 'resnet8x4'): (0.025, 240),
+    ('wrn_40_2', 'wrn_16_2'): (0.025, 240),
+    ('wrn_40_2', 'wrn_40_1'): (0.025, 240),
+    ('vgg13', 'vgg8'): (0.025, 240),
+    ('resnet110', 'resnet32'): (0.025, 240),
+    ('resnet56', 'resnet20'): (0.025, 240),
+    ('resnet32x4', 'ShuffleV1'): (0.01, 480),
+    ('resnet32x4', 'ShuffleV2'): (0.01, 480),
+    ('wrn_40_2', 'ShuffleV1'): (0.0025, 480),
+    ('vgg13', 'MobileNetV2'): (0.0025, 480),
+    ('ResNet50', 'MobileNetV2'): (0.0025, 480),
+}
+
 def get_config(arg=None):
   items = [a for a in (arg or '').split(',') if a]
   digits = 'digits' in items
@@ -76,4 +92,8 @@ def get_config(arg=None):
     c.distill.dkd.warmup_epochs = 2
     c.distill.crd.nce_k = 1024
     return config_lib.digits_recipe(c)
-  return config_lib.cifar_recipe(c, 'cifar100')
+  c = config_lib.cifar_recipe(c, 'cifar100')
+  if method == 'mlkd' and (teacher, student) in MLKD_RECIPE:
+    c.optimizer.lr, c.epochs = MLKD_RECIPE[(teacher, student)]
+    c.teacher.recipe = {**config_lib.as_dict(c.teacher.recipe), 'epochs': 240}  # the same cached teacher as kd's
+  return c
