@@ -82,9 +82,9 @@ def base() -> ml_collections.ConfigDict:
       # its own teacher, {term: index} (0 = config.teacher, i = config.teachers[i - 1]).
       ensemble=False,
       teacher_for={},
-      # MLKD: KD / class / batch alignment at each temperature; the strong view at strong_temperatures (the
-      # other temperatures' strong-side terms read the weak view, as the reference code does).
-      mlkd=dict(temperatures=(4.0, 3.0, 5.0, 2.0, 6.0), strong_temperatures=(4.0, 3.0, 5.0)),
+      # MLKD: KD / class / batch alignment at each temperature; the strong-side KD of the first num_strong
+      # temperatures reads the strong view, the others' the weak view (as the reference code does).
+      mlkd=dict(temperatures=(4.0, 3.0, 5.0, 2.0, 6.0), num_strong=3),
   )
   # name: sgd | adam | adamw | dot (DOT: task momentum momentum - dot_delta, distillation momentum + dot_delta)
   c.optimizer = dict(name='sgd', lr=0.05, momentum=0.9, nesterov=False, weight_decay=5e-4, dot_delta=0.075)

@@ -60,6 +60,7 @@ RANGES = {
     'optimizer.momentum': (0.0, 1.0, True),
     'optimizer.weight_decay': (0.0, None, True),
     'optimizer.dot_delta': (0.0, None, True),
+    'distill.mlkd.num_strong': (0, None, True),
     'schedule.decay_factor': (0.0, None, False),
     'schedule.warmup_epochs': (0.0, None, True),
     'schedule.final_fraction': (0.0, 1.0, True),

@@ -54,18 +54,19 @@ def _np_stand(z):  # logit-standardization-KD's normalize (torch std: ddof 1)
   return (z - z.mean(-1, keepdims=True)) / (1e-7 + z.std(-1, keepdims=True, ddof=1))
 
 
-def _np_mlkd(sw, tw, ss, ts, stand):
+def _np_mlkd(sw, tw, ss, ts, stand, base=4.0):
   """KD_ours.forward_train / MLKD.forward_train's loss_kd + loss_cc + loss_bc, KD_WEIGHT left out."""
   pw = _softmax(tw)
   conf, class_conf = pw.max(1), pw.sum(0)
   mask = (conf <= np.percentile(conf, 50)).astype(np.float64)
   class_mask = (class_conf <= np.percentile(class_conf, 50)).astype(np.float64)
   f = _np_stand if stand else (lambda z: z)
-  kd_weak = sum((_np_kd(f(sw), f(tw), t) * mask).mean() for t in (4.0, 3.0, 5.0, 2.0, 6.0))
-  kd_strong = (sum(_np_kd(f(ss), f(ts), t) for t in (4.0, 3.0, 5.0)) +
+  temps = (base, 3.0, 5.0, 2.0, 6.0)  # the code's self.temperature, then 3, 5, 2, 6
+  kd_weak = sum((_np_kd(f(sw), f(tw), t) * mask).mean() for t in temps)
+  kd_strong = (sum(_np_kd(f(ss), f(ts), t) for t in (base, 3.0, 5.0)) +
                sum(_np_kd(f(sw), f(tw), t) for t in (2.0, 6.0)))
-  cc_weak = sum((_np_cc(sw, tw, t) * class_mask).mean() for t in (4.0, 3.0, 5.0, 2.0, 6.0))
-  bc_weak = sum((_np_bc(sw, tw, t) * mask).mean() for t in (4.0, 3.0, 5.0, 2.0, 6.0))
+  cc_weak = sum((_np_cc(sw, tw, t) * class_mask).mean() for t in temps)
+  bc_weak = sum((_np_bc(sw, tw, t) * mask).mean() for t in temps)
   return kd_weak + kd_strong + cc_weak + bc_weak
 
 
@@ -75,17 +76,19 @@ def _out(logits):
 
 
 # -------------------------------------------------------------------------------------------------------- MLKD
-@pytest.mark.parametrize('stand', [False, True])
-def test_mlkd_loss_matches_numpy(stand):
+# MLKD, and MLKD + LS as logit-standardization-KD runs it (--logit-stand --base-temp 2: KD.TEMPERATURE = 2).
+@pytest.mark.parametrize('stand,base', [(False, 4.0), (True, 2.0)])
+def test_mlkd_loss_matches_numpy(stand, base):
   rng = np.random.default_rng(0)
   sw, tw, ss, ts = (rng.normal(scale=3.0, size=(12, 7)) for _ in range(4))
   labels = rng.integers(0, 7, size=12)
   cfg = config_lib.base().distill
   cfg.logit_standardize = stand
+  cfg.mlkd.temperatures = (base, 3.0, 5.0, 2.0, 6.0)
   ctx = distill.Context(student=_out(sw), teacher=_out(tw), labels=jnp.asarray(labels), extras={}, epoch=0.0,
                         strong_student=_out(ss), strong_teacher=_out(ts))
   got = distill.METHODS['mlkd'].loss(ctx, cfg)
-  np.testing.assert_allclose(float(got), _np_mlkd(sw, tw, ss, ts, stand), rtol=2e-5)
+  np.testing.assert_allclose(float(got), _np_mlkd(sw, tw, ss, ts, stand, base), rtol=2e-5)
   # CE(strong), the reference's second CE term.
   ce = np.mean(-np.log(_softmax(ss)[np.arange(12), labels]))
   np.testing.assert_allclose(float(distill.METHODS['ce_strong'].loss(ctx, cfg)), ce, rtol=1e-5)
@@ -97,11 +100,11 @@ def test_mlkd_masks_are_detached_and_the_strong_student_gets_gradient():
   # The masks read the teacher's weak logits under stop_gradient (the reference's .detach()): no gradient.
   g = jax.grad(lambda t: sum(mlkd.confidence_fractions(t)))(tw)
   np.testing.assert_array_equal(np.asarray(g), 0.0)
-  temps, strong = (4.0, 3.0, 5.0, 2.0, 6.0), (4.0, 3.0, 5.0)
-  g_strong = jax.grad(lambda s: mlkd.mlkd_loss((sw, tw), (s, ts), (sw, tw), temps, strong))(ss)
+  temps = (4.0, 3.0, 5.0, 2.0, 6.0)
+  g_strong = jax.grad(lambda s: mlkd.mlkd_loss((sw, tw), (s, ts), (sw, tw), temps, 3))(ss)
   assert np.abs(np.asarray(g_strong)).sum() > 0
   # Without strong temperatures the strong view is not read at all (the code's kd_strong falls back to weak).
-  g_none = jax.grad(lambda s: mlkd.mlkd_loss((sw, tw), (s, ts), (sw, tw), temps, ()))(ss)
+  g_none = jax.grad(lambda s: mlkd.mlkd_loss((sw, tw), (s, ts), (sw, tw), temps, 0))(ss)
   np.testing.assert_array_equal(np.asarray(g_none), 0.0)
 
 

@@ -6,7 +6,8 @@ the device: `kdjax.data.device.rand_augment`); both networks see both. Terms:
 
   'mlkd'      = kd_weak + kd_strong + cc_weak + bc_weak, summed over the temperatures (4, 3, 5, 2, 6):
                 kd_weak   = sum_T KD_T(weak) * mean(mask)           (instance level, the confident half masked)
-                kd_strong = sum_{T in (4, 3, 5)} KD_T(strong) + sum_{T in (2, 6)} KD_T(weak)   (sic: the code)
+                kd_strong = sum_{T in (4, 3, 5)} KD_T(strong) + sum_{T in (2, 6)} KD_T(weak)   (sic: the code;
+                            `distill.mlkd.num_strong` = 3: the first 3 temperatures read the strong view)
                 cc_weak   = sum_T CC_T(weak) * mean(class_mask)     (class level: C x C Gram of predictions)
                 bc_weak   = sum_T BC_T(weak) * mean(mask)           (batch level: B x B Gram of predictions)
   'ce_strong' = CE of the student's strong-view logits (the reference's loss_ce is CE(weak) + CE(strong): kdjax's
@@ -53,14 +54,15 @@ def confidence_fractions(teacher_weak_logits):
   return mask, class_mask
 
 
-def mlkd_loss(weak, strong, raw_weak, temperatures, strong_temperatures):
+def mlkd_loss(weak, strong, raw_weak, temperatures, num_strong: int):
   """The 'mlkd' term from logits. `weak`, `strong`: (student, teacher) logits as the KD parts read them (standardized
-  or not); `raw_weak`: the raw weak pair the CC/BC parts and the masks read."""
+  or not); `raw_weak`: the raw weak pair the CC/BC parts and the masks read; the strong-side KD of the first
+  `num_strong` temperatures reads `strong`, the others' `weak`."""
   mask, class_mask = confidence_fractions(raw_weak[1])
   total = jnp.float32(0)
-  for t in temperatures:
+  for i, t in enumerate(temperatures):
     total += losses.kd_loss(*weak, t) * mask
-    total += losses.kd_loss(*(strong if t in strong_temperatures else weak), t)
+    total += losses.kd_loss(*(strong if i < num_strong else weak), t)
     total += class_gram_loss(*raw_weak, t) * class_mask
     total += batch_gram_loss(*raw_weak, t) * mask
   return total
@@ -74,7 +76,7 @@ def _mlkd(ctx: distill.Context, cfg):
   c = cfg.mlkd
   raw = (distill.Distiller.logits(ctx), ctx.teacher.logits)
   return mlkd_loss(distill.logit_pair(ctx, cfg), distill.logit_pair(_strong_context(ctx), cfg), raw,
-                   tuple(float(t) for t in c.temperatures), tuple(float(t) for t in c.strong_temperatures))
+                   tuple(float(t) for t in c.temperatures), int(c.num_strong))
 
 
 def _ce_strong(ctx: distill.Context, cfg):
