@@ -1,7 +1,8 @@
 r"""CIFAR-100 distillation benchmark: the teacher/student pairs of the CRD, DKD and SimKD papers, every anchor method.
 
 Config string 'method,teacher,student' (default kd,resnet32x4,resnet8x4). Methods: kd fitnet at sp rkd pkt vid crd dkd
-simkd mlkd (MLKD: the lr and epochs of its repo's per-pair yaml, MLKD_RECIPE). Pairs (teacher -> student): resnet32x4->resnet8x4, wrn_40_2->wrn_16_2, wrn_40_2->wrn_40_1, vgg13->vgg8,
+simkd mlkd. The item `mlkd_recipe` sets the lr and epochs of MLKD's per-pair yaml (MLKD_RECIPE), e.g.
+'mlkd,resnet32x4,resnet8x4,mlkd_recipe' (lr 0.025). Pairs (teacher -> student): resnet32x4->resnet8x4, wrn_40_2->wrn_16_2, wrn_40_2->wrn_40_1, vgg13->vgg8,
 resnet110->resnet32, resnet56->resnet20, resnet32x4->ShuffleV1, resnet32x4->ShuffleV2, wrn_40_2->ShuffleV1,
 vgg13->MobileNetV2, ResNet50->MobileNetV2 (other model pairs are accepted too; DKD then uses mdistiller's default
 beta 8).
@@ -70,8 +71,8 @@ MLKD_RECIPE = {
 
 def get_config(arg=None):
   items = [a for a in (arg or '').split(',') if a]
-  digits = 'digits' in items
-  arg = ','.join(a for a in items if a != 'digits')
+  digits, mlkd_recipe = 'digits' in items, 'mlkd_recipe' in items
+  arg = ','.join(a for a in items if a not in ('digits', 'mlkd_recipe'))
   args = config_lib.parse_args(arg, ('method', 'teacher', 'student'),
                                {'method': 'kd', 'teacher': 'resnet20' if digits else 'resnet32x4',
                                 'student': 'resnet8' if digits else 'resnet8x4'})
@@ -93,7 +94,9 @@ def get_config(arg=None):
     c.distill.crd.nce_k = 1024
     return config_lib.digits_recipe(c)
   c = config_lib.cifar_recipe(c, 'cifar100')
-  if method == 'mlkd' and (teacher, student) in MLKD_RECIPE:
+  if mlkd_recipe:  # opt-in: every method's config keeps the common recipe, so that they differ in losses only
+    if (teacher, student) not in MLKD_RECIPE:
+      raise ValueError(f'configs/cifar100.py: no MLKD recipe for {teacher} -> {student}')
     c.optimizer.lr, c.epochs = MLKD_RECIPE[(teacher, student)]
     c.teacher.recipe = {**config_lib.as_dict(c.teacher.recipe), 'epochs': 240}  # the same cached teacher as kd's
   return c

@@ -224,6 +224,27 @@ def test_ensemble_and_per_term_teachers_feed_the_right_terms(teachers):
   assert exp.teacher_table is not None
 
 
+def test_cached_outputs_of_several_teachers_give_the_uncached_step(teachers):
+  """digits is not augmented, so both teachers' outputs are computed once and read back: the same step as running
+  the two teachers every step (a DOT step, MLKD's strong view computed live beside the cached weak outputs)."""
+  metrics = {}
+  for mode in ('on', 'off'):
+    cfg = _two_teacher_cfg(teachers, {'ce': 0.1, 'ce_strong': 0.1, 'kd': 0.9, 'mlkd': 0.9, 'fitnet': 1.0},
+                           distill__cache_teacher=mode)
+    cfg.distill.update(ensemble=True, teacher_for={'fitnet': 1})
+    cfg.optimizer.name = 'dot'
+    ds = data_lib.load(cfg.data)
+    mesh = sharding.make_mesh(1)
+    exp = train.Experiment(cfg, ds, mesh, *train.prepare_teachers(cfg, ds, mesh))
+    assert (exp.teacher_table is not None) == (mode == 'on')
+    ts = exp.init_state()
+    for i in range(2):
+      ts, m = exp.train_chunk(ts, 0, i)
+    metrics[mode] = jax.tree.map(np.asarray, m)
+  for k in metrics['off']:
+    np.testing.assert_allclose(metrics['on'][k], metrics['off'][k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
 def test_several_teacher_config_errors(teachers, tmp_path):
   cfg = _two_teacher_cfg(teachers, {'ce': 1.0, 'kd': 1.0})
   cfg.distill.teacher_for = {'kd': 2}
