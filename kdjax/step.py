@@ -6,6 +6,12 @@ never in the optimizer; or its outputs read from a table computed once when the 
 vmapped over the students: student forward (+ the methods' extra modules), every loss term, value_and_grad over the
 trainable tree, optax update. The step is a pure function of (state, teacher variables, data, rng, step); each
 student reads its swept hyperparameters from arrays with a leading students axis. A single run is S = 1.
+
+Several teachers (`config.teachers`) are a `TeacherGroup`: their variables a tuple, their outputs a tuple, combined
+into the terms' teacher by `Experiment.combine_teachers`. A method with `strong_view` (MLKD) adds a second,
+strongly augmented view of the batch (its own rng stream), run through the teachers once and through each student
+after the weak view. With `optimizer.name = 'dot'` the step takes the task and distillation gradients from one
+forward pass (`jax.vjp`, two cotangents) and DOT's two momentum buffers combine them.
 """
 
 from __future__ import annotations
@@ -260,7 +266,7 @@ class Experiment:
           *self.combine_teachers(self.teacher.apply(v, x))), self.teacher_vars)
     return self.distiller.build_extras(s_shapes, t_shapes,
                                        distill.DataInfo(len(self.ds.train), self.ds.num_classes, self.student,
-                                                        self.teacher))
+                                                        self._teacher_module()))
 
   def _init_fn(self, init_keys, hparams, teacher_vars):
     extras = self._build_extras()
@@ -305,6 +311,10 @@ class Experiment:
     """Traces one dispatch of the train step on abstract values: a cheap check that a config builds and lowers."""
     return jax.eval_shape(self._train_chunk_fn, self.init_state(abstract=True), self.teacher_vars,
                           self.teacher_table, self.hparams, jnp.int32(0), jnp.int32(0))
+
+  def _teacher_module(self):
+    """The teacher's Linen module (teacher 0's with several: SimKD reuses its classifier)."""
+    return self.teacher.modules[0] if isinstance(self.teacher, TeacherGroup) else self.teacher
 
   def _teacher_classify(self, teacher_vars):
     if self.teacher is None:
