@@ -2,11 +2,14 @@ r"""CIFAR-100 distillation benchmark: the teacher/student pairs of the CRD, DKD 
 
 Config string 'method,teacher,student' (default kd,resnet32x4,resnet8x4). Methods: every key of
 `kdjax.distill.REFERENCE_WEIGHTS` (kd fitnet at sp rkd pkt vid crd dkd simkd, dist nkd ctkd, reviewkd ofd cat_kd,
-...). A method that cannot apply to a pair is refused in one line naming it and the model. The item `ls` (anywhere in the string, e.g. `dkd,resnet32x4,resnet8x4,ls`) runs kd, dkd or ctkd
-with logit standardization and the LS authors' settings (below). Pairs (teacher -> student): resnet32x4->resnet8x4,
+mlkd, ...). A method that cannot apply to a pair is refused in one line naming it and the model. The item `ls`
+(anywhere in the string, e.g. `dkd,resnet32x4,resnet8x4,ls`) runs kd, dkd or ctkd with logit standardization and the
+LS authors' settings (below). Pairs (teacher -> student): resnet32x4->resnet8x4,
 wrn_40_2->wrn_16_2, wrn_40_2->wrn_40_1, vgg13->vgg8, resnet110->resnet32, resnet56->resnet20,
 resnet32x4->ShuffleV1, resnet32x4->ShuffleV2, wrn_40_2->ShuffleV1, vgg13->MobileNetV2, ResNet50->MobileNetV2 (other
 model pairs are accepted too; DKD then uses mdistiller's default beta 8).
+The item `mlkd_recipe` sets the lr and epochs of MLKD's per-pair yaml (MLKD_RECIPE), e.g.
+'mlkd,resnet32x4,resnet8x4,mlkd_recipe' (lr 0.025).
 
 Recipe (RepDistiller train_student.py, also mdistiller's and SimKD's CIFAR-100 recipe): 240 epochs, batch 64, SGD
 momentum 0.9, lr 0.05 (0.01 for MobileNetV2/ShuffleV1/ShuffleV2 students), x0.1 at epochs 150/180/210, weight decay
@@ -103,11 +106,27 @@ CAT_KD = {
 }
 
 
+# Multi-Level-Logit-Distillation configs/cifar100/ours/*.yaml: (lr, epochs) per pair; the lr decays x0.1 at 150, 180
+# and 210 in every file, the 480-epoch ones included.
+MLKD_RECIPE = {
+    ('resnet32x4', 'resnet8x4'): (0.025, 240),
+    ('wrn_40_2', 'wrn_16_2'): (0.025, 240),
+    ('wrn_40_2', 'wrn_40_1'): (0.025, 240),
+    ('vgg13', 'vgg8'): (0.025, 240),
+    ('resnet110', 'resnet32'): (0.025, 240),
+    ('resnet56', 'resnet20'): (0.025, 240),
+    ('resnet32x4', 'ShuffleV1'): (0.01, 480),
+    ('resnet32x4', 'ShuffleV2'): (0.01, 480),
+    ('wrn_40_2', 'ShuffleV1'): (0.0025, 480),
+    ('vgg13', 'MobileNetV2'): (0.0025, 480),
+    ('ResNet50', 'MobileNetV2'): (0.0025, 480),
+}
+
+
 def get_config(arg=None):
   items = [a for a in (arg or '').split(',') if a]
-  digits = 'digits' in items
-  ls = 'ls' in items
-  arg = ','.join(a for a in items if a not in ('digits', 'ls'))
+  digits, ls, mlkd_recipe = 'digits' in items, 'ls' in items, 'mlkd_recipe' in items
+  arg = ','.join(a for a in items if a not in ('digits', 'ls', 'mlkd_recipe'))
   args = config_lib.parse_args(arg, ('method', 'teacher', 'student'),
                                {'method': 'kd', 'teacher': 'resnet20' if digits else 'resnet32x4',
                                 'student': 'resnet8' if digits else 'resnet8x4'})
@@ -134,4 +153,10 @@ def get_config(arg=None):
     c.distill.dkd.warmup_epochs = 2
     c.distill.crd.nce_k = 1024
     return config_lib.digits_recipe(c)
-  return config_lib.cifar_recipe(c, 'cifar100')
+  c = config_lib.cifar_recipe(c, 'cifar100')
+  if mlkd_recipe:  # opt-in: every method's config keeps the common recipe, so that they differ in losses only
+    if (teacher, student) not in MLKD_RECIPE:
+      raise ValueError(f'configs/cifar100.py: no MLKD recipe for {teacher} -> {student}')
+    c.optimizer.lr, c.epochs = MLKD_RECIPE[(teacher, student)]
+    c.teacher.recipe = {**config_lib.as_dict(c.teacher.recipe), 'epochs': 240}  # the same cached teacher as kd's
+  return c

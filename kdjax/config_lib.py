@@ -53,6 +53,9 @@ def base() -> ml_collections.ConfigDict:
       recipe={},            # overrides of this config for training the teacher (epochs, optimizer, ...)
       losses={},            # the teacher's loss terms ({} = {'ce': 1.0})
   )
+  # More teachers (teacher 1, 2, ...; `config.teacher` is teacher 0): each a dict of teacher-section fields, e.g.
+  # [dict(model='resnet56', checkpoint='runs/r56')], loaded (or trained first and cached) like `config.teacher`.
+  c.teachers = []
   c.distill = dict(
       losses={'ce': 1.0},   # term -> weight; total loss = sum(weight * term)
       temperature=4.0,      # Hinton KD (and the KD-style terms that use a temperature)
@@ -85,8 +88,16 @@ def base() -> ml_collections.ConfigDict:
       reviewkd=dict(warmup_epochs=20, stu_preact=False, max_mid_channels=512),
       ofd=dict(connector_kernel_size=1),  # mdistiller OFD.CONNECTOR.KERNEL_SIZE
       cat_kd=dict(cam_resolution=2, normalize=False),  # CAT-KD CAM_RESOLUTION, IF_NORMALIZE (res32x4_res8x4.yaml)
+      # Several teachers: the logit terms read the mean of all the teachers' logits (ensemble), and a term may read
+      # its own teacher, {term: index} (0 = config.teacher, i = config.teachers[i - 1]).
+      ensemble=False,
+      teacher_for={},
+      # MLKD: KD / class / batch alignment at each temperature; the strong-side KD of the first num_strong
+      # temperatures reads the strong view, the others' the weak view (as the reference code does).
+      mlkd=dict(temperatures=(4.0, 3.0, 5.0, 2.0, 6.0), num_strong=3),
   )
-  c.optimizer = dict(name='sgd', lr=0.05, momentum=0.9, nesterov=False, weight_decay=5e-4)
+  # name: sgd | adam | adamw | dot (DOT: task momentum momentum - dot_delta, distillation momentum + dot_delta)
+  c.optimizer = dict(name='sgd', lr=0.05, momentum=0.9, nesterov=False, weight_decay=5e-4, dot_delta=0.075)
   c.schedule = dict(name='step', decay_epochs=(150, 180, 210), decay_factor=0.1, warmup_epochs=0,
                     final_fraction=0.0)
   c.epochs = 240

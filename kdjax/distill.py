@@ -33,6 +33,12 @@ class Context:
   labels: jax.Array
   extras: dict
   epoch: jax.Array  # fractional epochs done, for warmups (DKD)
+  # Every teacher's outputs when the config has several (`config.teachers`; `teacher` is then teacher 0, or their
+  # logit ensemble with `distill.ensemble`); a term named in `distill.teacher_for` reads its own as `teacher`.
+  teachers: tuple | None = None
+  # The strongly augmented view (a Method with `strong_view`, MLKD): the student's and teacher's outputs on it.
+  strong_student: ModelOutput | None = None
+  strong_teacher: ModelOutput | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +78,12 @@ class Method:
   # naming the method and the model when the method cannot apply to this pair (e.g. it needs maps a model does not
   # expose). Called for every enabled term before anything is traced.
   check: Callable[..., None] | None = None
+  # True when the method reads teacher 0's own network (its variables or classifier head), not just its outputs:
+  # `distill.teacher_for` cannot give it another teacher.
+  teacher0_network: bool = False
+  # True when the loss reads a second, strongly augmented view of the batch (ctx.strong_student/strong_teacher):
+  # the step then augments the batch again on the device and runs both networks on it too (MLKD).
+  strong_view: bool = False
 
 
 METHODS: dict[str, Method] = {}
@@ -157,6 +169,9 @@ REFERENCE_WEIGHTS = {
 REFERENCE_WEIGHTS['dist'] = {'ce': 1.0, 'dist': 2.0}
 REFERENCE_WEIGHTS['nkd'] = {'ce': 1.0, 'nkd': 1.0}
 REFERENCE_WEIGHTS['ctkd'] = {'ce': 0.1, 'ctkd': 0.9}
+# MLKD: Multi-Level-Logit-Distillation's mdistiller/engine/cfg.py KD.LOSS (CE_WEIGHT 0.1 on CE(weak) + CE(strong),
+# KD_WEIGHT 0.9 on every distillation part); configs/cifar100/ours/*.yaml (lr 0.025 for resnet32x4 -> resnet8x4).
+REFERENCE_WEIGHTS['mlkd'] = {'ce': 0.1, 'ce_strong': 0.1, 'mlkd': 0.9}
 
 
 def repdistiller_weights(method: str, r: float, a: float, b: float) -> dict:
@@ -193,8 +208,10 @@ class Extras(nn.Module):
     # differentiable, e.g. CAT-KD's class activation maps); the other modules' signatures stay as they are.
     optional = {'teacher_variables': teacher_variables, 'student_classify': student_classify}
     # Cloned under the method's own name, so parameters read params['extras'][method] (not 'modules_<method>').
+    # `teacher` is one ModelOutput, or {method: its teacher's outputs} when terms read different teachers.
+    pick = lambda name: teacher[name] if isinstance(teacher, dict) else teacher
     return {name: module.clone(name=name, parent=self)(
-                student, teacher, labels=labels, indices=indices, train=train, teacher_classify=teacher_classify,
+                student, pick(name), labels=labels, indices=indices, train=train, teacher_classify=teacher_classify,
                 **{k: optional[k] for k in getattr(module, 'extra_inputs', ())})
             for name, module in self.modules.items()}
 
@@ -202,7 +219,7 @@ class Extras(nn.Module):
 class Distiller:
   """Binds the configured terms to a student (and teacher) for the train and eval steps."""
 
-  def __init__(self, cfg, student: nn.Module, teacher: nn.Module | None):
+  def __init__(self, cfg, student: nn.Module, teacher: nn.Module | None, num_teachers: int = 1):
     self.cfg = cfg
     load_methods()
     weights = dict(cfg.losses)
@@ -218,14 +235,33 @@ class Distiller:
     self.module_methods = {n: m for n, (_, m) in self.terms.items() if m.module is not None}
     self.extras = None
     self.exports = [m.export for _, m in self.terms.values() if m.export is not None]
+    self.strong_view = any(m.strong_view for _, m in self.terms.values())
+    self.teacher_for = {k: int(v) for k, v in dict(cfg.get('teacher_for', {}) or {}).items()}
+    for name, index in self.teacher_for.items():
+      if name not in self.terms:
+        raise ConfigError(f'config.distill.teacher_for names {name!r}, which is not a term of config.distill.losses')
+      if not 0 <= index < num_teachers:
+        raise ConfigError(f'config.distill.teacher_for.{name}={index}: teacher index out of range (the config has '
+                          f'{num_teachers} teacher(s): config.teacher is 0, config.teachers[i] is i + 1)')
+      if index and self.terms[name][1].teacher0_network:
+        raise ConfigError(f'config.distill.teacher_for.{name}={index}: {name} reads the network of config.teacher '
+                          '(teacher 0) itself, not only its outputs; it cannot take another teacher')
+
+  def term_teachers(self, default, teachers):
+    """What each extra module reads as its teacher: `default`, or {method: its teacher} when some term has its own
+    (`distill.teacher_for`)."""
+    if teachers is None or not self.teacher_for:
+      return default
+    return {name: teachers[self.teacher_for[name]] if name in self.teacher_for else default for name in self.terms}
 
   def build_extras(self, student_shapes: ModelOutput, teacher_shapes: ModelOutput | None, info: DataInfo):
     """Instantiates the methods' extra modules once the output shapes are known (they size the projectors)."""
+    pick = lambda name: teacher_shapes[name] if isinstance(teacher_shapes, dict) else teacher_shapes
     for name, (_, method) in self.terms.items():
       if method.check is not None:
-        method.check(self.cfg, student_shapes, teacher_shapes, info)
+        method.check(self.cfg, student_shapes, pick(name), info)
     if self.module_methods:
-      self.extras = Extras({n: m.module(self.cfg, student_shapes, teacher_shapes, info)
+      self.extras = Extras({n: m.module(self.cfg, student_shapes, pick(n), info)
                             for n, m in self.module_methods.items()})
     return self.extras
 
@@ -233,9 +269,14 @@ class Distiller:
     """(total, {term: value}); `cfg` is the distill section as one student of a sweep reads it (weights and
     numeric options may be arrays there), `self.cfg` by default."""
     cfg = self.cfg if cfg is None else cfg
-    values = {name: method.loss(ctx, cfg) for name, (_, method) in self.terms.items()}
+    values = {name: method.loss(self._term_context(ctx, name), cfg) for name, (_, method) in self.terms.items()}
     total = sum(cfg.losses[name] * values[name] for name in self.terms)
     return total, values
+
+  def _term_context(self, ctx: Context, name: str) -> Context:
+    if name not in self.teacher_for or ctx.teachers is None:
+      return ctx
+    return ctx.replace(teacher=ctx.teachers[self.teacher_for[name]])
 
   @staticmethod
   def logits(ctx: Context):

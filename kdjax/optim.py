@@ -31,6 +31,10 @@ def schedule(cfg, steps_per_epoch: int) -> optax.Schedule:
 def optimizer(cfg, steps_per_epoch: int) -> optax.GradientTransformation:
   """The optimizer over {'student': ..., 'extras': ...}; with `student.freeze_backbone` only the student's head and
   the methods' extra modules are trained (fine-tuning)."""
+  if cfg.optimizer.name == 'dot':
+    if cfg.student.get('freeze_backbone', False):
+      raise ConfigError("config.optimizer.name='dot' cannot train a frozen backbone (student.freeze_backbone)")
+    return dot(cfg, steps_per_epoch)
   tx = _base_optimizer(cfg, steps_per_epoch)
   if not cfg.student.get('freeze_backbone', False):
     return tx
@@ -57,4 +61,36 @@ def _base_optimizer(cfg, steps_per_epoch: int) -> optax.GradientTransformation:
     return optax.chain(optax.add_decayed_weights(o.weight_decay), optax.adam(lr))
   if o.name == 'adamw':
     return optax.adamw(lr, weight_decay=o.weight_decay)
-  raise ConfigError(f"unknown optimizer {o.name!r}; choose 'sgd', 'adam' or 'adamw'")
+  raise ConfigError(f"unknown optimizer {o.name!r}; choose 'sgd', 'adam', 'adamw' or 'dot'")
+
+
+# --------------------------------------------------------------------------------------------------------- DOT
+# Terms whose gradient DOT treats as the task gradient; every other term's is the distillation gradient.
+DOT_TASK_TERMS = ('ce', 'ce_strong')
+
+
+def dot(cfg, steps_per_epoch: int) -> optax.GradientTransformation:
+  """DOT, the Distillation-Oriented Trainer (Zhao et al., ICCV 2023; mdistiller engine/dot.py and the DOT trainer in
+  engine/trainer.py): SGD with one momentum buffer for the task-loss gradient, momentum m - delta, and one for the
+  distillation-loss gradient, momentum m + delta; the step is lr * (task buffer + distillation buffer). As the
+  reference, weight decay is added to the task gradient only.
+
+  `update` takes the pair (task gradient, distillation gradient) as its updates. Built from optax pieces: two
+  `optax.trace` buffers (torch's first step, buf = g, is trace's m * 0 + g) and the learning-rate schedule."""
+  o = cfg.optimizer
+  delta = o.get('dot_delta', 0.075)
+  task = optax.chain(optax.add_decayed_weights(o.weight_decay), optax.trace(decay=o.momentum - delta))
+  distill = optax.trace(decay=o.momentum + delta)
+  lr = optax.scale_by_learning_rate(schedule(cfg, steps_per_epoch))
+
+  def init(params):
+    return task.init(params), distill.init(params), lr.init(params)
+
+  def update(updates, state, params=None):
+    g_task, g_distill = updates
+    u_task, s_task = task.update(g_task, state[0], params)
+    u_distill, s_distill = distill.update(g_distill, state[1], params)
+    u, s_lr = lr.update(jax.tree.map(lambda a, b: a + b, u_task, u_distill), state[2], params)
+    return u, (s_task, s_distill, s_lr)
+
+  return optax.GradientTransformation(init, update)

@@ -6,6 +6,12 @@ never in the optimizer; or its outputs read from a table computed once when the 
 vmapped over the students: student forward (+ the methods' extra modules), every loss term, value_and_grad over the
 trainable tree, optax update. The step is a pure function of (state, teacher variables, data, rng, step); each
 student reads its swept hyperparameters from arrays with a leading students axis. A single run is S = 1.
+
+Several teachers (`config.teachers`) are a `TeacherGroup`: their variables a tuple, their outputs a tuple, combined
+into the terms' teacher by `Experiment.combine_teachers`. A method with `strong_view` (MLKD) adds a second,
+strongly augmented view of the batch (its own rng stream), run through the teachers once and through each student
+after the weak view. With `optimizer.name = 'dot'` the step takes the task and distillation gradients from one
+forward pass (`jax.vjp`, two cotangents) and DOT's two momentum buffers combine them.
 """
 
 from __future__ import annotations
@@ -86,6 +92,19 @@ def _bytes(tree) -> int:
   return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
+class TeacherGroup:
+  """Several frozen teachers (`config.teacher` then `config.teachers`) applied as one: their variables are a tuple,
+  one argument of the step; `apply` returns the tuple of their outputs; `classify` is teacher 0's head (SimKD)."""
+
+  def __init__(self, modules):
+    self.modules = tuple(modules)
+
+  def apply(self, variables, x, train: bool = False, method=None):
+    if method == 'classify':
+      return self.modules[0].apply(variables[0], x, method='classify')
+    return tuple(m.apply(v, x, train=train) for m, v in zip(self.modules, variables))
+
+
 class Experiment:
   """Everything a run compiles: models, distiller, optimizer and the jitted functions, bound to one dataset and one
   sweep (a single run is the sweep of one student)."""
@@ -121,14 +140,24 @@ class Experiment:
 
     self.student = build_student(cfg, ds.num_classes)
     self.teacher, self.teacher_vars = teacher, teacher_vars
-    self.distiller = distill.Distiller(cfg.distill, self.student, teacher)
+    num_teachers = len(teacher.modules) if isinstance(teacher, TeacherGroup) else 1
+    self.distiller = distill.Distiller(cfg.distill, self.student, teacher, num_teachers)
+    self.dot = cfg.optimizer.name == 'dot'
     if not self.distiller.needs_teacher:
       self.teacher = self.teacher_vars = None
+    if cfg.distill.get('ensemble', False) and isinstance(self.teacher, TeacherGroup):
+      x = jnp.zeros((1,) + tuple(ds.image_shape), self.dtype)
+      shapes = jax.eval_shape(lambda v: self.teacher.apply(v, x), self.teacher_vars)
+      counts = [o.logits.shape[-1] for o in shapes]
+      if len(set(counts)) > 1:
+        raise ConfigError(f'config.distill.ensemble: the teachers have different class counts {counts} (teacher '
+                          f'models {[m.name or type(m).__name__ for m in self.teacher.modules]})')
 
     # Shared randomness (batch order, augmentation) from the data seed; per-student (init, dropout) from each seed.
     data_seed = cfg.data.get('seed', -1)
     data_seed = cfg.seed if data_seed < 0 else data_seed
     self.data_rng, self.aug_rng = _seed_key(data_seed, 0), _seed_key(data_seed, 1)
+    self.strong_rng = _seed_key(data_seed, 4)  # the strong view's augmentation (MLKD), its own stream
     seeds = jnp.asarray([s.cfg.seed for s in self.sweep.students])
     self.init_keys = jax.vmap(lambda s: _seed_key(s, 2))(seeds)
     self.step_keys = jax.device_put(jax.vmap(lambda s: _seed_key(s, 3))(seeds), self.students_sharded)
@@ -214,8 +243,10 @@ class Experiment:
     y = jnp.zeros((x.shape[0],), jnp.int32)
 
     def loss(t_leaves, params, state, hp, teacher_vars):
-      ctx, _ = self._forward(params, state, teacher_vars, x, y, y, jax.random.key(0), True, 0.0,
-                             jax.tree.unflatten(treedef, t_leaves), self.view(hp))
+      t_out = jax.tree.unflatten(treedef, t_leaves)
+      strong = (x, t_out) if self.distiller.strong_view else (None, None)
+      ctx, _ = self._forward(params, state, teacher_vars, x, y, y, jax.random.key(0), True, 0.0, t_out,
+                             self.view(hp), *strong)
       return self.distiller.losses(ctx, self.view(hp).distill)[0]
 
     jaxpr = jax.make_jaxpr(loss)(t_leaves, ts.params, ts.state, hp, self.teacher_vars).jaxpr
@@ -231,10 +262,11 @@ class Experiment:
     s_shapes = jax.eval_shape(lambda: self.student.apply(self.student.init(jax.random.key(0), x), x))
     t_shapes = None
     if self.teacher is not None:
-      t_shapes = jax.eval_shape(lambda v: self.teacher.apply(v, x), self.teacher_vars)
+      t_shapes = jax.eval_shape(lambda v: self.distiller.term_teachers(
+          *self.combine_teachers(self.teacher.apply(v, x))), self.teacher_vars)
     return self.distiller.build_extras(s_shapes, t_shapes,
                                        distill.DataInfo(len(self.ds.train), self.ds.num_classes, self.student,
-                                                        self.teacher, self.cfg.student.model,
+                                                        self._teacher_module(), self.cfg.student.model,
                                                         self.cfg.teacher.get('model', '')))
 
   def _init_fn(self, init_keys, hparams, teacher_vars):
@@ -249,6 +281,7 @@ class Experiment:
       if extras is not None:
         s_out = self.student.apply(s_vars, x)
         t_out = self.teacher.apply(teacher_vars, x) if self.teacher is not None else None
+        t_out = self.distiller.term_teachers(*self.combine_teachers(t_out))
         e_vars = extras.init({'params': k_e, 'memory': k_e}, s_out, t_out,
                              labels=jnp.zeros((x.shape[0],), jnp.int32),
                              indices=jnp.zeros((x.shape[0],), jnp.int32), train=False,
@@ -281,35 +314,61 @@ class Experiment:
     return jax.eval_shape(self._train_chunk_fn, self.init_state(abstract=True), self.teacher_vars,
                           self.teacher_table, self.hparams, jnp.int32(0), jnp.int32(0))
 
+  def _teacher_module(self):
+    """The teacher's Linen module (teacher 0's with several: SimKD reuses its classifier)."""
+    return self.teacher.modules[0] if isinstance(self.teacher, TeacherGroup) else self.teacher
+
   def _teacher_classify(self, teacher_vars):
     if self.teacher is None:
       return None
     return lambda emb: self.teacher.apply(teacher_vars, emb, method='classify')
 
   # ---------------------------------------------------------------------------------------------------- forward
-  def _forward(self, params, state, teacher_vars, x, y, idx, rng, train: bool, epoch, t_out=None, cfg=None):
+  def _forward(self, params, state, teacher_vars, x, y, idx, rng, train: bool, epoch, t_out=None, cfg=None,
+               x_strong=None, t_strong=None):
     """One student's forward (+ extras); returns (Context, new non-trained state). `t_out`: the teacher's outputs
-    when already computed (shared by the students); `cfg`: the config as this student reads it."""
+    when already computed (shared by the students); `cfg`: the config as this student reads it; `x_strong`,
+    `t_strong`: the strongly augmented view and the teacher's outputs on it (MLKD), or None."""
     cfg = self.cfg if cfg is None else cfg
     if t_out is None:
       t_out = self._teacher_outputs(teacher_vars, None, x, idx)
+    t_default, t_all = self.combine_teachers(t_out)
     drop_rng, extra_drop_rng, sample_rng = jax.random.split(rng, 3)
     mutable = list(state['student']) if train else False
     s_res = self.student.apply({'params': params['student'], **state['student']}, x, train=train,
                                mutable=mutable, rngs={'dropout': drop_rng})
     s_out, s_new = s_res if train else (s_res, state['student'])
+    s_strong = None
+    if x_strong is not None:  # the strong view after the weak one, BatchNorm statistics updated by both (MLKD)
+      s_res = self.student.apply({'params': params['student'], **s_new}, x_strong, train=train, mutable=mutable,
+                                 rngs={'dropout': jax.random.fold_in(drop_rng, 1)})
+      s_strong, s_new = s_res if train else (s_res, s_new)
+      t_strong = self.combine_teachers(t_strong)[0]
     extras_out, e_new = {}, state['extras']
     if self.distiller.extras is not None:
       e_mutable = list(state['extras']) if train else False
       res = self.distiller.extras.apply(
-          {'params': params['extras'], **state['extras']}, s_out, t_out, labels=y, indices=idx, train=train,
-          teacher_classify=self._teacher_classify(teacher_vars), teacher_variables=teacher_vars,
+          {'params': params['extras'], **state['extras']}, s_out, self.distiller.term_teachers(t_default, t_all),
+          labels=y, indices=idx, train=train, teacher_classify=self._teacher_classify(teacher_vars),
+          # teacher 0's variables (methods that read them keep teacher 0: `Method.teacher0_network`)
+          teacher_variables=teacher_vars[0] if isinstance(self.teacher, TeacherGroup) else teacher_vars,
           student_classify=lambda emb: self.student.apply({'params': params['student']}, emb, method='classify'),
-          mutable=e_mutable,
-          rngs={'dropout': extra_drop_rng, 'sample': sample_rng})
+          mutable=e_mutable, rngs={'dropout': extra_drop_rng, 'sample': sample_rng})
       extras_out, e_new = res if train else (res, state['extras'])
-    ctx = distill.Context(student=s_out, teacher=t_out, labels=y, extras=extras_out, epoch=epoch)
+    ctx = distill.Context(student=s_out, teacher=t_default, labels=y, extras=extras_out, epoch=epoch,
+                          teachers=t_all, strong_student=s_strong, strong_teacher=t_strong)
     return ctx, {'student': dict(s_new), 'extras': dict(e_new)}
+
+  def combine_teachers(self, t_out):
+    """(the teacher output the terms read by default, every teacher's outputs or None). With several teachers
+    (`config.teachers`), `t_out` is a tuple: the default is teacher 0, or with `distill.ensemble` teacher 0's
+    outputs with the mean of all the teachers' logits."""
+    if not isinstance(self.teacher, TeacherGroup) or t_out is None:
+      return t_out, None
+    default = t_out[0]
+    if self.cfg.distill.get('ensemble', False):
+      default = default.replace(logits=jnp.mean(jnp.stack([o.logits for o in t_out]), axis=0))
+    return default, tuple(t_out)
 
   def _teacher_outputs(self, teacher_vars, table, x, idx):
     if self.teacher is None:
@@ -326,6 +385,12 @@ class Experiment:
                                         jax.random.fold_in(self.aug_rng, ts.step), self.ds, self.dtype)
     x = jax.lax.with_sharding_constraint(x, self.batch_sharded)
     t_out = self._teacher_outputs(teacher_vars, table, x, idx)  # once, shared by every student
+    x_strong = t_strong = None
+    if self.distiller.strong_view:  # a second, strongly augmented view of the same examples (MLKD)
+      x_strong = device_data.strong_batch(self.train_data, idx, jax.random.fold_in(self.strong_rng, ts.step), self.ds,
+                                          self.dtype)
+      x_strong = jax.lax.with_sharding_constraint(x_strong, self.batch_sharded)
+      t_strong = self._teacher_outputs(teacher_vars, None, x_strong, idx)
     progress = epoch + step_in_epoch.astype(jnp.float32) / self.steps_per_epoch
 
     def one(params, state, opt_state, hp, key):
@@ -333,11 +398,19 @@ class Experiment:
 
       def loss_fn(params):
         ctx, new_state = self._forward(params, state, teacher_vars, x, y, idx, jax.random.fold_in(key, ts.step),
-                                       True, progress, t_out, cfg)
+                                       True, progress, t_out, cfg, x_strong, t_strong)
         total, terms = self.distiller.losses(ctx, cfg.distill)
+        if self.dot:  # DOT: the task and the distillation parts of the loss, differentiated separately
+          task = sum((cfg.distill.losses[n] * terms[n] for n in terms if n in optim.DOT_TASK_TERMS), jnp.float32(0))
+          total = jnp.stack([task, total - task])
         return total, (terms, self.distiller.logits(ctx), new_state)
 
-      (total, (terms, logits, new_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+      if self.dot:  # one forward pass, two backward passes through its linearisation
+        parts, vjp, (terms, logits, new_state) = jax.vjp(loss_fn, params, has_aux=True)
+        grads = tuple(vjp(jnp.eye(2, dtype=parts.dtype)[i])[0] for i in range(2))
+        total = jnp.sum(parts)
+      else:
+        (total, (terms, logits, new_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
       updates, new_opt_state = self.optimizer(hp).update(grads, opt_state, params)
       new_params = optax.apply_updates(params, updates)
       # The non-finite guard, in the step (no extra host sync): a step whose loss or gradient is not finite
@@ -427,8 +500,9 @@ class Experiment:
         onehot = jax.nn.one_hot(y, num_classes) * mask[:, None]
         new = {'loss': jnp.sum(nll * mask), 'top1': jnp.sum(top1 * mask), 'top5': jnp.sum(top5 * mask),
                'count': jnp.sum(mask), 'class_correct': onehot.T @ top1, 'class_count': jnp.sum(onehot, 0)}
-        if t_out is not None:  # teacher-student top-1 agreement
-          agree = (jnp.argmax(logits, -1) == jnp.argmax(t_out.logits, -1)).astype(jnp.float32)
+        if t_out is not None:  # teacher-student top-1 agreement (the ensemble's, with several teachers)
+          agree = (jnp.argmax(logits, -1) == jnp.argmax(self.combine_teachers(t_out)[0].logits, -1))
+          agree = agree.astype(jnp.float32)
           new['agree'] = jnp.sum(agree * mask)
         if adjust:
           adjusted = logits.at[:, self.ds.omitted].add(adjust)

@@ -32,7 +32,7 @@ from kdjax.errors import ConfigError
 # Fields the step reads as numbers, beside the loss weights (`distill.losses.<term>`) and each method's own
 # `Method.hparams`.
 STEP_NUMBERS = ('seed', 'distill.temperature', 'distill.label_smoothing', 'optimizer.lr', 'optimizer.momentum',
-                'optimizer.weight_decay')
+                'optimizer.weight_decay', 'optimizer.dot_delta')
 
 
 @dataclasses.dataclass

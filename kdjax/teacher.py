@@ -69,6 +69,24 @@ def teacher_run_config(cfg) -> ml_collections.ConfigDict:
   return t
 
 
+def with_teacher(cfg, index: int) -> ml_collections.ConfigDict:
+  """`cfg` with teacher `index` as its `teacher` section: 0 is `config.teacher`, i > 0 is `config.teachers[i - 1]`
+  over the teacher section's defaults (not over `config.teacher`: a second teacher inherits no checkpoint)."""
+  if index == 0:
+    return cfg
+  entry = dict(as_dict(cfg.teachers[index - 1]) if hasattr(cfg.teachers[index - 1], 'to_dict')
+               else cfg.teachers[index - 1])
+  section = config_lib.base().teacher
+  unknown = sorted(set(entry) - set(section))
+  if unknown:
+    raise ConfigError(f'config.teachers[{index - 1}]: unknown field(s) {unknown}; known: {", ".join(section)}')
+  sub = ml_collections.ConfigDict(cfg.to_dict())
+  section.update(entry)
+  sub.teacher = section
+  sub.teachers = []
+  return sub
+
+
 def check_meta(meta: dict, path: str, model: str, num_classes: int | None, subclasses: int = 1,
                role: str = 'teacher', kwargs: dict | None = None):
   """Fails before training when a checkpoint holds another network than the config's `role` section names."""
@@ -183,7 +201,7 @@ def evaluate_teacher(exp) -> float:
   def run(teacher_vars, arrays):
     def body(correct, batch):
       x = device_data.normalize(batch['images'], exp.ds.mean, exp.ds.std, exp.dtype)
-      logits = exp.teacher.apply(teacher_vars, x, train=False).logits
+      logits = exp.combine_teachers(exp.teacher.apply(teacher_vars, x, train=False))[0].logits
       hit = (jnp.argmax(logits, -1) == batch['labels']) & batch['mask']  # class logits, also with subclasses
       return correct + jnp.sum(hit), None
     return jax.lax.scan(body, jnp.int32(0), arrays)[0]

@@ -109,6 +109,18 @@ def prepare_teacher(cfg, ds, mesh):
     return teacher_lib.load(cfg, ds, mesh, path)
 
 
+def prepare_teachers(cfg, ds, mesh):
+  """`prepare_teacher` for `config.teacher` and then each of `config.teachers` (each loaded, or trained first and
+  cached, as a teacher of its own): (a `step.TeacherGroup`, the tuple of their variables) when there are several,
+  else `prepare_teacher`'s (module, variables)."""
+  first = prepare_teacher(cfg, ds, mesh)
+  extra = list(cfg.get('teachers', None) or [])
+  if not extra or first[0] is None:
+    return first
+  pairs = [first] + [prepare_teacher(teacher_lib.with_teacher(cfg, i + 1), ds, mesh) for i in range(len(extra))]
+  return step_lib.TeacherGroup([m for m, _ in pairs]), tuple(v for _, v in pairs)
+
+
 def _check_memory(exp: Experiment, memory: dict):
   gib = lambda b: b / 2**30
   logging.info('compiled: about %.2f GiB per device (train state %.2f GiB, XLA temporaries %.2f GiB)%s',
@@ -190,7 +202,7 @@ def _train(cfg, sweep: sweep_lib.Sweep, workdir: str, restart: bool = False) -> 
   logging.info('data %s: %d train, %s val, %d test, %d classes, images %s, augment %s', ds.name, len(ds.train),
                len(ds.val) if ds.val is not None else 0, len(ds.test), ds.num_classes, ds.image_shape, ds.augment)
   mesh = sharding.make_mesh(base.get('num_devices', 0), sweep.size, base.get('mesh_students', 0), base.batch_size)
-  teacher, teacher_vars = prepare_teacher(base, ds, mesh)
+  teacher, teacher_vars = prepare_teachers(base, ds, mesh)
   exp = Experiment(cfg, ds, mesh, teacher, teacher_vars, sweep)
   if sweep.size > 1:
     logging.info('sweep: %d students (%s%s), one program on a %s mesh (students x data)', sweep.size,

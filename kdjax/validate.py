@@ -20,7 +20,7 @@ CHOICES = {
     'distill.simkd.loss': ('l2', 'kl'),
     'distill.simkd.projectors': ('last', 'multi', 'all'),
     'distill.subclass.normalize_over': ('example', 'batch'),
-    'optimizer.name': ('sgd', 'adam', 'adamw'),
+    'optimizer.name': ('sgd', 'adam', 'adamw', 'dot'),
     'schedule.name': ('step', 'cosine', 'constant'),
     'dtype': ('float32', 'bfloat16'),
     'sweep_mode': ('grid', 'zip'),
@@ -72,6 +72,8 @@ RANGES = {
     'optimizer.lr': (0.0, None, False),
     'optimizer.momentum': (0.0, 1.0, True),
     'optimizer.weight_decay': (0.0, None, True),
+    'optimizer.dot_delta': (0.0, None, True),
+    'distill.mlkd.num_strong': (0, None, True),
     'schedule.decay_factor': (0.0, None, False),
     'schedule.warmup_epochs': (0.0, None, True),
     'schedule.final_fraction': (0.0, 1.0, True),
@@ -126,6 +128,21 @@ def _check_models(cfg):
       raise ConfigError(f'config.{role}.model: unknown model {name!r}; registered models: {", ".join(known)}')
   if not cfg.student.model:
     raise ConfigError('config.student.model is empty: name the network to train')
+  teachers = list(cfg.get('teachers', None) or [])
+  for i, entry in enumerate(teachers):
+    name = dict(entry).get('model', '')
+    if name not in known:
+      raise ConfigError(f'config.teachers[{i}].model: unknown model {name!r}; registered models: {", ".join(known)}')
+  if teachers and not cfg.teacher.get('model'):
+    raise ConfigError('config.teachers is set but config.teacher.model is empty: config.teacher is teacher 0')
+  for term, index in dict(cfg.distill.get('teacher_for', None) or {}).items():
+    if not isinstance(index, int) or not 0 <= index <= len(teachers):
+      raise ConfigError(f'config.distill.teacher_for.{term}={index!r}: teacher index out of range (0 = '
+                        f'config.teacher, 1..{len(teachers)} = config.teachers)')
+  o = cfg.optimizer
+  if o.name == 'dot' and not 0 <= o.momentum - o.dot_delta <= o.momentum + o.dot_delta < 1:
+    raise ConfigError(f'config.optimizer.dot_delta={o.dot_delta}: DOT needs 0 <= momentum - dot_delta and '
+                      f'momentum + dot_delta < 1 (momentum {o.momentum})')
 
 
 def _check_losses(cfg):

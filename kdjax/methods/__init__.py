@@ -5,3 +5,4 @@ from kdjax.methods import subclass  # noqa: F401
 from kdjax.methods import feature, relation, crd, dkd  # noqa: F401
 from kdjax.methods import logit  # noqa: F401
 from kdjax.methods import review, ofd, cat  # noqa: F401
+from kdjax.methods import mlkd  # noqa: F401

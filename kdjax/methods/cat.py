@@ -92,4 +92,4 @@ def cat_kd_loss(ctx: distill.Context, cfg):
   return cat_loss(out['cam_s'], out['cam_t'], bool(cfg.cat_kd.normalize))
 
 
-distill.register('cat_kd', distill.Method(cat_kd_loss, module=_module, check=_check))
+distill.register('cat_kd', distill.Method(cat_kd_loss, module=_module, check=_check, teacher0_network=True))

@@ -147,4 +147,4 @@ def ofd_loss(ctx: distill.Context, cfg):
   return total
 
 
-distill.register('ofd', distill.Method(ofd_loss, module=_module, check=_check))
+distill.register('ofd', distill.Method(ofd_loss, module=_module, check=_check, teacher0_network=True))

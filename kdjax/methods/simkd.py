@@ -166,4 +166,5 @@ def export(exp, ts, path: str) -> dict:
   return {'deploy_path': path, 'deploy_params': n}
 
 
-distill.register('simkd', distill.Method(_loss, module=_module, predicts=True, export=export))
+distill.register('simkd', distill.Method(_loss, module=_module, predicts=True, export=export,
+                                          teacher0_network=True))
