@@ -75,5 +75,21 @@ def get_config(arg=None):
     c.teacher.recipe = {}
     c.distill.dkd.warmup_epochs = 2
     c.distill.crd.nce_k = 1024
-    return config_lib.digits_recipe(c)
-  return config_lib.cifar_recipe(c, 'cifar100')
+    return _init_stage(config_lib.digits_recipe(c), method, student, 2)
+  return _init_stage(config_lib.cifar_recipe(c, 'cifar100'), method, student, 30)
+
+
+# helper/pretrain.py: FT's stage runs at lr 0.01 for these students, at the main lr for the others.
+FT_INIT_LR_001 = ('resnet8', 'resnet14', 'resnet20', 'resnet32', 'resnet44', 'resnet56', 'resnet110', 'resnet8x4',
+                  'resnet32x4', 'wrn_16_1', 'wrn_16_2', 'wrn_40_1', 'wrn_40_2')
+
+
+def _init_stage(c, method: str, student: str, epochs: int):
+  """AB, FT, FSP: RepDistiller's pre-training stage (init_epochs 30) before the 240 main epochs; config.epochs
+  counts both, and the main schedule is counted from the stage's end (kdjax/stages.py)."""
+  if method not in distill.REFERENCE_INIT:
+    return c
+  c.distill.init = dict(distill.REFERENCE_INIT[method], epochs=epochs,
+                        lr=0.01 if method == 'ft' and student in FT_INIT_LR_001 else 0.0)
+  c.epochs += epochs
+  return c

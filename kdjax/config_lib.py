@@ -75,6 +75,13 @@ def base() -> ml_collections.ConfigDict:
       vid=dict(init_pred_var=5.0, eps=1e-5),
       crd=dict(feat_dim=128, nce_k=16384, nce_t=0.07, nce_m=0.5),
       dkd=dict(alpha=1.0, beta=8.0, temperature=4.0, warmup_epochs=20),
+      # NST/CC/FSP/AB/FT/KDSVD (kdjax/methods/repdistiller_zoo.py)
+      cc=dict(feat_dim=128),        # RepDistiller's LinearEmbed width
+      ab=dict(margin=1.0),
+      ft=dict(factor=0.5),          # the paraphraser's factor channels: factor x the teacher's channels
+      kdsvd=dict(k=1, layout='mdistiller'),  # layout: mdistiller ([C*H, W] matrices) | repdistiller ([H*W, C])
+      # The pre-training stage of two-stage methods (AB, FT, FSP), counted in config.epochs: see kdjax/stages.py.
+      init=dict(epochs=0, losses={}, train=(), lr=0.0, freeze_after=()),
   )
   c.optimizer = dict(name='sgd', lr=0.05, momentum=0.9, nesterov=False, weight_decay=5e-4)
   c.schedule = dict(name='step', decay_epochs=(150, 180, 210), decay_factor=0.1, warmup_epochs=0,
