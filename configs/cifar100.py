@@ -1,7 +1,8 @@
 r"""CIFAR-100 distillation benchmark: the teacher/student pairs of the CRD, DKD and SimKD papers, every anchor method.
 
 Config string 'method,teacher,student' (default kd,resnet32x4,resnet8x4). Methods: kd fitnet at sp rkd pkt vid crd dkd
-simkd. Pairs (teacher -> student): resnet32x4->resnet8x4, wrn_40_2->wrn_16_2, wrn_40_2->wrn_40_1, vgg13->vgg8,
+simkd nst cc ab ft fsp kdsvd (ab, ft, fsp: with RepDistiller's 30-epoch pre-training stage first,
+config.distill.init, counted in config.epochs = 270). Pairs (teacher -> student): resnet32x4->resnet8x4, wrn_40_2->wrn_16_2, wrn_40_2->wrn_40_1, vgg13->vgg8,
 resnet110->resnet32, resnet56->resnet20, resnet32x4->ShuffleV1, resnet32x4->ShuffleV2, wrn_40_2->ShuffleV1,
 vgg13->MobileNetV2, ResNet50->MobileNetV2 (other model pairs are accepted too; DKD then uses mdistiller's default
 beta 8).
