@@ -220,6 +220,14 @@ def test_kdsvd_matches_numpy(layout):
   assert all(np.all(np.isfinite(g)) for g in grads) and any(np.any(g) for g in grads)
 
 
+def test_nst_and_ft_gradients_are_finite_with_a_dead_channel():
+  f_s, f_t = _maps(jax.random.key(12), [(2, 4, 4, 3), (2, 4, 4, 3)], relu=True)
+  f_s = f_s.at[..., 1].set(0.0)  # a dead channel: its normalised spatial response is the zero vector
+  for loss in (zoo.nst_loss, lambda s, t: zoo.ft_loss(s.at[0].set(0.0), t)):
+    g = jax.grad(loss)(f_s, f_t)
+    assert np.all(np.isfinite(g)) and np.any(g)
+
+
 def test_kdsvd_sign_of_teacher_vectors_does_not_matter():
   shapes = [(2, 8, 8, 6), (2, 4, 4, 6)]
   g_s, g_t = _maps(jax.random.key(10), shapes, relu=True), _maps(jax.random.key(11), shapes, relu=True)

@@ -34,8 +34,9 @@ def _f32(x):
 
 
 def _normalize(x, axis=-1, eps=1e-12):
-  """torch.nn.functional.normalize: x / max(||x||, eps)."""
-  return x / jnp.maximum(jnp.sqrt(jnp.sum(x * x, axis=axis, keepdims=True)), eps)
+  """torch.nn.functional.normalize: x / max(||x||, eps), with torch's zero gradient at an all-zero vector (a dead
+  channel of a post-ReLU map) instead of NaN."""
+  return losses._torch_normalize(x, axis=axis, eps=eps)
 
 
 def _refuse(name: str, message: str):
