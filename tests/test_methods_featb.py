@@ -326,6 +326,8 @@ def test_the_stage_trains_only_its_parameters_then_the_main_losses_apply():
     for start in range(2):
       ts, metrics = exp.train_chunk(ts, epoch, start)
       history.append((_np_tree(ts.params), _np_tree(ts.state), _np_tree(metrics), _np_tree(ts.opt_state)))
+      if (epoch, start) == (0, 1):
+        saved = _np_tree(ts)  # the end of the stage, as a checkpoint holds it
   sub = lambda t, *keys: [t := t[k] for k in keys][-1]
   (p0, s0, _), (p2, s2, m2, _), (p3, s3, m3, o3) = history[0], history[2], history[3]
   # Stage (2 steps): backbone, connectors (and their BN statistics) and paraphraser move; the head, the translator
@@ -351,6 +353,9 @@ def test_the_stage_trains_only_its_parameters_then_the_main_losses_apply():
   para = sub(p3, 'extras', 'ft', 'paraphraser')
   for buf, p in zip(jax.tree.leaves(trace['extras']['ft']['paraphraser']), jax.tree.leaves(para)):
     np.testing.assert_allclose(buf, 5e-4 * p, rtol=1e-6, atol=1e-12)
+  # Resumed from the state at the stage's end, the main stage runs the same steps (the stage is read from ts.step).
+  resumed, _ = exp.train_chunk(jax.device_put(saved), 1, 0)
+  assert _same(_np_tree(resumed.params), p3) and _same(_np_tree(resumed.opt_state), o3)
   # A train-state path that names nothing is refused in one line (when the step is traced).
   cfg = exp.cfg.copy_and_resolve_references()
   cfg.distill.init.train = ('extras/nope',)
