@@ -2,7 +2,8 @@ r"""CIFAR-100 distillation benchmark: the teacher/student pairs of the CRD, DKD 
 
 Config string 'method,teacher,student' (default kd,resnet32x4,resnet8x4). Methods: every key of
 `kdjax.distill.REFERENCE_WEIGHTS` (kd fitnet at sp rkd pkt vid crd dkd simkd, dist nkd ctkd, reviewkd ofd cat_kd,
-mlkd, ...). A method that cannot apply to a pair is refused in one line naming it and the model. The item `ls`
+mlkd, nst cc ab ft fsp kdsvd, ...; ab, ft, fsp with RepDistiller's 30-epoch pre-training stage
+first, config.distill.init, counted in config.epochs = 270). A method that cannot apply to a pair is refused in one line naming it and the model. The item `ls`
 (anywhere in the string, e.g. `dkd,resnet32x4,resnet8x4,ls`) runs kd, dkd or ctkd with logit standardization and the
 LS authors' settings (below). Pairs (teacher -> student): resnet32x4->resnet8x4,
 wrn_40_2->wrn_16_2, wrn_40_2->wrn_40_1, vgg13->vgg8, resnet110->resnet32, resnet56->resnet20,
@@ -152,11 +153,29 @@ def get_config(arg=None):
     c.teacher.recipe = {}
     c.distill.dkd.warmup_epochs = 2
     c.distill.crd.nce_k = 1024
-    return config_lib.digits_recipe(c)
-  c = config_lib.cifar_recipe(c, 'cifar100')
+    return _init_stage(config_lib.digits_recipe(c), method, student, 2)
+  c = _init_stage(config_lib.cifar_recipe(c, 'cifar100'), method, student, 30)
   if mlkd_recipe:  # opt-in: every method's config keeps the common recipe, so that they differ in losses only
     if (teacher, student) not in MLKD_RECIPE:
       raise ValueError(f'configs/cifar100.py: no MLKD recipe for {teacher} -> {student}')
     c.optimizer.lr, c.epochs = MLKD_RECIPE[(teacher, student)]
     c.teacher.recipe = {**config_lib.as_dict(c.teacher.recipe), 'epochs': 240}  # the same cached teacher as kd's
+  return c
+
+
+# helper/pretrain.py: FT's stage runs at lr 0.01 for these students, at the main lr for the others.
+FT_INIT_LR_001 = ('resnet8', 'resnet14', 'resnet20', 'resnet32', 'resnet44', 'resnet56', 'resnet110', 'resnet8x4',
+                  'resnet32x4', 'wrn_16_1', 'wrn_16_2', 'wrn_40_1', 'wrn_40_2')
+
+
+def _init_stage(c, method: str, student: str, epochs: int):
+  """AB, FT, FSP: RepDistiller's pre-training stage (init_epochs 30) before the 240 main epochs; config.epochs
+  counts both, and the main schedule is counted from the stage's end (kdjax/stages.py)."""
+  if method not in distill.REFERENCE_INIT:
+    return c
+  c.distill.init = dict(distill.REFERENCE_INIT[method], epochs=epochs,
+                        lr=0.01 if method == 'ft' and student in FT_INIT_LR_001 else 0.0)
+  # The teacher keeps the common length (the same cached teacher as the other methods').
+  c.teacher.recipe = {**config_lib.as_dict(c.teacher.recipe), 'epochs': c.epochs}
+  c.epochs += epochs
   return c

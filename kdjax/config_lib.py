@@ -95,6 +95,13 @@ def base() -> ml_collections.ConfigDict:
       # MLKD: KD / class / batch alignment at each temperature; the strong-side KD of the first num_strong
       # temperatures reads the strong view, the others' the weak view (as the reference code does).
       mlkd=dict(temperatures=(4.0, 3.0, 5.0, 2.0, 6.0), num_strong=3),
+      # NST/CC/FSP/AB/FT/KDSVD (kdjax/methods/repdistiller_zoo.py)
+      cc=dict(feat_dim=128),        # RepDistiller's LinearEmbed width
+      ab=dict(margin=1.0),
+      ft=dict(factor=0.5),          # the paraphraser's factor channels: factor x the teacher's channels
+      kdsvd=dict(k=1, layout='mdistiller'),  # layout: mdistiller ([C*H, W] matrices) | repdistiller ([H*W, C])
+      # The pre-training stage of two-stage methods (AB, FT, FSP), counted in config.epochs: see kdjax/stages.py.
+      init=dict(epochs=0, losses={}, train=(), lr=0.0, freeze_after=()),
   )
   # name: sgd | adam | adamw | dot (DOT: task momentum momentum - dot_delta, distillation momentum + dot_delta)
   c.optimizer = dict(name='sgd', lr=0.05, momentum=0.9, nesterov=False, weight_decay=5e-4, dot_delta=0.075)

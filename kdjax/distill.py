@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from kdjax import losses
+from kdjax import stages
 from kdjax.errors import ConfigError
 from kdjax.models import ModelOutput
 
@@ -172,6 +173,26 @@ REFERENCE_WEIGHTS['ctkd'] = {'ce': 0.1, 'ctkd': 0.9}
 # MLKD: Multi-Level-Logit-Distillation's mdistiller/engine/cfg.py KD.LOSS (CE_WEIGHT 0.1 on CE(weak) + CE(strong),
 # KD_WEIGHT 0.9 on every distillation part); configs/cifar100/ours/*.yaml (lr 0.025 for resnet32x4 -> resnet8x4).
 REFERENCE_WEIGHTS['mlkd'] = {'ce': 0.1, 'ce_strong': 0.1, 'mlkd': 0.9}
+# RepDistiller scripts/run_cifar_distill.sh (-a 0 -b: NST 50, CC 0.02, AB 1, FT 200, FSP 50): helper/loops.py sets
+# AB's and FSP's main-stage term to 0 (they act in the pre-training stage only), hence their weight 0 here. KDSVD:
+# mdistiller engine/cfg.py KDSVD.LOSS (CE 1, FEAT 1).
+REFERENCE_WEIGHTS.update({
+    'nst': {'ce': 1.0, 'nst': 50.0},
+    'cc': {'ce': 1.0, 'cc': 0.02},
+    'ab': {'ce': 1.0, 'ab': 0.0},
+    'ft': {'ce': 1.0, 'ft': 200.0},
+    'fsp': {'ce': 1.0, 'fsp': 0.0},
+    'kdsvd': {'ce': 1.0, 'kdsvd': 1.0},
+})
+# Their pre-training stages (`config.distill.init`, kdjax/stages.py): RepDistiller train_student.py's init_epochs 30
+# and init_trainable_list (AB: connectors + the student's feature modules; FT: the paraphraser, on nn.MSELoss
+# reconstruction; FSP: the student's feature modules), with the stage loss at weight 1 (helper/pretrain.py).
+REFERENCE_INIT = {
+    'ab': dict(epochs=30, losses={'ab': 1.0}, train=('student/backbone', 'extras/ab'), freeze_after=('extras/ab',)),
+    'ft': dict(epochs=30, losses={'ft_rec': 1.0}, train=('extras/ft/paraphraser',),
+               freeze_after=('extras/ft/paraphraser',)),
+    'fsp': dict(epochs=30, losses={'fsp': 1.0}, train=('student/backbone',)),
+}
 
 
 def repdistiller_weights(method: str, r: float, a: float, b: float) -> dict:
@@ -223,6 +244,8 @@ class Distiller:
     self.cfg = cfg
     load_methods()
     weights = dict(cfg.losses)
+    for name in stages.stage_losses(cfg):  # terms of the pre-training stage only: weight 0 in the main stage
+      weights.setdefault(name, 0.0)
     unknown = sorted(set(weights) - set(METHODS))
     if unknown:
       raise ConfigError(f'unknown loss term(s) {unknown} in config.distill.losses; known: {sorted(METHODS)}')
@@ -265,12 +288,14 @@ class Distiller:
                             for n, m in self.module_methods.items()})
     return self.extras
 
-  def losses(self, ctx: Context, cfg=None):
+  def losses(self, ctx: Context, cfg=None, weights=None):
     """(total, {term: value}); `cfg` is the distill section as one student of a sweep reads it (weights and
-    numeric options may be arrays there), `self.cfg` by default."""
+    numeric options may be arrays there), `self.cfg` by default; `weights` ({term: weight}) replace
+    `cfg.losses` (the pre-training stage's, kdjax/stages.py)."""
     cfg = self.cfg if cfg is None else cfg
+    weights = cfg.losses if weights is None else weights
     values = {name: method.loss(self._term_context(ctx, name), cfg) for name, (_, method) in self.terms.items()}
-    total = sum(cfg.losses[name] * values[name] for name in self.terms)
+    total = sum(weights.get(name, 0.0) * values[name] for name in self.terms)
     return total, values
 
   def _term_context(self, ctx: Context, name: str) -> Context:

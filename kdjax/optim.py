@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import optax
 
+from kdjax import stages
 from kdjax.errors import ConfigError
 
 
@@ -13,7 +14,7 @@ def schedule(cfg, steps_per_epoch: int) -> optax.Schedule:
   warmup over `warmup_epochs`. Boundaries are epoch ends, as torch's MultiStepLR stepped once per epoch."""
   s, lr = cfg.schedule, cfg.optimizer.lr
   warmup = int(s.get('warmup_epochs', 0) * steps_per_epoch)
-  total = cfg.epochs * steps_per_epoch
+  total = (cfg.epochs - stages.epochs(cfg)) * steps_per_epoch  # the main stage's (kdjax/stages.py)
   if s.name == 'step':
     main = optax.piecewise_constant_schedule(
         lr, {int(e * steps_per_epoch) - warmup: s.decay_factor for e in s.decay_epochs})
@@ -23,9 +24,9 @@ def schedule(cfg, steps_per_epoch: int) -> optax.Schedule:
     main = optax.constant_schedule(lr)
   else:
     raise ConfigError(f"unknown schedule {s.name!r}; choose 'step', 'cosine' or 'constant'")
-  if not warmup:
-    return main
-  return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), main], [warmup])
+  if warmup:
+    main = optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), main], [warmup])
+  return stages.schedule(cfg, steps_per_epoch, main)  # after the pre-training stage's constant rate, if any
 
 
 def optimizer(cfg, steps_per_epoch: int) -> optax.GradientTransformation:

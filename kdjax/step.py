@@ -33,6 +33,7 @@ from kdjax import distill
 from kdjax import models
 from kdjax import optim
 from kdjax import sharding
+from kdjax import stages
 from kdjax import sweep as sweep_lib
 from kdjax.data import device as device_data
 from kdjax.errors import ConfigError
@@ -127,6 +128,7 @@ class Experiment:
     if self.steps_per_epoch == 0:
       raise ConfigError(f'batch_size {self.batch_size} exceeds the {len(ds.train)} training examples')
     self.total_steps = cfg.epochs * self.steps_per_epoch
+    self.init_steps = stages.steps(cfg, self.steps_per_epoch)  # the pre-training stage (kdjax/stages.py), if any
     self.k = min(cfg.get('steps_per_dispatch', 0) or self._auto_steps_per_dispatch(), self.steps_per_epoch)
     self.dtype = compute_dtype(cfg)
     self.students_loop = cfg.get('students_loop', 'auto')
@@ -395,13 +397,18 @@ class Experiment:
 
     def one(params, state, opt_state, hp, key):
       cfg = self.view(hp)
+      in_stage = ts.step < self.init_steps
+      if self.init_steps:  # the main stage starts with fresh moments, as the reference's fresh optimizer
+        opt_state = stages.restart_moments(opt_state, self.optimizer(hp).init(params), ts.step == self.init_steps)
 
       def loss_fn(params):
         ctx, new_state = self._forward(params, state, teacher_vars, x, y, idx, jax.random.fold_in(key, ts.step),
                                        True, progress, t_out, cfg, x_strong, t_strong)
-        total, terms = self.distiller.losses(ctx, cfg.distill)
+        weights = stages.loss_weights(cfg.distill, self.distiller.terms, in_stage) if self.init_steps else None
+        total, terms = self.distiller.losses(ctx, cfg.distill, weights)
         if self.dot:  # DOT: the task and the distillation parts of the loss, differentiated separately
-          task = sum((cfg.distill.losses[n] * terms[n] for n in terms if n in optim.DOT_TASK_TERMS), jnp.float32(0))
+          w = cfg.distill.losses if weights is None else weights
+          task = sum((w.get(n, 0.0) * terms[n] for n in terms if n in optim.DOT_TASK_TERMS), jnp.float32(0))
           total = jnp.stack([task, total - task])
         return total, (terms, self.distiller.logits(ctx), new_state)
 
@@ -413,6 +420,9 @@ class Experiment:
         (total, (terms, logits, new_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
       updates, new_opt_state = self.optimizer(hp).update(grads, opt_state, params)
       new_params = optax.apply_updates(params, updates)
+      if stages.needed(self.cfg):  # what the current stage does not train keeps its parameters and statistics
+        masks = stages.Masks(self.cfg, params, tuple(self.distiller.terms))
+        new_params, new_state = masks.params(new_params, params, in_stage), masks.state(new_state, state, in_stage)
       # The non-finite guard, in the step (no extra host sync): a step whose loss or gradient is not finite
       # changes nothing, and says so in its metrics, which the host reads a dispatch later.
       grads_finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))

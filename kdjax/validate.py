@@ -20,6 +20,7 @@ CHOICES = {
     'distill.simkd.loss': ('l2', 'kl'),
     'distill.simkd.projectors': ('last', 'multi', 'all'),
     'distill.subclass.normalize_over': ('example', 'batch'),
+    'distill.kdsvd.layout': ('mdistiller', 'repdistiller'),
     'optimizer.name': ('sgd', 'adam', 'adamw', 'dot'),
     'schedule.name': ('step', 'cosine', 'constant'),
     'dtype': ('float32', 'bfloat16'),
@@ -69,6 +70,12 @@ RANGES = {
     'distill.reviewkd.max_mid_channels': (1, None, True),
     'distill.ofd.connector_kernel_size': (1, None, True),
     'distill.cat_kd.cam_resolution': (1, None, True),
+    'distill.cc.feat_dim': (1, None, True),
+    'distill.ab.margin': (0.0, None, True),
+    'distill.ft.factor': (0.0, None, False),
+    'distill.kdsvd.k': (1, None, True),
+    'distill.init.epochs': (0, None, True),
+    'distill.init.lr': (0.0, None, True),
     'optimizer.lr': (0.0, None, False),
     'optimizer.momentum': (0.0, 1.0, True),
     'optimizer.weight_decay': (0.0, None, True),
@@ -117,6 +124,7 @@ def check(cfg):
   _check_models(cfg)
   _check_losses(cfg)
   _check_schedule(cfg)
+  _check_init(cfg)
 
 
 def _check_models(cfg):
@@ -176,3 +184,31 @@ def _check_schedule(cfg):
   if s.get('warmup_epochs', 0) >= cfg.epochs:
     raise ConfigError(f'config.schedule.warmup_epochs={s.warmup_epochs} leaves no epoch after the warmup '
                       f'(config.epochs={cfg.epochs})')
+
+
+def _check_init(cfg):
+  """The pre-training stage (kdjax/stages.py): shorter than the run, known terms with weights >= 0, something to
+  train. Whether `train`/`freeze_after` name real parameters is checked when the step is traced."""
+  from kdjax import distill
+  init = cfg.distill.get('init', None)
+  if init is None or not init.get('epochs', 0):
+    return
+  if init.epochs >= cfg.epochs:
+    raise ConfigError(f'config.distill.init.epochs={init.epochs} leaves no main training (config.epochs='
+                      f'{cfg.epochs} counts the stage)')
+  losses = dict(init.get('losses', {}))
+  for name, weight in losses.items():
+    if name not in distill.METHODS:
+      raise ConfigError(f'config.distill.init.losses: unknown loss term {name!r}; known: '
+                        f'{", ".join(sorted(distill.METHODS))}')
+    if not _is_number(weight) or weight < 0:
+      raise ConfigError(f'config.distill.init.losses.{name} must be a number >= 0, got {weight!r}')
+  if not any(losses.values()):
+    raise ConfigError('config.distill.init.losses: no term with a positive weight, the stage would train nothing')
+  for field in ('train', 'freeze_after'):
+    paths = init.get(field, ())
+    if isinstance(paths, str) or any(not isinstance(p, str) or not p.strip('/') for p in paths):
+      raise ConfigError(f'config.distill.init.{field} must be a tuple of parameter paths like '
+                        f"'student/backbone', got {paths!r}")
+  if not tuple(init.get('train', ())):
+    raise ConfigError("config.distill.init.train is empty: name what the stage trains, e.g. ('student/backbone',)")

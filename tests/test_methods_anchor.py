@@ -304,8 +304,11 @@ def test_every_method_lowers_on_every_benchmark_pair(teacher_name, student_name)
   configs = {m: CIFAR100.get_config(f'{m},{teacher_name},{student_name}') for m in CIFAR100.METHODS}
   registered = [m for m in CIFAR100.METHODS if m in distill.METHODS]
   cfg = configs['kd']
-  for m, c in configs.items():  # the method configs differ in their loss terms only
+  for m, c in configs.items():  # the method configs differ in their loss terms (and pre-training stage) only
     c.distill.losses = cfg.distill.losses
+    c.distill.init, c.epochs, c.teacher.recipe = cfg.distill.init, cfg.epochs, cfg.teacher.recipe
+    if m == 'cat_kd':
+      c.distill.cat_kd = cfg.distill.cat_kd
     assert c.to_dict() == cfg.to_dict(), m
   # Methods that cannot apply to this pair (their `check` refuses it) must say so in one line naming the method and
   # a model of the pair; the others are traced together.
