@@ -281,8 +281,7 @@ class Distiller:
     """Instantiates the methods' extra modules once the output shapes are known (they size the projectors)."""
     pick = lambda name: teacher_shapes[name] if isinstance(teacher_shapes, dict) else teacher_shapes
     for name, (_, method) in self.terms.items():
-      if method.check is not None:
-        method.check(self.cfg, student_shapes, pick(name), info)
+      check_pair(name, method, self.cfg, student_shapes, pick(name), info)
     if self.module_methods:
       self.extras = Extras({n: m.module(self.cfg, student_shapes, pick(n), info)
                             for n, m in self.module_methods.items()})
@@ -306,6 +305,20 @@ class Distiller:
   @staticmethod
   def logits(ctx: Context):
     return _student_logits(ctx)
+
+
+def check_pair(name: str, method: Method, cfg, student_shapes, teacher_shapes, info: DataInfo):
+  """Runs `method.check`; its refusal is re-raised as one line that names the method and both models."""
+  if method.check is None:
+    return
+  try:
+    method.check(cfg, student_shapes, teacher_shapes, info)
+  except ConfigError as e:
+    message = ' '.join(str(e).split())
+    if not message.startswith(name):
+      message = f'{name}: {message}'
+    pair = f'student {info.name("student")}, teacher {info.name("teacher")}'
+    raise ConfigError(f'{message} ({pair})') from None
 
 
 def load_methods():
