@@ -100,7 +100,9 @@ class Experiment:
                                                                  cfg.get('mesh_students', 0), self.batch_size)
     n_data = sharding.data_size(self.mesh)
     if self.batch_size % n_data:
-      raise ConfigError(f'batch_size {self.batch_size} is not divisible by the {n_data} devices of the data axis')
+      over = f' (over {jax.process_count()} processes)' if jax.process_count() > 1 else ''
+      raise ConfigError(f'batch_size {self.batch_size} is not divisible by the {n_data} devices of the data axis'
+                        f'{over}')
     if self.num_students % self.mesh.shape['students']:
       raise ConfigError(f'{self.num_students} students do not split over the {self.mesh.shape["students"]} devices '
                         'of the students axis')

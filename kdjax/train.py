@@ -307,8 +307,9 @@ def _train(cfg, sweep: sweep_lib.Sweep, workdir: str, restart: bool = False) -> 
       run = results.load_run(workdir)
       results.write_csv(run)
       table = results.grid_table(run)
-    if sweep.size > 1 and table is not None:
-      print(table, flush=True)
+    if sweep.size > 1:
+      if table is not None:
+        print(table, flush=True)
     else:
       logging.info('done: last %s acc %.4f, best %s acc %.4f (step %s), test acc %.4f, wall time %.1fs',
                    select, summary['last_select_accuracy'], select, summary['best_select_accuracy'],
