@@ -16,7 +16,6 @@ import os
 import socket
 import sys
 import threading
-import time
 
 import jax
 import numpy as np
@@ -107,10 +106,6 @@ def _check_process_count(timeout: float):
                         'start every process with the same --num_processes')
 
 
-def process_index() -> int:
-  return jax.process_index()
-
-
 def is_primary() -> bool:
   """Process 0 writes the run's files (logs, metrics, TensorBoard, figures, summary.json, the teacher cache's
   records); on one host this is always true."""
@@ -137,11 +132,3 @@ def agree_signal(signum: int | None) -> int | None:
   seen = int(np.max(multihost_utils.process_allgather(np.int32(signum or 0))))
   return seen or None
 
-
-def wait_for(predicate, what: str, timeout: float = 600, poll: float = 0.2):
-  """Polls `predicate` (a file another process writes) until it holds; a ConfigError naming `what` after `timeout`."""
-  end = time.time() + timeout
-  while not predicate():
-    if time.time() > end:
-      raise ConfigError(f'waited {timeout:g}s for {what} from process 0')
-    time.sleep(poll)

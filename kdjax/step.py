@@ -387,7 +387,8 @@ class Experiment:
     args = (ts, self.teacher_vars, self.teacher_table, self.hparams, jnp.int32(0), jnp.int32(0))
     shardings = self.state_shardings(ts)
     # The metrics come back replicated: every process (of a multi-host run too) reads them whole.
-    self._train_chunk = jax.jit(self._train_chunk_fn, donate_argnums=(0,), out_shardings=(shardings, self.replicated))
+    self._train_chunk = jax.jit(self._train_chunk_fn, donate_argnums=(0,),
+                                out_shardings=(shardings, self.replicated))
     compiled = self._train_chunk.lower(*args).compile()
     self._compiled_chunk = compiled  # the dispatches run this executable: compiled once, checked, then used
     analysis = compiled.memory_analysis()
