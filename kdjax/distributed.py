@@ -16,6 +16,7 @@ import os
 import socket
 import sys
 import threading
+import time
 
 import jax
 import numpy as np
@@ -41,10 +42,15 @@ def _watchdog(address: str, num_processes: int, timeout: float):
   done = threading.Event()
 
   def expire():
-    if done.wait(timeout):
+    end, seen = time.monotonic() + timeout, not address  # whether the coordinator ever answered while we waited
+    while not done.wait(min(0.5, max(end - time.monotonic(), 0))):
+      seen = seen or _reachable(address)
+      if time.monotonic() >= end:
+        break
+    if done.is_set():
       return
     where = f'the coordinator at {address}' if address else 'the auto-detected coordinator'
-    if address and not _reachable(address):
+    if not seen:
       line = (f'cannot reach {where} within {timeout:g}s (--distributed_timeout): start process 0 there, or fix '
               '--coordinator_address')
     else:

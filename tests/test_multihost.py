@@ -222,13 +222,13 @@ def test_process_id_out_of_range_is_one_line(tmp_path):
 
 def test_mismatched_process_counts_are_one_line_each(tmp_path):
   # Process 0 waits for a third process that never comes; process 1 was told there are two.
-  with Processes(_args(tmp_path / 'w', tmp_path / 'c'), timeout=4, num_processes=[3, 2]) as procs:
+  with Processes(_args(tmp_path / 'w', tmp_path / 'c'), timeout=8, num_processes=[3, 2]) as procs:
     results = procs.wait(timeout=90)
-  for rc, text in results:
+  for n, (rc, text) in zip((3, 2), results):
     assert rc == 2, text[-2000:]
     (line,) = _errors(text)
-    assert line.startswith(f'error: the 3 processes did not all join the coordinator at {procs.address}') \
-        or 'start every process with the same --num_processes' in line, line
+    assert line.startswith(f'error: the {n} processes did not all join the coordinator at {procs.address} within '
+                           '8s (--distributed_timeout): start every process with the same --num_processes'), line
     assert 'Traceback' not in text
 
 
