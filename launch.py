@@ -25,6 +25,14 @@ config_flags.DEFINE_config_file('config', None, 'Experiment config file (path[:c
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and metrics; rerun to resume.')
 flags.DEFINE_bool('restart', False, 'Start anew in a workdir that holds a run: its files are moved into '
                   'WORKDIR/previous-<time> (nothing is deleted).')
+flags.DEFINE_string('coordinator_address', '', 'Many hosts: HOST:PORT of process 0 (with --num_processes and '
+                    '--process_id); every process runs the same command.')
+flags.DEFINE_integer('num_processes', 0, 'Many hosts: the number of processes (one per host, or per GPU).')
+flags.DEFINE_integer('process_id', -1, 'Many hosts: this process, 0..num_processes-1 (0 writes the files).')
+flags.DEFINE_bool('distributed', False, "Many hosts: join by JAX's auto-detection (SLURM, TPU pods, Open MPI) "
+                  'instead of the three flags above.')
+flags.DEFINE_float('distributed_timeout', 300, 'Seconds for every process to join the coordinator; past them a '
+                   'process stops with one line naming the address.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -85,9 +93,17 @@ def main(argv):
   del argv
   try:
     import jax
+    from kdjax import distributed
+    f = flags.FLAGS
+    if distributed.initialize(f.coordinator_address, f.num_processes, f.process_id, f.distributed,
+                              f.distributed_timeout):
+      if not distributed.is_primary():  # process 0 logs for the run; the others only warn
+        logging.set_verbosity(logging.WARNING)
+      logging.info('process %d of %d', jax.process_index(), jax.process_count())
     from kdjax import runner
-    logging.info('JAX %s on %s: %d device(s) (%s)', jax.__version__, jax.default_backend(), jax.device_count(),
-                 ', '.join(sorted({d.device_kind for d in jax.devices()})))
+    logging.info('JAX %s on %s: %d device(s) (%s)%s', jax.__version__, jax.default_backend(), jax.device_count(),
+                 ', '.join(sorted({d.device_kind for d in jax.devices()})),
+                 f', {jax.process_count()} processes' if jax.process_count() > 1 else '')
     runner.run(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.restart)
   except KDError as e:
     _fail_with(e)

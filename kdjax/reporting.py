@@ -61,22 +61,26 @@ class Reporter:
   students write TensorBoard runs of their own, `tensorboard/student_<i>`)."""
 
   def __init__(self, workdir: str, total_epochs: int, steps_per_epoch: int, names=('run',),
-               tensorboard: bool = True, resume_step: int = 0):
+               tensorboard: bool = True, resume_step: int = 0, write: bool = True):
+    """`write=False` (the processes other than 0 of a multi-host run): no files, no console lines."""
     self.total_epochs = total_epochs
     self.steps_per_epoch = steps_per_epoch
     self.names = list(names)
-    path = os.path.join(workdir, 'metrics.jsonl')
-    _truncate(path, resume_step)
-    self.jsonl = open(path, 'a')
+    self.enabled = write
+    self.jsonl = None
     self.tb = []
-    if tensorboard:
+    if write:
+      path = os.path.join(workdir, 'metrics.jsonl')
+      _truncate(path, resume_step)
+      self.jsonl = open(path, 'a')
+    if tensorboard and write:
       from tensorboardX import SummaryWriter
       root = os.path.join(workdir, 'tensorboard')
       # purge_step drops the events an earlier attempt wrote past the restored step.
       self.tb = [SummaryWriter(root if len(self.names) == 1 else os.path.join(root, f'student_{i}'),
                                purge_step=resume_step + 1 if resume_step else None)
                  for i in range(len(self.names))]
-    self.tty = sys.stderr.isatty()
+    self.tty = sys.stderr.isatty() and write
     self.epoch_times = []
 
   def progress(self, epoch: int, step_in_epoch: int, loss: float | None = None):
@@ -96,6 +100,8 @@ class Reporter:
     """Logs the epoch line and writes one record per student. `epoch` counts from 0; `images` is the number of
     training images of the epoch (each student saw them all)."""
     self.epoch_times.append(epoch_seconds)
+    if not self.enabled:
+      return
     recent = self.epoch_times[-5:] if len(self.epoch_times) > 1 else self.epoch_times
     # The first epoch includes compilation; once later epochs exist, the ETA ignores it.
     per_epoch = sum(recent[1:] or recent) / len(recent[1:] or recent)
@@ -123,6 +129,8 @@ class Reporter:
       self.write(r, i)
 
   def write(self, record: dict, student: int = 0):
+    if self.jsonl is None:
+      return
     self.jsonl.write(json.dumps(record) + '\n')
     self.jsonl.flush()
     if self.tb and 'step' in record:
@@ -133,6 +141,7 @@ class Reporter:
       tb.flush()
 
   def close(self):
-    self.jsonl.close()
+    if self.jsonl is not None:
+      self.jsonl.close()
     for tb in self.tb:
       tb.close()

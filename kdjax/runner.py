@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 from absl import logging
+import jax
 
 from kdjax import train
 from kdjax.errors import ConfigError
@@ -29,7 +30,8 @@ def run(cfg, workdir: str, restart: bool = False) -> dict:
           sub[section][key] = sub[section][key].replace('{workdir}', workdir)
     logging.info('=== suite run %r ===', name)
     results[name] = train.train_and_evaluate(sub, os.path.join(workdir, name), restart)
-  print(format_table(cfg, results))
+  if jax.process_index() == 0:  # on many hosts, process 0 prints
+    print(format_table(cfg, results))
   return results
 
 

@@ -120,7 +120,9 @@ class Experiment:
                                                                  cfg.get('mesh_students', 0), self.batch_size)
     n_data = sharding.data_size(self.mesh)
     if self.batch_size % n_data:
-      raise ConfigError(f'batch_size {self.batch_size} is not divisible by the {n_data} devices of the data axis')
+      over = f' (over {jax.process_count()} processes)' if jax.process_count() > 1 else ''
+      raise ConfigError(f'batch_size {self.batch_size} is not divisible by the {n_data} devices of the data axis'
+                        f'{over}')
     if self.num_students % self.mesh.shape['students']:
       raise ConfigError(f'{self.num_students} students do not split over the {self.mesh.shape["students"]} devices '
                         'of the students axis')
@@ -160,10 +162,11 @@ class Experiment:
     data_seed = cfg.seed if data_seed < 0 else data_seed
     self.data_rng, self.aug_rng = _seed_key(data_seed, 0), _seed_key(data_seed, 1)
     self.strong_rng = _seed_key(data_seed, 4)  # the strong view's augmentation (MLKD), its own stream
-    seeds = jnp.asarray([s.cfg.seed for s in self.sweep.students])
-    self.init_keys = jax.vmap(lambda s: _seed_key(s, 2))(seeds)
-    self.step_keys = jax.device_put(jax.vmap(lambda s: _seed_key(s, 3))(seeds), self.students_sharded)
-    self.hparams = jax.device_put({k: jnp.asarray(v) for k, v in self.sweep.traced.items()},
+    # Placed from host values (NumPy, the same on every process), as a mesh spanning many processes requires.
+    seeds = np.asarray([s.cfg.seed for s in self.sweep.students])
+    self.init_keys = jax.jit(jax.vmap(lambda s: _seed_key(s, 2)), out_shardings=self.replicated)(seeds)
+    self.step_keys = jax.jit(jax.vmap(lambda s: _seed_key(s, 3)), out_shardings=self.students_sharded)(seeds)
+    self.hparams = jax.device_put({k: np.asarray(v) for k, v in self.sweep.traced.items()},
                                   self.students_sharded)
 
     self.train_data = device_data.put_replicated(ds.train, self.replicated)
@@ -172,7 +175,7 @@ class Experiment:
                       for name, split in (('val', ds.val), ('test', ds.test)) if split is not None}
     self.teacher_table = self._teacher_table()
     self._train_chunk = jax.jit(self._train_chunk_fn, donate_argnums=(0,))
-    self._evaluate = jax.jit(self._evaluate_fn)
+    self._evaluate = jax.jit(self._evaluate_fn, out_shardings=self.replicated)  # every process reads the sums
     self._compiled_chunk = None
 
   def _auto_steps_per_dispatch(self) -> int:
@@ -470,7 +473,9 @@ class Experiment:
     returns XLA's memory estimate per device: {'state', 'temp', 'total', 'available'} in bytes."""
     args = (ts, self.teacher_vars, self.teacher_table, self.hparams, jnp.int32(0), jnp.int32(0))
     shardings = self.state_shardings(ts)
-    self._train_chunk = jax.jit(self._train_chunk_fn, donate_argnums=(0,), out_shardings=(shardings, None))
+    # The metrics come back replicated: every process (of a multi-host run too) reads them whole.
+    self._train_chunk = jax.jit(self._train_chunk_fn, donate_argnums=(0,),
+                                out_shardings=(shardings, self.replicated))
     compiled = self._train_chunk.lower(*args).compile()
     self._compiled_chunk = compiled  # the dispatches run this executable: compiled once, checked, then used
     analysis = compiled.memory_analysis()

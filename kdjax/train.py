@@ -23,6 +23,7 @@ import numpy as np
 from kdjax import checkpoint as ckpt_lib
 from kdjax import config_lib
 from kdjax import data as data_lib
+from kdjax import distributed as dist
 from kdjax import reporting
 from kdjax import results
 from kdjax import sharding
@@ -94,15 +95,18 @@ def prepare_teacher(cfg, ds, mesh):
   if not cfg.teacher.get('model'):
     return None, None
   path, must_train = teacher_lib.checkpoint_path(cfg, ds)
-  if must_train:
+  if must_train:  # on many hosts: every process trains it, as one run; process 0 writes its records
     train_and_evaluate(teacher_lib.teacher_run_config(cfg), path)
+    dist.barrier('kdjax-teacher-trained')
   if cfg.teacher.get('checkpoint'):
     return teacher_lib.load(cfg, ds, mesh, path)
   try:
     return teacher_lib.load(cfg, ds, mesh, path)
   except Exception as e:  # a cached teacher damaged on disk: kept aside, trained again
     aside = f'{path}.damaged-{int(time.time())}'
-    os.rename(path, aside)
+    if dist.is_primary():
+      os.rename(path, aside)
+    dist.barrier('kdjax-teacher-set-aside')
     logging.warning('the cached teacher %s is damaged (%s); moved to %s and trained again', path,
                     (str(e).strip().splitlines() or [type(e).__name__])[0][:200], aside)
     train_and_evaluate(teacher_lib.teacher_run_config(cfg), path)
@@ -144,7 +148,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, restart: bo
   sweep = sweep_lib.expand(cfg)  # refuses a bad sweep, and then any bad field, before anything is written
   for student in sweep.students:
     validate.check(student.cfg)
-  with workdir_lock(workdir):
+  # On many hosts only process 0 holds the lock: the processes of one run share the workdir.
+  with workdir_lock(workdir) if dist.is_primary() else contextlib.nullcontext():
     return _train(cfg, sweep, workdir, restart)
 
 
@@ -194,10 +199,13 @@ def set_aside(workdir: str) -> str | None:
 def _train(cfg, sweep: sweep_lib.Sweep, workdir: str, restart: bool = False) -> dict:
   t_start = time.time()
   base = sweep.base
-  if restart:
+  if restart and dist.is_primary():
     set_aside(workdir)
+  dist.barrier('kdjax-set-aside')
   check_resume(cfg, workdir)
-  write_config(cfg, workdir, sweep)
+  dist.barrier('kdjax-resume-checked')  # every process has read the saved config before process 0 rewrites it
+  if dist.is_primary():
+    write_config(cfg, workdir, sweep)
   ds = data_lib.load(base.data)
   logging.info('data %s: %d train, %s val, %d test, %d classes, images %s, augment %s', ds.name, len(ds.train),
                len(ds.val) if ds.val is not None else 0, len(ds.test), ds.num_classes, ds.image_shape, ds.augment)
@@ -234,10 +242,21 @@ def _train(cfg, sweep: sweep_lib.Sweep, workdir: str, restart: bool = False) -> 
 
   # Records past the restored step (an earlier attempt's, lost with its process) are dropped: one per epoch.
   reporter = reporting.Reporter(workdir, base.epochs, exp.steps_per_epoch, [s.name for s in sweep.students],
-                                base.get('tensorboard', True), resume_step=int(ts.step))
+                                base.get('tensorboard', True), resume_step=int(ts.step), write=dist.is_primary())
   diverged = {}  # student index -> the step its first non-finite update was skipped at
-  stop = {'signal': None}
+  stop = {'signal': None}  # set by the handler; on many hosts read through `stopped`, the same on every process
   previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
+  agreed = {'signal': None}
+
+  def stopped(check: bool = False):
+    """The signal that stops the run: on one host the handler's; on many, the one any process got, agreed at
+    each dispatch (`check`), so that every process stops after the same step."""
+    if not dist.multi():
+      return stop['signal']
+    if check:
+      agreed['signal'] = dist.agree_signal(stop['signal'])
+    return agreed['signal']
+
   last_eval = []
   try:
     step = int(ts.step)
@@ -255,16 +274,16 @@ def _train(cfg, sweep: sweep_lib.Sweep, workdir: str, restart: bool = False) -> 
         if len(pending) > 1:  # fetch the previous dispatch's metrics while this one runs
           sums = _accumulate(sums, _fetch(pending.pop(0), exp, ckpt, diverged))
           reporter.progress(epoch, pos - exp.k, float(np.mean(sums['loss'] / sums['steps'])))
-        if stop['signal'] is not None:
+        if stopped(check=True) is not None:
           break
       for item in pending:
         sums = _accumulate(sums, _fetch(item, exp, ckpt, diverged))
       step = epoch * exp.steps_per_epoch + pos
-      if stop['signal'] is not None and pos < exp.steps_per_epoch:  # stopped mid-epoch
+      if stopped() is not None and pos < exp.steps_per_epoch:  # stopped mid-epoch
         ckpt.save(step, ts, dict(_meta(base, ds, exp, step, False),
                                  partial_sums={k: v.tolist() for k, v in sums.items()}))
         ckpt.wait()
-        raise _preempted(stop['signal'], step)
+        raise _preempted(stopped(), step)
       partial = None
       reporter.progress(epoch, exp.steps_per_epoch)
       epoch_seconds = time.time() - t0
@@ -281,24 +300,28 @@ def _train(cfg, sweep: sweep_lib.Sweep, workdir: str, restart: bool = False) -> 
           r.update({k: v for k, v in e.items() if not k.endswith(('class_accuracy', '_count'))})
         metrics = {ckpt_lib.SELECT_METRIC: float(np.mean([e[f'{select}_accuracy'] for e in last_eval]))}
       reporter.epoch(epoch, step, records, epoch_seconds, int(sums['count'][0]))
-      if done % base.get('checkpoint_every_epochs', 1) == 0 or is_last or stop['signal'] is not None:
+      if done % base.get('checkpoint_every_epochs', 1) == 0 or is_last or stopped() is not None:
         ckpt.save(step, ts, _meta(base, ds, exp, step, is_last), metrics)
-      if stop['signal'] is not None and not is_last:
+      if stopped() is not None and not is_last:
         ckpt.wait()
-        raise _preempted(stop['signal'], step)
+        raise _preempted(stopped(), step)
     ckpt.wait()
     if not last_eval:  # the run was already complete: report from the final state
       last_eval = exp.evaluate(ts)
     summary = _summary(workdir, exp, ts, select, last_eval, time.time() - t_start, ckpt)
     reporter.write({'summary': {k: v for k, v in summary.items() if k != 'students'}})
-    if base.get('figures', True):
+    table = None
+    if not dist.is_primary():
+      pass  # process 0 writes the results
+    elif base.get('figures', True):
       table = results.finish(workdir)
     else:
       run = results.load_run(workdir)
       results.write_csv(run)
       table = results.grid_table(run)
     if sweep.size > 1:
-      print(table, flush=True)
+      if table is not None:
+        print(table, flush=True)
     else:
       logging.info('done: last %s acc %.4f, best %s acc %.4f (step %s), test acc %.4f, wall time %.1fs',
                    select, summary['last_select_accuracy'], select, summary['best_select_accuracy'],
@@ -334,8 +357,10 @@ def _restore_newest_intact(ckpt, abstract):
       damaged.append(step)
   for step in damaged:
     root = ckpt_lib.directory(ckpt.workdir)
-    os.rename(os.path.join(root, str(step)), os.path.join(root, f'damaged-{step}-{int(time.time())}'))
+    if dist.is_primary():
+      os.rename(os.path.join(root, str(step)), os.path.join(root, f'damaged-{step}-{int(time.time())}'))
   if damaged:
+    dist.barrier('kdjax-damaged-set-aside')
     ckpt.manager.reload()
     logging.warning('resuming from %s; the damaged step(s) %s are kept in %s as damaged-<step>-<time>',
                     f'step {found[0]}' if found[0] is not None else 'the start',
@@ -393,6 +418,7 @@ def _summary(workdir, exp: Experiment, ts, select, last_eval, wall, ckpt) -> dic
              'wall_seconds': wall, 'students': students}
   if exp.num_students == 1:
     summary.update({k: v for k, v in students[0].items() if k not in ('index', 'name', 'values')})
-  with open(os.path.join(workdir, 'summary.json'), 'w') as f:
-    json.dump(summary, f, indent=2)
+  if dist.is_primary():
+    with open(os.path.join(workdir, 'summary.json'), 'w') as f:
+      json.dump(summary, f, indent=2)
   return summary
