@@ -89,6 +89,23 @@ def _shortcut(block: nn.Module, x, out_channels: int, train: bool):
 BLOCKS = {'basicblock': BasicBlock, 'bottleneck': Bottleneck}
 
 
+def residual_stages(x, block_cls, stages, train: bool, dtype, shortcut_name: str = 'downsample'):
+  """The stages of every ResNet here: `stages` is (planes, first stride, blocks) per stage; blocks are named
+  `layer{i}_{j}` (i from 1) inside the calling module. Returns (output, stage outputs, their pre-ReLU sums)."""
+  features, preact = [], []
+  in_channels = x.shape[-1]
+  for i, (planes, stride, n) in enumerate(stages, start=1):
+    for j in range(n):
+      s = stride if j == 0 else 1
+      out_channels = planes * block_cls.expansion
+      x, pre = block_cls(planes, s, project=(s != 1 or in_channels != out_channels), shortcut_name=shortcut_name,
+                         dtype=dtype, name=f'layer{i}_{j}')(x, train)
+      in_channels = out_channels
+    features.append(x)
+    preact.append(pre)
+  return x, features, preact
+
+
 class CifarResNet(nn.Module):
   """`widths` = (stem, stage1, stage2, stage3) as the reference's `num_filters`; stages stride 1, 2, 2."""
   depth: int
@@ -109,17 +126,9 @@ class CifarResNet(nn.Module):
     # The stem has no pre-activation tap in the reference: its preact list repeats the post-ReLU map.
     features, preact = [x], [x]
 
-    in_channels = self.widths[0]
-    for i, (planes, stride) in enumerate(zip(self.widths[1:], (1, 2, 2)), start=1):
-      for j in range(n):
-        s = stride if j == 0 else 1
-        out_channels = planes * block_cls.expansion
-        x, pre = block_cls(planes, s, project=(s != 1 or in_channels != out_channels), dtype=self.dtype,
-                           name=f'layer{i}_{j}')(x, train)
-        in_channels = out_channels
-      features.append(x)
-      preact.append(pre)
-    return features, preact, layers.avg_pool_all(x)
+    x, f, p = residual_stages(x, block_cls, [(w, s, n) for w, s in zip(self.widths[1:], (1, 2, 2))], train,
+                              self.dtype)
+    return features + f, preact + p, layers.avg_pool_all(x)
 
 
 for _depth in (8, 14, 20, 32, 44, 56, 110):

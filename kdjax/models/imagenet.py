@@ -78,17 +78,9 @@ class TorchvisionResNet(nn.Module):
     x = nn.relu(layers.batch_norm(train, self.dtype, name='bn1')(x))
     features, preact = [x], [x]
     x = layers.max_pool(x, 3, strides=2, padding=1)
-    in_channels = 64
-    for i, (planes, stride, n) in enumerate(zip((64, 128, 256, 512), (1, 2, 2, 2), self.num_blocks), start=1):
-      for j in range(n):
-        s = stride if j == 0 else 1
-        out_channels = planes * block_cls.expansion
-        x, pre = block_cls(planes, s, project=(s != 1 or in_channels != out_channels), dtype=self.dtype,
-                           name=f'layer{i}_{j}')(x, train)
-        in_channels = out_channels
-      features.append(x)
-      preact.append(pre)
-    return features, preact, layers.avg_pool_all(x)
+    x, f, p = cifar_resnet.residual_stages(x, block_cls, zip((64, 128, 256, 512), (1, 2, 2, 2), self.num_blocks),
+                                           train, self.dtype)
+    return features + f, preact + p, layers.avg_pool_all(x)
 
 
 # ---------------------------------------------------------------------------------------------------- MobileNetV1

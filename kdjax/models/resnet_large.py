@@ -25,7 +25,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from kdjax.models import layers, register
-from kdjax.models.cifar_resnet import BLOCKS, _conv
+from kdjax.models.cifar_resnet import BLOCKS, _conv, residual_stages
 
 
 class ResNet(nn.Module):
@@ -40,17 +40,9 @@ class ResNet(nn.Module):
     x = nn.relu(layers.batch_norm(train, self.dtype, name='bn1')(x))
     features, preact = [x], [x]  # the reference has no pre-ReLU tap for the stem
 
-    in_channels = 64
-    for i, (planes, stride, n) in enumerate(zip((64, 128, 256, 512), (1, 2, 2, 2), self.num_blocks), start=1):
-      for j in range(n):
-        s = stride if j == 0 else 1
-        out_channels = planes * block_cls.expansion
-        x, pre = block_cls(planes, s, project=(s != 1 or in_channels != out_channels), shortcut_name='shortcut',
-                           dtype=self.dtype, name=f'layer{i}_{j}')(x, train)
-        in_channels = out_channels
-      features.append(x)
-      preact.append(pre)
-    return features, preact, layers.avg_pool_all(x)
+    x, f, p = residual_stages(x, block_cls, zip((64, 128, 256, 512), (1, 2, 2, 2), self.num_blocks), train,
+                              self.dtype, shortcut_name='shortcut')
+    return features + f, preact + p, layers.avg_pool_all(x)
 
 
 register('ResNet18', ResNet, num_blocks=(2, 2, 2, 2), block='basicblock')
