@@ -109,6 +109,15 @@ class Experiment:
       raise ConfigError(f'batch_size {self.batch_size} exceeds the {len(ds.train)} training examples')
     self.total_steps = cfg.epochs * self.steps_per_epoch
     self.k = min(cfg.get('steps_per_dispatch', 0) or self._auto_steps_per_dispatch(), self.steps_per_epoch)
+    self.steps_loop = cfg.get('steps_loop', 'auto')
+    if self.steps_loop not in ('auto', 'scan', 'unroll'):
+      raise ConfigError(f"steps_loop must be 'auto', 'scan' or 'unroll', got {self.steps_loop!r}")
+    if self.steps_loop == 'auto':
+      self.steps_loop = 'unroll' if jax.default_backend() == 'cpu' else 'scan'
+    if self.k > 1:
+      logging.info('%d steps per dispatch, %s (config.steps_loop = %r; auto: unroll on the CPU, where a rolled '
+                   'loop runs each step ~15x slower, scan elsewhere)', self.k,
+                   'unrolled' if self.steps_loop == 'unroll' else 'in a rolled lax.scan', cfg.get('steps_loop', 'auto'))
     self.dtype = compute_dtype(cfg)
     self.students_loop = cfg.get('students_loop', 'auto')
     if self.students_loop not in ('auto', 'vmap', 'unroll'):
@@ -375,7 +384,10 @@ class Experiment:
 
       return jax.lax.cond(s < self.steps_per_epoch, run, lambda c: c, carry), None
 
-    (ts, sums), _ = jax.lax.scan(body, (ts, zeros), jnp.arange(self.k))
+    # XLA:CPU runs a while loop's body far slower than the same ops in straight-line code (benchmarks/README.md,
+    # step_speed.py), so the CPU traces the K steps one after another (compile time grows with K).
+    unroll = self.k if self.steps_loop == 'unroll' else 1
+    (ts, sums), _ = jax.lax.scan(body, (ts, zeros), jnp.arange(self.k), unroll=unroll)
     return ts, sums
 
   def compile(self, ts: TrainState) -> dict:

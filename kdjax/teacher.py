@@ -23,7 +23,8 @@ from kdjax.errors import CheckpointMismatchError, CheckpointNotFoundError
 
 # Fields that do not change what the teacher learns; left out of the cache key.
 _NOT_IN_CACHE_KEY = ('tensorboard', 'num_devices', 'steps_per_dispatch', 'eval_every_epochs',
-                     'checkpoint_every_epochs', 'keep_checkpoints', 'eval_batch_size')
+                     'checkpoint_every_epochs', 'keep_checkpoints', 'eval_batch_size', 'compilation_cache',
+                     'steps_loop')
 
 
 def cache_dir(cfg, dataset: str) -> str:
