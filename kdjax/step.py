@@ -33,6 +33,9 @@ from kdjax.errors import ConfigError
 
 # Teacher outputs cached on the device for the whole training set only below this size ('auto').
 TEACHER_CACHE_LIMIT_BYTES = 2 << 30
+# The initialisation runs once: on the CPU, LLVM's -O1 compiles it ~3x faster than the default -O2/-O3 (its
+# threefry and erf_inv code is most of the setup of a CIFAR ResNet) and gives the same bits (tests/test_dispatch.py).
+INIT_COMPILER_OPTIONS = {'cpu': {'xla_backend_optimization_level': 1}}
 
 
 @flax.struct.dataclass
@@ -281,7 +284,9 @@ class Experiment:
     shardings = self.state_shardings(shapes)
     if abstract:
       return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
-    return jax.jit(self._init_fn, out_shardings=shardings)(self.init_keys, self.hparams, self.teacher_vars)
+    lowered = jax.jit(self._init_fn, out_shardings=shardings).lower(self.init_keys, self.hparams, self.teacher_vars)
+    return lowered.compile(INIT_COMPILER_OPTIONS.get(jax.default_backend()))(self.init_keys, self.hparams,
+                                                                             self.teacher_vars)
 
   def trace_train_step(self):
     """Traces one dispatch of the train step on abstract values: a cheap check that a config builds and lowers."""
