@@ -58,6 +58,8 @@ flags.DEFINE_list('ks', ['0'], 'kdjax steps per dispatch to time (0 = the auto s
 flags.DEFINE_list('loops', ['auto'], 'kdjax config.steps_loop values to time with K > 1.')
 flags.DEFINE_bool('torch', True, 'Time PyTorch eager.')
 flags.DEFINE_bool('torch_compile', True, 'Time PyTorch with torch.compile (inductor; needs a C++ compiler).')
+flags.DEFINE_list('xla_flags', [], 'Extra kdjax contenders: XLA_FLAGS settings (space-separated flags each) to time '
+                  'against the default, e.g. --xla_flags="--xla_cpu_use_onednn=true".')
 flags.DEFINE_bool('warm', True, 'Time kdjax a second time with the compilation cache the first process filled.')
 # A worker process: one contender, one JSON line.
 flags.DEFINE_string('worker', '', 'internal: kdjax | torch | torch_compile')
@@ -211,7 +213,11 @@ def torch_worker(pair: str, compiled: bool) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------- the table
-def _run(args: list[str], env=None) -> dict | None:
+def _run(args: list[str]) -> dict | None:
+  env = dict(os.environ)
+  for a in [a for a in args if a.startswith('--env=')]:
+    env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') + ' ' + a[len('--env='):]).strip()
+    args = [b for b in args if b != a]
   cmd = [sys.executable, os.path.abspath(__file__)] + args + [f'--seconds={FLAGS.seconds}']
   proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
   for line in proc.stdout.splitlines():
@@ -230,6 +236,8 @@ def _contenders(pair: str):
   for k in FLAGS.ks:
     for loop in (FLAGS.loops if int(k) != 1 else ['auto']):
       out.append((f'kdjax K={k}{"" if int(k) == 1 else f" {loop}"}', ['--worker=kdjax', f'--k={k}', f'--loop={loop}']))
+  for extra in FLAGS.xla_flags:
+    out.append((f'kdjax K=0 auto, XLA_FLAGS={extra}', ['--worker=kdjax', '--k=0', '--loop=auto', f'--env={extra}']))
   return out
 
 
@@ -261,6 +269,7 @@ def main(argv):
           shutil.rmtree(cache, ignore_errors=True)
         else:
           results.setdefault(name, []).append(_run(args + [f'--pair={pair}']))
+        print(f'  {pair} {name}: {json.dumps(next(reversed(results.values()))[-1])}', flush=True)
       print(f'{pair}: repeat {rep + 1} done, load average {os.getloadavg()[0]:.2f}', flush=True)
     base = None
     for name, rs in results.items():

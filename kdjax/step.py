@@ -155,6 +155,7 @@ class Experiment:
     self._train_chunk = jax.jit(self._train_chunk_fn, donate_argnums=(0,))
     self._evaluate = jax.jit(self._evaluate_fn)
     self._compiled_chunk = None
+    self._init_shapes = None  # the initial state's shapes, traced once
 
   def _auto_steps_per_dispatch(self) -> int:
     # XLA:CPU runs a step inside a while loop ~10x slower than the same step dispatched alone (measured on the
@@ -280,7 +281,9 @@ class Experiment:
   def init_state(self, abstract: bool = False) -> TrainState:
     """The initial train state of every student; `abstract=True` gives its shapes (with their shardings) only:
     nothing is computed or compiled."""
-    shapes = jax.eval_shape(self._init_fn, self.init_keys, self.hparams, self.teacher_vars)
+    if self._init_shapes is None:
+      self._init_shapes = jax.eval_shape(self._init_fn, self.init_keys, self.hparams, self.teacher_vars)
+    shapes = self._init_shapes
     shardings = self.state_shardings(shapes)
     if abstract:
       return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)

@@ -3,7 +3,7 @@ ShuffleNetv2.py, mobilenetv2.py), with the reference's module names, hence the s
 forward computation.
 
 They are the other side of two comparisons: the importer's tests (imported weights must give these networks'
-logits) and the PyTorch baseline of benchmarks/kd_step.py. torch is imported here only; training never imports
+logits) and the PyTorch baselines of benchmarks/step_speed.py. torch is imported here only; training never imports
 this module.
 """
 
