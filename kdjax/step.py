@@ -10,6 +10,7 @@ student reads its swept hyperparameters from arrays with a leading students axis
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Any
@@ -118,9 +119,10 @@ class Experiment:
     if self.steps_loop == 'auto':
       self.steps_loop = 'unroll' if jax.default_backend() == 'cpu' else 'scan'
     if self.k > 1:
-      logging.info('%d steps per dispatch, %s (config.steps_loop = %r; auto: unroll on the CPU, where a rolled '
-                   'loop runs each step ~15x slower, scan elsewhere)', self.k,
-                   'unrolled' if self.steps_loop == 'unroll' else 'in a rolled lax.scan', cfg.get('steps_loop', 'auto'))
+      logging.info('%d steps per dispatch, %s (config.steps_loop = %r; auto: unroll on the CPU, where XLA runs a '
+                   'step inside a loop or conditional many times slower, benchmarks/README.md; scan elsewhere)',
+                   self.k, 'unrolled' if self.steps_loop == 'unroll' else 'in a rolled lax.scan',
+                   cfg.get('steps_loop', 'auto'))
     self.dtype = compute_dtype(cfg)
     self.students_loop = cfg.get('students_loop', 'auto')
     if self.students_loop not in ('auto', 'vmap', 'unroll'):
@@ -156,6 +158,7 @@ class Experiment:
     self._evaluate = jax.jit(self._evaluate_fn)
     self._compiled_chunk = None
     self._init_shapes = None  # the initial state's shapes, traced once
+    self._single_step = None  # unrolled K > 1: the epoch's last steps when fewer than K are left
 
   def _auto_steps_per_dispatch(self) -> int:
     # XLA:CPU runs a step inside a while loop ~10x slower than the same step dispatched alone (measured on the
@@ -369,14 +372,23 @@ class Experiment:
     # Per-step sums over a dispatch; loss terms are batch means, so they are weighted per step, not per example.
     return TrainState(ts.step + 1, params, state, opt_state), metrics
 
-  def _train_chunk_fn(self, ts: TrainState, teacher_vars, table, hparams, epoch, start):
-    """`self.k` steps from step `start` of `epoch`; steps past the epoch's end are skipped (one compilation).
-    Metrics are per student, [S], summed over the dispatch."""
+  def _train_chunk_fn(self, ts: TrainState, teacher_vars, table, hparams, epoch, start, k: int | None = None):
+    """`k` (default `self.k`) steps from step `start` of `epoch`. In a rolled scan, steps past the epoch's end are
+    skipped (one compilation); unrolled, the K steps are straight-line code and `train_chunk` never asks for steps
+    past the end. Metrics are per student, [S], summed over the dispatch."""
+    k = self.k if k is None else k
     perm = device_data.epoch_permutation(self.data_rng, epoch, len(self.ds.train))
     step = lambda ts, s: self._train_step(ts, teacher_vars, table, hparams, perm, s, epoch)
-    if self.k == 1:  # no loop and no mask: `start` is always inside the epoch
+    if k == 1:  # no loop and no mask: `start` is always inside the epoch
       ts, m = step(ts, start)
       return ts, dict(jax.tree.map(lambda a: a.astype(jnp.float32), m), steps=jnp.float32(1))
+    if self.steps_loop == 'unroll':  # straight-line code, no loop and no mask: see `train_chunk`
+      sums = None
+      for i in range(k):
+        ts, m = step(ts, start + i)
+        m = dict(jax.tree.map(lambda a: a.astype(jnp.float32), m), steps=jnp.float32(1))
+        sums = m if sums is None else jax.tree.map(jnp.add, sums, m)
+      return ts, sums
     zeros = jax.eval_shape(lambda: step(ts, jnp.int32(0))[1])
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), zeros)
     zeros['steps'] = jnp.float32(0)
@@ -392,10 +404,7 @@ class Experiment:
 
       return jax.lax.cond(s < self.steps_per_epoch, run, lambda c: c, carry), None
 
-    # XLA:CPU runs a while loop's body far slower than the same ops in straight-line code (benchmarks/README.md,
-    # step_speed.py), so the CPU traces the K steps one after another (compile time grows with K).
-    unroll = self.k if self.steps_loop == 'unroll' else 1
-    (ts, sums), _ = jax.lax.scan(body, (ts, zeros), jnp.arange(self.k), unroll=unroll)
+    (ts, sums), _ = jax.lax.scan(body, (ts, zeros), jnp.arange(k))
     return ts, sums
 
   def compile(self, ts: TrainState) -> dict:
@@ -417,9 +426,20 @@ class Experiment:
     return out
 
   def train_chunk(self, ts, epoch: int, start: int):
+    args = (self.teacher_vars, self.teacher_table, self.hparams, jnp.int32(epoch))
+    if self.k > 1 and self.steps_loop == 'unroll' and start + self.k > self.steps_per_epoch:
+      # The unrolled program has no mask: the steps left before the epoch's end run as single-step dispatches
+      # (their own program, compiled when first needed), their metrics summed in the same order as the K steps'.
+      if self._single_step is None:
+        self._single_step = jax.jit(functools.partial(self._train_chunk_fn, k=1), donate_argnums=(0,),
+                                    out_shardings=(self.state_shardings(ts), None))
+      sums = None
+      for s in range(start, self.steps_per_epoch):
+        ts, m = self._single_step(ts, *args, jnp.int32(s))
+        sums = m if sums is None else jax.tree.map(jnp.add, sums, m)
+      return ts, sums
     fn = self._compiled_chunk if self._compiled_chunk is not None else self._train_chunk
-    return fn(ts, self.teacher_vars, self.teacher_table, self.hparams, jnp.int32(epoch),
-                             jnp.int32(start))
+    return fn(ts, *args, jnp.int32(start))
 
   # ------------------------------------------------------------------------------------------------------- eval
   def _evaluate_fn(self, ts: TrainState, teacher_vars, hparams, arrays):
