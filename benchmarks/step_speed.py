@@ -67,6 +67,8 @@ flags.DEFINE_string('pair', '', 'internal')
 flags.DEFINE_integer('k', 0, 'internal')
 flags.DEFINE_string('loop', 'auto', 'internal')
 flags.DEFINE_string('cache_dir', 'off', 'internal: the compilation cache of a kdjax worker')
+flags.DEFINE_integer('profile', 0, 'With --worker: profile this many steps after the timing and print the ops that '
+                     'took the most time (jax.profiler / torch.profiler), e.g. --worker=kdjax --pair=P --profile=4.')
 FLAGS = flags.FLAGS
 
 
@@ -142,7 +144,35 @@ def kdjax_worker(pair: str) -> dict:
     state['ts'] = ts
 
   out['img_s'] = _timed_blocks(block, n_disp * exp.k, batch, FLAGS.seconds)
+  if FLAGS.profile:
+    out['top_ops_ms_per_step'] = _jax_profile(exp, state, FLAGS.profile)
   return out
+
+
+def _jax_profile(exp, state, steps: int) -> dict:
+  """The XLA:CPU ops (thunks) that took the most time over `steps` steps, ms per step, grouped by HLO name
+  without its numeric suffix."""
+  import collections
+  import glob
+  import re
+  import jax
+  from jax.profiler import ProfileData
+  where = tempfile.mkdtemp(prefix='kdjax_profile_')
+  with jax.profiler.trace(where):
+    ts = state['ts']
+    for i in range(0, steps, exp.k):
+      ts, m = exp.train_chunk(ts, 0, i)
+    jax.block_until_ready((ts, m))
+  totals = collections.Counter()
+  for plane in ProfileData.from_file(glob.glob(f'{where}/**/*.xplane.pb', recursive=True)[0]).planes:
+    for line in plane.lines:
+      if line.name == 'python':
+        continue
+      for e in line.events:
+        if not re.match(r'(ThreadpoolListener|ThunkExecutor|end: )', e.name):
+          totals[re.sub(r'[._]\d+$', '', e.name)] += e.duration_ns / 1e6 / steps
+  shutil.rmtree(where, ignore_errors=True)
+  return {k: round(v, 2) for k, v in totals.most_common(12)}
 
 
 # ----------------------------------------------------------------------------------------------------- PyTorch
@@ -209,6 +239,13 @@ def torch_worker(pair: str, compiled: bool) -> dict:
       step()
 
   out['img_s'] = _timed_blocks(block, 8, batch, FLAGS.seconds)
+  if FLAGS.profile:
+    from torch import profiler
+    with profiler.profile(activities=[profiler.ProfilerActivity.CPU]) as prof:
+      for _ in range(FLAGS.profile):
+        step()
+    rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:12]
+    out['top_ops_ms_per_step'] = {e.key: round(e.self_cpu_time_total / 1e3 / FLAGS.profile, 2) for e in rows}
   return out
 
 
