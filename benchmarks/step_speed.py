@@ -317,7 +317,8 @@ def main(argv):
       if name == 'PyTorch eager':
         base = med['img_s']
       if 'k' in rs[0]:
-        name = name.replace('K=0', f'K={rs[0]["k"]}').replace('auto', rs[0]['loop'])
+        loop = '' if rs[0]['k'] == 1 else f' {rs[0]["loop"]}'
+        name = name.replace('K=0 auto', f'K={rs[0]["k"]}{loop}').replace(' auto', loop)
       rows.append((pair, name, med, len(rs), base))
       detail = ', '.join(f'{k} {v:.2f}' for k, v in med.items() if k not in ('img_s', 'k', 'threads'))
       print(f'  {name}: {med["img_s"]:,.0f} img/s; {detail}', flush=True)
