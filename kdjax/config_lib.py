@@ -18,6 +18,7 @@ def base() -> ml_collections.ConfigDict:
   c.seeds = 1               # N > 1: every grid point trained with seeds seed, seed + 1, ..., seed + N - 1
   c.mesh_students = 0       # devices along the students axis of the (students x data) mesh; 0 = auto
   c.students_loop = 'auto'  # how the step runs the students: vmap | unroll | auto (unroll on the CPU, else vmap)
+  c.steps_loop = 'auto'     # a dispatch's K steps: scan (rolled) | unroll | auto (unroll on the CPU, else scan)
   c.data = dict(
       name='digits',        # digits | mnist | fashion_mnist | kmnist | cifar10 | cifar100 | folder
       seed=-1,              # batch order and augmentation; -1 = config.seed (a sweep shares its base seed's)
@@ -110,7 +111,7 @@ def base() -> ml_collections.ConfigDict:
   c.epochs = 240
   c.batch_size = 64
   c.eval_batch_size = 500
-  c.steps_per_dispatch = 0  # K steps per dispatch (lax.scan); 0 = auto: 1 on CPU, else a divisor of steps/epoch <= 32
+  c.steps_per_dispatch = 0  # K steps per dispatch; 0 = auto (kdjax.step.Experiment._auto_steps_per_dispatch)
   c.eval_every_epochs = 1
   c.checkpoint_every_epochs = 1
   c.keep_checkpoints = 2
@@ -118,6 +119,9 @@ def base() -> ml_collections.ConfigDict:
   c.num_devices = 0         # 0 = all devices
   c.tensorboard = True
   c.figures = True          # results figures (PNG) in workdir/figures at the end of a run
+  # JAX's persistent compilation cache (kdjax.compile_cache): a directory | 'off'; '' = $KDJAX_COMPILATION_CACHE,
+  # else ~/.cache/kdjax/jax. A rerun, resume or relaunched sweep then loads its compiled programs.
+  c.compilation_cache = ''
   return c
 
 

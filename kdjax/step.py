@@ -16,6 +16,7 @@ forward pass (`jax.vjp`, two cotangents) and DOT's two momentum buffers combine 
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Any
@@ -40,6 +41,9 @@ from kdjax.errors import ConfigError
 
 # Teacher outputs cached on the device for the whole training set only below this size ('auto').
 TEACHER_CACHE_LIMIT_BYTES = 2 << 30
+# The initialisation runs once: on the CPU, LLVM's -O1 compiles it ~3x faster than the default -O2/-O3 (its
+# threefry and erf_inv code is most of the setup of a CIFAR ResNet) and gives the same bits (tests/test_dispatch.py).
+INIT_COMPILER_OPTIONS = {'cpu': {'xla_backend_optimization_level': 1}}
 
 
 @flax.struct.dataclass
@@ -132,6 +136,16 @@ class Experiment:
     self.total_steps = cfg.epochs * self.steps_per_epoch
     self.init_steps = stages.steps(cfg, self.steps_per_epoch)  # the pre-training stage (kdjax/stages.py), if any
     self.k = min(cfg.get('steps_per_dispatch', 0) or self._auto_steps_per_dispatch(), self.steps_per_epoch)
+    self.steps_loop = cfg.get('steps_loop', 'auto')
+    if self.steps_loop not in ('auto', 'scan', 'unroll'):
+      raise ConfigError(f"steps_loop must be 'auto', 'scan' or 'unroll', got {self.steps_loop!r}")
+    if self.steps_loop == 'auto':
+      self.steps_loop = 'unroll' if jax.default_backend() == 'cpu' else 'scan'
+    if self.k > 1:
+      logging.info('%d steps per dispatch, %s (config.steps_loop = %r; auto: unroll on the CPU, where XLA runs a '
+                   'step inside a loop or conditional many times slower, benchmarks/README.md; scan elsewhere)',
+                   self.k, 'unrolled' if self.steps_loop == 'unroll' else 'in a rolled lax.scan',
+                   cfg.get('steps_loop', 'auto'))
     self.dtype = compute_dtype(cfg)
     self.students_loop = cfg.get('students_loop', 'auto')
     if self.students_loop not in ('auto', 'vmap', 'unroll'):
@@ -177,11 +191,14 @@ class Experiment:
     self._train_chunk = jax.jit(self._train_chunk_fn, donate_argnums=(0,))
     self._evaluate = jax.jit(self._evaluate_fn, out_shardings=self.replicated)  # every process reads the sums
     self._compiled_chunk = None
+    self._init_shapes = None  # the initial state's shapes, traced once
+    self._single_step = None  # unrolled K > 1: the epoch's last steps when fewer than K are left
 
   def _auto_steps_per_dispatch(self) -> int:
-    # XLA:CPU runs a step inside a while loop ~10x slower than the same step dispatched alone (measured on the
-    # digits CNN), so the CPU dispatches single steps; accelerators amortise dispatch over up to 32 steps, a
-    # divisor of the epoch so that no step is masked.
+    # On the CPU, single steps (benchmarks/README.md, step_speed.py, resnet20 -> resnet8): XLA:CPU runs a step
+    # inside a while loop ~12x slower and inside a conditional ~25x slower than dispatched alone; unrolled into
+    # straight-line code K = 4 steps compiled 4x longer and ran no faster per step. Accelerators amortise
+    # dispatch over up to 32 steps in a rolled scan, a divisor of the epoch so that no step is masked.
     if jax.default_backend() == 'cpu':
       return 1
     return max(d for d in range(1, 33) if self.steps_per_epoch % d == 0)
@@ -308,11 +325,15 @@ class Experiment:
   def init_state(self, abstract: bool = False) -> TrainState:
     """The initial train state of every student; `abstract=True` gives its shapes (with their shardings) only:
     nothing is computed or compiled."""
-    shapes = jax.eval_shape(self._init_fn, self.init_keys, self.hparams, self.teacher_vars)
+    if self._init_shapes is None:
+      self._init_shapes = jax.eval_shape(self._init_fn, self.init_keys, self.hparams, self.teacher_vars)
+    shapes = self._init_shapes
     shardings = self.state_shardings(shapes)
     if abstract:
       return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
-    return jax.jit(self._init_fn, out_shardings=shardings)(self.init_keys, self.hparams, self.teacher_vars)
+    lowered = jax.jit(self._init_fn, out_shardings=shardings).lower(self.init_keys, self.hparams, self.teacher_vars)
+    return lowered.compile(INIT_COMPILER_OPTIONS.get(jax.default_backend()))(self.init_keys, self.hparams,
+                                                                             self.teacher_vars)
 
   def trace_train_step(self):
     """Traces one dispatch of the train step on abstract values: a cheap check that a config builds and lowers."""
@@ -442,14 +463,23 @@ class Experiment:
     # Per-step sums over a dispatch; loss terms are batch means, so they are weighted per step, not per example.
     return TrainState(ts.step + 1, params, state, opt_state), metrics
 
-  def _train_chunk_fn(self, ts: TrainState, teacher_vars, table, hparams, epoch, start):
-    """`self.k` steps from step `start` of `epoch`; steps past the epoch's end are skipped (one compilation).
-    Metrics are per student, [S], summed over the dispatch."""
+  def _train_chunk_fn(self, ts: TrainState, teacher_vars, table, hparams, epoch, start, k: int | None = None):
+    """`k` (default `self.k`) steps from step `start` of `epoch`. In a rolled scan, steps past the epoch's end are
+    skipped (one compilation); unrolled, the K steps are straight-line code and `train_chunk` never asks for steps
+    past the end. Metrics are per student, [S], summed over the dispatch."""
+    k = self.k if k is None else k
     perm = device_data.epoch_permutation(self.data_rng, epoch, len(self.ds.train))
     step = lambda ts, s: self._train_step(ts, teacher_vars, table, hparams, perm, s, epoch)
-    if self.k == 1:  # no loop and no mask: `start` is always inside the epoch
+    if k == 1:  # no loop and no mask: `start` is always inside the epoch
       ts, m = step(ts, start)
       return ts, dict(jax.tree.map(lambda a: a.astype(jnp.float32), m), steps=jnp.float32(1))
+    if self.steps_loop == 'unroll':  # straight-line code, no loop and no mask: see `train_chunk`
+      sums = None
+      for i in range(k):
+        ts, m = step(ts, start + i)
+        m = dict(jax.tree.map(lambda a: a.astype(jnp.float32), m), steps=jnp.float32(1))
+        sums = m if sums is None else jax.tree.map(jnp.add, sums, m)
+      return ts, sums
     zeros = jax.eval_shape(lambda: step(ts, jnp.int32(0))[1])
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), zeros)
     zeros['steps'] = jnp.float32(0)
@@ -465,7 +495,7 @@ class Experiment:
 
       return jax.lax.cond(s < self.steps_per_epoch, run, lambda c: c, carry), None
 
-    (ts, sums), _ = jax.lax.scan(body, (ts, zeros), jnp.arange(self.k))
+    (ts, sums), _ = jax.lax.scan(body, (ts, zeros), jnp.arange(k))
     return ts, sums
 
   def compile(self, ts: TrainState) -> dict:
@@ -489,9 +519,20 @@ class Experiment:
     return out
 
   def train_chunk(self, ts, epoch: int, start: int):
+    args = (self.teacher_vars, self.teacher_table, self.hparams, jnp.int32(epoch))
+    if self.k > 1 and self.steps_loop == 'unroll' and start + self.k > self.steps_per_epoch:
+      # The unrolled program has no mask: the steps left before the epoch's end run as single-step dispatches
+      # (their own program, compiled when first needed), their metrics summed in the same order as the K steps'.
+      if self._single_step is None:
+        self._single_step = jax.jit(functools.partial(self._train_chunk_fn, k=1), donate_argnums=(0,),
+                                    out_shardings=(self.state_shardings(ts), None))
+      sums = None
+      for s in range(start, self.steps_per_epoch):
+        ts, m = self._single_step(ts, *args, jnp.int32(s))
+        sums = m if sums is None else jax.tree.map(jnp.add, sums, m)
+      return ts, sums
     fn = self._compiled_chunk if self._compiled_chunk is not None else self._train_chunk
-    return fn(ts, self.teacher_vars, self.teacher_table, self.hparams, jnp.int32(epoch),
-                             jnp.int32(start))
+    return fn(ts, *args, jnp.int32(start))
 
   # ------------------------------------------------------------------------------------------------------- eval
   def _evaluate_fn(self, ts: TrainState, teacher_vars, hparams, arrays):

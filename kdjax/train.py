@@ -21,6 +21,7 @@ import ml_collections
 import numpy as np
 
 from kdjax import checkpoint as ckpt_lib
+from kdjax import compile_cache
 from kdjax import config_lib
 from kdjax import data as data_lib
 from kdjax import distributed as dist
@@ -142,6 +143,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, restart: bo
   """Trains every student of `cfg`'s sweep (one for a single run), distilling from `cfg.teacher` when the losses
   need one; returns the run summary (per student under 'students'; a single run's also at the top level)."""
   reporting.quiet_library_logs()
+  compile_cache.enable(cfg.get('compilation_cache', ''))  # before anything compiles
   if not workdir:
     raise ConfigError('--workdir is empty: name the directory for checkpoints, logs and metrics')
   workdir = os.path.abspath(os.path.expanduser(workdir))
@@ -157,7 +159,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, restart: bo
 # runs. Every other field changes the computation, and a resume with it changed is refused.
 RESUMABLE_CHANGES = ('epochs', 'eval_every_epochs', 'checkpoint_every_epochs', 'keep_checkpoints', 'tensorboard',
                      'figures', 'eval_batch_size', 'steps_per_dispatch', 'num_devices', 'mesh_students',
-                     'students_loop', 'data.data_dir', 'data.dir', 'data.cache_dir', 'teacher.cache_dir')
+                     'students_loop', 'data.data_dir', 'data.dir', 'data.cache_dir', 'teacher.cache_dir',
+                     'compilation_cache', 'steps_loop')
 
 
 def check_resume(cfg, workdir: str):

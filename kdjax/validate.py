@@ -26,6 +26,7 @@ CHOICES = {
     'dtype': ('float32', 'bfloat16'),
     'sweep_mode': ('grid', 'zip'),
     'students_loop': ('auto', 'vmap', 'unroll'),
+    'steps_loop': ('auto', 'scan', 'unroll'),
 }
 
 # field -> (lowest, highest, whether the lowest is allowed); None = unbounded.

@@ -3,7 +3,7 @@ ShuffleNetv2.py, mobilenetv2.py), with the reference's module names, hence the s
 forward computation.
 
 They are the other side of two comparisons: the importer's tests (imported weights must give these networks'
-logits) and the PyTorch baseline of benchmarks/kd_step.py. torch is imported here only; training never imports
+logits) and the PyTorch baselines of benchmarks/step_speed.py. torch is imported here only; training never imports
 this module.
 """
 
@@ -47,10 +47,13 @@ class CifarResNet(nn.Module):
       setattr(self, f'layer{i}', nn.Sequential(*blocks))
     self.fc = nn.Linear(cin, num_classes)
 
-  def forward(self, x):
+  def last_map(self, x):
+    """The last stage's output (RepDistiller's feat[-2]), which SimKD projects."""
     x = F.relu(self.bn1(self.conv1(x)))
-    x = self.layer3(self.layer2(self.layer1(x)))
-    return self.fc(x.mean((2, 3)))
+    return self.layer3(self.layer2(self.layer1(x)))
+
+  def forward(self, x):
+    return self.fc(self.last_map(x).mean((2, 3)))
 
 
 class WideBlock(nn.Module):
@@ -364,3 +367,96 @@ class ImageNetMobileNetV2(nn.Module):
 
   def forward(self, x):
     return self.classifier(self.features(x).mean((2, 3)))
+# ------------------------------------------------------------------ the seed projects' small models (benchmarks)
+class MLP(nn.Module):
+  """kdjax/models/simple.py MLP: flatten, [Linear, ReLU] per hidden width, the classifier."""
+
+  def __init__(self, in_features, hidden, num_classes):
+    super().__init__()
+    widths = (in_features,) + tuple(hidden)
+    self.hidden = nn.ModuleList([nn.Linear(a, b) for a, b in zip(widths, widths[1:])])
+    self.fc = nn.Linear(widths[-1], num_classes)
+
+  def forward(self, x):
+    x = x.flatten(1)
+    for layer in self.hidden:
+      x = F.relu(layer(x))
+    return self.fc(x)
+
+
+class SmallCNN(nn.Module):
+  """kdjax/models/simple.py SmallCNN (cnn_small; cnn2 = no BN, one hidden layer): [conv3x3, BN, ReLU, max-pool 2]
+  per width, flatten, [Linear, ReLU] per hidden width, the classifier."""
+
+  def __init__(self, in_channels, size, num_classes, channels=(32, 64), hidden=(128, 64), batch_norm=True):
+    super().__init__()
+    convs, cin = [], in_channels
+    for c in channels:
+      convs += [nn.Conv2d(cin, c, 3, 1, 1, bias=not batch_norm)] + ([nn.BatchNorm2d(c)] if batch_norm else [])
+      convs += [nn.ReLU(), nn.MaxPool2d(2)]
+      cin, size = c, size // 2
+    self.features = nn.Sequential(*convs)
+    widths = (cin * size * size,) + tuple(hidden)
+    self.hidden = nn.ModuleList([nn.Linear(a, b) for a, b in zip(widths, widths[1:])])
+    self.fc = nn.Linear(widths[-1], num_classes)
+
+  def forward(self, x):
+    x = self.features(x).flatten(1)
+    for layer in self.hidden:
+      x = F.relu(layer(x))
+    return self.fc(x)
+
+
+class AlexNet(nn.Module):
+  """kdjax/models/alexnet.py: five biased 3x3 convs (64-192-384-256-256, the first stride 2), 3x3/2 max-pools
+  (padding 1) after convs 1, 2 and 5, global average pool, [Dropout, Linear(4096), ReLU] x 2, the classifier."""
+
+  def __init__(self, num_classes, hidden=(4096, 4096), dropout=0.5):
+    super().__init__()
+    mods, cin = [], 3
+    for cout, stride, pool in ((64, 2, True), (192, 1, True), (384, 1, False), (256, 1, False), (256, 1, True)):
+      mods += [nn.Conv2d(cin, cout, 3, stride, 1), nn.ReLU()] + ([nn.MaxPool2d(3, 2, 1)] if pool else [])
+      cin = cout
+    self.features = nn.Sequential(*mods)
+    cls, width = [], cin
+    for h in hidden:
+      cls += [nn.Dropout(dropout), nn.Linear(width, h), nn.ReLU()]
+      width = h
+    self.classifier = nn.Sequential(*cls, nn.Linear(width, num_classes))
+
+  def forward(self, x):
+    return self.classifier(self.features(x).mean((2, 3)))
+
+
+class ResNet18(nn.Module):
+  """RepDistiller resnetv2.py ResNet18 (CIFAR stem: one stride-1 3x3 conv, no max-pool); its BasicBlock is
+  CifarBasicBlock with the projection named `shortcut` there."""
+
+  def __init__(self, num_classes):
+    super().__init__()
+    self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+    self.bn1 = nn.BatchNorm2d(64)
+    blocks, cin = [], 64
+    for planes, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+      blocks += [CifarBasicBlock(cin, planes, stride), CifarBasicBlock(planes, planes, 1)]
+      cin = planes
+    self.layers = nn.Sequential(*blocks)
+    self.linear = nn.Linear(512, num_classes)
+
+  def forward(self, x):
+    return self.linear(self.layers(F.relu(self.bn1(self.conv1(x)))).mean((2, 3)))
+
+
+class SimKDProjector(nn.Module):
+  """SimKD models/util.py SimKD's `transfer`: conv1x1-BN-ReLU, conv3x3-BN-ReLU, conv1x1-BN-ReLU, bottleneck
+  width t_n // factor."""
+
+  def __init__(self, s_n, t_n, factor=2):
+    super().__init__()
+    m = t_n // factor
+    self.transfer = nn.Sequential(nn.Conv2d(s_n, m, 1, bias=False), nn.BatchNorm2d(m), nn.ReLU(),
+                                  nn.Conv2d(m, m, 3, 1, 1, bias=False), nn.BatchNorm2d(m), nn.ReLU(),
+                                  nn.Conv2d(m, t_n, 1, bias=False), nn.BatchNorm2d(t_n), nn.ReLU())
+
+  def forward(self, feat_s):
+    return self.transfer(feat_s)
