@@ -32,7 +32,7 @@ from kdjax.errors import ConfigError
 # Fields the step reads as numbers, beside the loss weights (`distill.losses.<term>`) and each method's own
 # `Method.hparams`.
 STEP_NUMBERS = ('seed', 'distill.temperature', 'distill.label_smoothing', 'optimizer.lr', 'optimizer.momentum',
-                'optimizer.weight_decay', 'optimizer.dot_delta')
+                'optimizer.weight_decay')
 
 
 @dataclasses.dataclass
@@ -73,6 +73,8 @@ def sweepable(cfg) -> set:
   from kdjax import distill
   distill.load_methods()
   paths = set(STEP_NUMBERS)
+  if cfg.optimizer.get('name') == 'dot':
+    paths.add('optimizer.dot_delta')
   for term in cfg.distill.losses:
     paths.add(f'distill.losses.{term}')
     method = distill.METHODS.get(term)

@@ -17,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = 'configs/mnist.py:cnn,digits'
 # A KD run whose cnn_small teacher is trained first (1 epoch) and cached; two students (a learning-rate sweep) so
 # that the students axis of the 2 x 2 mesh spans the two processes. 32 images a step, 44 steps an epoch.
-EPOCHS = 3
+EPOCHS = 2
 OVERRIDES = {'epochs': EPOCHS, 'batch_size': 32, 'teacher.recipe.epochs': 1, 'num_devices': 0, 'tensorboard': False,
              'figures': False, 'checkpoint_every_epochs': 1, 'sweep': 'optimizer.lr=0.02,0.05'}
 # The reference is the same config in one process on ONE device: the 2 x 2 run matches it to float32 round-off
