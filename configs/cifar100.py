@@ -2,10 +2,10 @@ r"""CIFAR-100 distillation benchmark: the teacher/student pairs of the CRD, DKD 
 
 Config string 'method,teacher,student' (default kd,resnet32x4,resnet8x4). Methods: every key of
 `kdjax.distill.REFERENCE_WEIGHTS` (kd fitnet at sp rkd pkt vid crd dkd simkd, dist nkd ctkd, reviewkd ofd cat_kd,
-mlkd, nst cc ab ft fsp kdsvd, ...; ab, ft, fsp with RepDistiller's 30-epoch pre-training stage
-first, config.distill.init, counted in config.epochs = 270). A method that cannot apply to a pair is refused in one line naming it and the model. The item `ls`
-(anywhere in the string, e.g. `dkd,resnet32x4,resnet8x4,ls`) runs kd, dkd or ctkd with logit standardization and the
-LS authors' settings (below). Pairs (teacher -> student): resnet32x4->resnet8x4,
+mlkd, nst cc ab ft fsp kdsvd; ab, ft, fsp with RepDistiller's 30-epoch pre-training stage first, config.distill.init,
+counted in config.epochs = 270). A method that cannot apply to a pair is refused in one line naming it and the
+models. The item `ls` (anywhere in the string, e.g. `dkd,resnet32x4,resnet8x4,ls`) runs kd, dkd or ctkd with logit
+standardization and the LS authors' settings (below). Pairs (teacher -> student): resnet32x4->resnet8x4,
 wrn_40_2->wrn_16_2, wrn_40_2->wrn_40_1, vgg13->vgg8, resnet110->resnet32, resnet56->resnet20,
 resnet32x4->ShuffleV1, resnet32x4->ShuffleV2, wrn_40_2->ShuffleV1, vgg13->MobileNetV2, ResNet50->MobileNetV2 (other
 model pairs are accepted too; DKD then uses mdistiller's default beta 8).

@@ -162,7 +162,8 @@ def _check_losses(cfg):
     raise ConfigError('config.distill.losses is empty: give at least one loss term, e.g. {"ce": 1.0}')
   for name, weight in losses.items():
     if name not in distill.METHODS:
-      raise ConfigError(f'config.distill.losses: unknown loss term {name!r}; known: {", ".join(sorted(distill.METHODS))}')
+      known = ', '.join(sorted(distill.METHODS))
+      raise ConfigError(f'config.distill.losses: unknown loss term {name!r}; known: {known}')
     if not _is_number(weight):
       raise ConfigError(f'config.distill.losses.{name} must be a number, got {weight!r}')
     if weight < 0:
