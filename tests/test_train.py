@@ -149,6 +149,40 @@ def test_four_devices_match_one(tmp_path):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), stats1, stats4)
 
 
+def test_four_devices_match_one_step_by_step_at_8_images_per_device():
+  """Each step on 4 devices is the 1-device step to round-off, at 8 images per device, and the BatchNorm running
+  mean is the global batch mean (NumPy), not a per-device one. (Over many steps round-off may still grow: a ReLU /
+  max-pool network is piecewise, and a 1-device run nudged by 1e-7 diverges from itself as much; README "Devices".)"""
+  from kdjax import data as data_lib
+  from kdjax import step as step_lib
+  from kdjax.data import device as device_data
+  assert jax.device_count() >= 4
+  states = {}
+  for n in (1, 4):
+    cfg = digits_config('cnn_small', epochs=1, num_devices=n, batch_size=32)
+    exp = step_lib.Experiment(cfg, data_lib.load(cfg.data))
+    ts = exp.init_state()
+    init = jax.device_get(ts.params)
+    for s in range(2):
+      ts, _ = exp.train_chunk(ts, 0, s)
+      states[n, s] = jax.device_get((ts.params, ts.state))
+  for s in range(2):
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), states[1, s], states[4, s])
+  # Step 1's BatchNorm_0 running mean (Flax: 0.9 * 0 + 0.1 * batch mean) against the batch mean of the first conv.
+  ds = exp.ds
+  idx = np.asarray(device_data.epoch_permutation(exp.data_rng, 0, len(ds.train)))[:32]
+  x = (ds.train.images[idx].astype(np.float64) / 255.0 - np.asarray(ds.mean)) / np.asarray(ds.std)  # [32, 8, 8, 1]
+  kernel = np.asarray(init['student']['backbone']['Conv_0']['kernel'][0], np.float64)  # [3, 3, 1, C]
+  xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  conv = sum(np.einsum('nhwi,io->nhwo', xp[:, i:i + 8, j:j + 8], kernel[i, j]) for i in range(3) for j in range(3))
+  global_mean = 0.1 * conv.mean(axis=(0, 1, 2))
+  per_device = 0.1 * conv.reshape(4, 8, 8, 8, -1).mean(axis=(1, 2, 3))
+  assert np.max(np.abs(per_device - global_mean)) > 1e-3  # the check tells a per-device mean apart
+  for n in (1, 4):
+    mean = states[n, 0][1]['student']['batch_stats']['backbone']['BatchNorm_0']['mean'][0]
+    np.testing.assert_allclose(mean, global_mean, rtol=0, atol=1e-6)
+
+
 def _epoch_records(workdir):
   lines = [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))]
   assert 'summary' in lines[-1] and sum('summary' in l for l in lines) == 1
