@@ -13,6 +13,9 @@ import pytest  # noqa: E402
 
 keras = pytest.importorskip('keras')
 
+# Keras' JAX backend converts arrays with a NumPy 2 copy keyword it does not pass on: thousands of identical warnings.
+pytestmark = pytest.mark.filterwarnings('ignore:__array__ implementation:DeprecationWarning')
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
