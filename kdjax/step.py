@@ -307,8 +307,7 @@ class Experiment:
         e_vars = extras.init({'params': k_e, 'memory': k_e}, s_out, t_out,
                              labels=jnp.zeros((x.shape[0],), jnp.int32),
                              indices=jnp.zeros((x.shape[0],), jnp.int32), train=False,
-                             teacher_classify=self._teacher_classify(teacher_vars), teacher_variables=teacher_vars,
-                             student_classify=lambda emb: self.student.apply(s_vars, emb, method='classify'))
+                             **self._extras_inputs(teacher_vars, s_vars['params']))
         params['extras'] = e_vars.get('params', {})
         state['extras'] = {k: v for k, v in e_vars.items() if k != 'params'}
       return params, state, self.optimizer(hp).init(params)
@@ -349,6 +348,13 @@ class Experiment:
       return None
     return lambda emb: self.teacher.apply(teacher_vars, emb, method='classify')
 
+  def _extras_inputs(self, teacher_vars, student_params) -> dict:
+    """The networks the extra modules may call: the teacher's head, teacher 0's variables (methods that read them
+    keep teacher 0: `Method.teacher0_network`) and the student's head."""
+    teacher0 = teacher_vars[0] if isinstance(self.teacher, TeacherGroup) else teacher_vars
+    return {'teacher_classify': self._teacher_classify(teacher_vars), 'teacher_variables': teacher0,
+            'student_classify': lambda emb: self.student.apply({'params': student_params}, emb, method='classify')}
+
   # ---------------------------------------------------------------------------------------------------- forward
   def _forward(self, params, state, teacher_vars, x, y, idx, rng, train: bool, epoch, t_out=None, cfg=None,
                x_strong=None, t_strong=None):
@@ -375,10 +381,7 @@ class Experiment:
       e_mutable = list(state['extras']) if train else False
       res = self.distiller.extras.apply(
           {'params': params['extras'], **state['extras']}, s_out, self.distiller.term_teachers(t_default, t_all),
-          labels=y, indices=idx, train=train, teacher_classify=self._teacher_classify(teacher_vars),
-          # teacher 0's variables (methods that read them keep teacher 0: `Method.teacher0_network`)
-          teacher_variables=teacher_vars[0] if isinstance(self.teacher, TeacherGroup) else teacher_vars,
-          student_classify=lambda emb: self.student.apply({'params': params['student']}, emb, method='classify'),
+          labels=y, indices=idx, train=train, **self._extras_inputs(teacher_vars, params['student']),
           mutable=e_mutable, rngs={'dropout': extra_drop_rng, 'sample': sample_rng})
       extras_out, e_new = res if train else (res, state['extras'])
     ctx = distill.Context(student=s_out, teacher=t_default, labels=y, extras=extras_out, epoch=epoch,
@@ -470,15 +473,15 @@ class Experiment:
     k = self.k if k is None else k
     perm = device_data.epoch_permutation(self.data_rng, epoch, len(self.ds.train))
     step = lambda ts, s: self._train_step(ts, teacher_vars, table, hparams, perm, s, epoch)
+    as_sums = lambda m: dict(jax.tree.map(lambda a: a.astype(jnp.float32), m), steps=jnp.float32(1))
     if k == 1:  # no loop and no mask: `start` is always inside the epoch
       ts, m = step(ts, start)
-      return ts, dict(jax.tree.map(lambda a: a.astype(jnp.float32), m), steps=jnp.float32(1))
+      return ts, as_sums(m)
     if self.steps_loop == 'unroll':  # straight-line code, no loop and no mask: see `train_chunk`
       sums = None
       for i in range(k):
         ts, m = step(ts, start + i)
-        m = dict(jax.tree.map(lambda a: a.astype(jnp.float32), m), steps=jnp.float32(1))
-        sums = m if sums is None else jax.tree.map(jnp.add, sums, m)
+        sums = as_sums(m) if sums is None else jax.tree.map(jnp.add, sums, as_sums(m))
       return ts, sums
     zeros = jax.eval_shape(lambda: step(ts, jnp.int32(0))[1])
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), zeros)
@@ -525,7 +528,7 @@ class Experiment:
       # (their own program, compiled when first needed), their metrics summed in the same order as the K steps'.
       if self._single_step is None:
         self._single_step = jax.jit(functools.partial(self._train_chunk_fn, k=1), donate_argnums=(0,),
-                                    out_shardings=(self.state_shardings(ts), None))
+                                    out_shardings=(self.state_shardings(ts), self.replicated))
       sums = None
       for s in range(start, self.steps_per_epoch):
         ts, m = self._single_step(ts, *args, jnp.int32(s))
