@@ -14,7 +14,9 @@ from torch.nn import functional as F
 
 
 class CifarBasicBlock(nn.Module):
-  """RepDistiller resnet.py BasicBlock: conv-BN-ReLU-conv-BN + (downsample = Sequential(conv1x1, BN)), ReLU."""
+  """RepDistiller resnet.py BasicBlock: conv-BN-ReLU-conv-BN + (downsample = Sequential(conv1x1, BN)), ReLU;
+  torchvision's resnet BasicBlock has the same modules and forward."""
+  expansion = 1
 
   def __init__(self, cin, planes, stride):
     super().__init__()
@@ -22,9 +24,7 @@ class CifarBasicBlock(nn.Module):
     self.bn1 = nn.BatchNorm2d(planes)
     self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
     self.bn2 = nn.BatchNorm2d(planes)
-    self.downsample = None
-    if stride != 1 or cin != planes:
-      self.downsample = nn.Sequential(nn.Conv2d(cin, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+    self.downsample = _projection(cin, planes, stride)
 
   def forward(self, x):
     out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
@@ -243,23 +243,6 @@ class MobileNetV2(nn.Module):
 # ------------------------------------------------------------------------------------------------ ImageNet models
 
 
-class ImageNetBasicBlock(nn.Module):
-  """torchvision's resnet BasicBlock, with its module names (conv1 bn1 conv2 bn2 downsample)."""
-  expansion = 1
-
-  def __init__(self, cin, planes, stride):
-    super().__init__()
-    self.conv1 = nn.Conv2d(cin, planes, 3, stride, 1, bias=False)
-    self.bn1 = nn.BatchNorm2d(planes)
-    self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-    self.bn2 = nn.BatchNorm2d(planes)
-    self.downsample = _projection(cin, planes, stride)
-
-  def forward(self, x):
-    out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
-    return F.relu(out + (x if self.downsample is None else self.downsample(x)))
-
-
 class ImageNetBottleneck(nn.Module):
   """torchvision's resnet Bottleneck (v1.5: the stride on the 3x3 conv)."""
   expansion = 4
@@ -309,7 +292,7 @@ class ImageNetResNet(nn.Module):
 
 
 def imagenet_resnet(depth: int, num_classes: int = 1000) -> ImageNetResNet:
-  blocks = {18: (ImageNetBasicBlock, (2, 2, 2, 2)), 34: (ImageNetBasicBlock, (3, 4, 6, 3)),
+  blocks = {18: (CifarBasicBlock, (2, 2, 2, 2)), 34: (CifarBasicBlock, (3, 4, 6, 3)),
             50: (ImageNetBottleneck, (3, 4, 6, 3))}[depth]
   return ImageNetResNet(*blocks, num_classes)
 
