@@ -32,7 +32,6 @@ import argparse
 import dataclasses
 import logging
 import os
-import shutil
 import sys
 
 import flax
@@ -40,9 +39,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kdjax import checkpoint as ckpt_lib
 from kdjax import models
 from kdjax.errors import CheckpointMismatchError, CheckpointNotFoundError, ConfigError, KDError
+from kdjax.tools import import_torch
 
 # Keras class -> (our leaves in the order of the layer's weights, the snake-case name Keras 3 files use).
 _CLASSES = {
@@ -205,25 +204,10 @@ def convert(weights: dict[str, list[np.ndarray]], model: str, num_classes: int |
 def import_checkpoint(path: str, out_dir: str, model: str, num_classes: int | None = None,
                       dataset: str = 'imagenet2012', image_size: int = 224, overwrite: bool = False) -> dict:
   """Reads a Keras weight file, converts it for `model` and writes a model-only kdjax checkpoint to `out_dir`."""
-  target = ckpt_lib.directory(out_dir)
-  if os.path.isdir(target) and os.listdir(target):
-    if not overwrite:
-      raise ConfigError(f'{target} already holds a checkpoint; choose another output directory or pass --overwrite')
-    shutil.rmtree(target)
+  import_torch.prepare_output(out_dir, overwrite)
   image_shape = [image_size, image_size, 3]
   variables = convert(read_weights(path, model), model, num_classes, image_shape)
-  meta = {
-      'model': model,
-      'model_kwargs': {'layout': 'keras'},
-      'num_classes': int(variables['params']['head']['bias'].shape[0]),
-      'dataset': dataset,
-      'image_shape': image_shape,
-      'epoch': 0,
-      'total_steps': 0,
-      'imported_from': os.path.abspath(path),
-  }
-  ckpt_lib.save_model(out_dir, variables, meta)
-  return dict(meta, step=0, complete=True)
+  return import_torch.save_import(out_dir, variables, model, {'layout': 'keras'}, dataset, image_shape, path)
 
 
 def main(argv=None) -> int:

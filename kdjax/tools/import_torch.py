@@ -302,32 +302,42 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
 # ------------------------------------------------------------------------------------------------------------- CLI
 
 
+def prepare_output(out_dir: str, overwrite: bool):
+  """Refuses an `out_dir` that already holds a checkpoint (or clears it with `overwrite`), before anything is read."""
+  target = ckpt_lib.directory(out_dir)
+  if os.path.isdir(target) and os.listdir(target):
+    if not overwrite:
+      raise ConfigError(f'{target} already holds a checkpoint; choose another output directory or pass --overwrite')
+    shutil.rmtree(target)
+
+
+def save_import(out_dir: str, variables: dict, model: str, model_kwargs: dict, dataset: str, image_shape,
+                source: str) -> dict:
+  """Writes imported variables as a model-only kdjax checkpoint; returns its meta as `read_meta` gives it."""
+  meta = {
+      'model': model,
+      'model_kwargs': model_kwargs,
+      'num_classes': int(variables['params']['head']['bias'].shape[0]),
+      'dataset': dataset,
+      'image_shape': list(image_shape),
+      'epoch': 0,
+      'total_steps': 0,
+      'imported_from': os.path.abspath(source),
+  }
+  ckpt_lib.save_model(out_dir, variables, meta)
+  return dict(meta, step=0, complete=True)
+
+
 def import_checkpoint(torch_path: str, out_dir: str, model: str, num_classes: int | None = None,
                       dataset: str = 'cifar100', image_size: int = 32, overwrite: bool = False) -> dict:
   """Reads `torch_path`, converts it for `model` and writes a model-only kdjax checkpoint to `out_dir`.
 
   Returns the meta written next to the variables.
   """
-  target = ckpt_lib.directory(out_dir)
-  if os.path.isdir(target) and os.listdir(target):
-    if not overwrite:
-      raise ConfigError(f'{target} already holds a checkpoint; choose another output directory or pass --overwrite')
-    shutil.rmtree(target)
-  state_dict = load_state_dict(torch_path)
+  prepare_output(out_dir, overwrite)
   image_shape = [image_size, image_size, 3]
-  variables = convert(state_dict, model, num_classes, image_shape)
-  meta = {
-      'model': model,
-      'model_kwargs': {},
-      'num_classes': int(variables['params']['head']['bias'].shape[0]),
-      'dataset': dataset,
-      'image_shape': image_shape,
-      'epoch': 0,
-      'total_steps': 0,
-      'imported_from': os.path.abspath(torch_path),
-  }
-  ckpt_lib.save_model(out_dir, variables, meta)
-  return dict(meta, step=0, complete=True)
+  variables = convert(load_state_dict(torch_path), model, num_classes, image_shape)
+  return save_import(out_dir, variables, model, {}, dataset, image_shape, torch_path)
 
 
 def _quiet_orbax(record) -> bool:
