@@ -3,7 +3,8 @@
 Checkpoints are numbered by global train step. The state holds every student of a sweep on a leading axis (one for
 a single run; `meta['students']` says how many). Kept: the latest `keep` and the best one by `select_accuracy`
 (validation accuracy, or test accuracy when there is no validation split; a sweep's mean over its students).
-Saving is asynchronous.
+Saving is asynchronous. A streaming run (`data.pipeline = 'stream'`) adds the item 'data': its input stream's
+positions (JSON, `kdjax.data.stream.TrainLoader`), so that a resumed run reads the same batches.
 A checkpoint directory is also what `config.teacher.checkpoint` points at: `load_model` restores only the model
 variables (parameters and BatchNorm statistics) of a run, whatever optimizer it used.
 """
@@ -41,7 +42,7 @@ class Checkpointer:
         best_fn=lambda m: m[SELECT_METRIC], best_mode='max', preservation_policy=policy, read_only=read_only,
         create=not read_only, enable_async_checkpointing=async_save)
     self.manager = ocp.CheckpointManager(directory(workdir), options=options,
-                                         item_names=('state', 'meta'))
+                                         item_names=('state', 'meta', 'data'))
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -51,12 +52,17 @@ class Checkpointer:
               if (m := self.manager.metrics(s)) and SELECT_METRIC in m]
     return max(scored)[1] if scored else None
 
-  def save(self, step: int, state, meta: dict, metrics: dict | None = None):
-    self.manager.save(
-        step,
-        args=ocp.args.Composite(state=ocp.args.PyTreeSave(flax.serialization.to_state_dict(state)),
-                                meta=ocp.args.JsonSave(meta)),
-        metrics=metrics, force=True)
+  def save(self, step: int, state, meta: dict, metrics: dict | None = None, data: dict | None = None):
+    items = dict(state=ocp.args.PyTreeSave(flax.serialization.to_state_dict(state)), meta=ocp.args.JsonSave(meta))
+    if data is not None:
+      items['data'] = ocp.args.JsonSave(data)
+    self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+
+  def read_data(self, step: int) -> dict | None:
+    """The input stream's state saved at `step` (None when the step has none: the device-resident data path)."""
+    if not os.path.isdir(os.path.join(directory(self.workdir), str(step), 'data')):
+      return None
+    return self.manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))['data']
 
   def read_meta(self, step: int) -> dict:
     return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']

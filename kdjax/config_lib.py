@@ -35,6 +35,16 @@ def base() -> ml_collections.ConfigDict:
       augment='auto',       # auto (crop_flip for CIFAR, none otherwise) | crop_flip | none
       omit_class=-1,        # >= 0: the student's transfer set leaves this class out (omitted-class experiment)
       folder=dict(root='', image_size=0, test_fraction=0.2, seed=0, label_column='', file_column=''),
+      # The input pipeline (kdjax/data/stream.py): device (the uint8 training set on the devices, batches gathered
+      # and augmented in the step) | stream (read, decoded and augmented on the host by Grain workers: imagenet2012,
+      # ImageFolder trees) | auto (stream for imagenet2012 and for a folder larger than the device budget).
+      pipeline='auto',
+      device_budget_gb=0.0, # auto: the most decoded training data kept on a device (0 = a quarter of its memory)
+      workers=0,            # stream: Grain worker processes decoding and augmenting (0 = in this process)
+      prefetch=2,           # stream: host batches read ahead of the step
+      image_size=224,       # stream: the training crop and the evaluation center crop (pixels)
+      resize=256,           # stream: evaluation resizes the shorter side to this before the center crop
+      on_corrupt='stop',    # stream: a corrupt image stops the run naming it | skip (left out, counted per epoch)
   )
   # The network being trained: the student, or the teacher-to-be in a supervised run.
   c.student = dict(model='cnn_small', kwargs={}, subclasses=1,

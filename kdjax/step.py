@@ -37,6 +37,7 @@ from kdjax import sharding
 from kdjax import stages
 from kdjax import sweep as sweep_lib
 from kdjax.data import device as device_data
+from kdjax.data import stream as stream_data
 from kdjax.errors import ConfigError
 
 # Teacher outputs cached on the device for the whole training set only below this size ('auto').
@@ -155,12 +156,21 @@ class Experiment:
     self.replicated = sharding.replicated(self.mesh)
     self.batch_sharded = sharding.batch_sharded(self.mesh)
     self.students_sharded = sharding.students_sharded(self.mesh)
+    # The batch source: gathered from the device-resident arrays, or streamed (kdjax/data/stream.py): then each
+    # dispatch's K uint8 batches [K, B, ...] are an argument of the step, split along the batch axis.
+    self.streaming = isinstance(ds, stream_data.StreamDataset)
+    self.chunk_sharded = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(None, 'data'))
+    if self.streaming:
+      self._check_streaming(cfg, n_data)
 
     self.student = build_student(cfg, ds.num_classes)
     self.teacher, self.teacher_vars = teacher, teacher_vars
     num_teachers = len(teacher.modules) if isinstance(teacher, TeacherGroup) else 1
     self.distiller = distill.Distiller(cfg.distill, self.student, teacher, num_teachers)
     self.dot = cfg.optimizer.name == 'dot'
+    if self.streaming and self.distiller.strong_view:
+      raise ConfigError("mlkd's strong view is gathered from the device-resident training set; data.pipeline='stream' "
+                        "has none: use data.pipeline='device'")
     if not self.distiller.needs_teacher:
       self.teacher = self.teacher_vars = None
     if cfg.distill.get('ensemble', False) and isinstance(self.teacher, TeacherGroup):
@@ -183,16 +193,27 @@ class Experiment:
     self.hparams = jax.device_put({k: np.asarray(v) for k, v in self.sweep.traced.items()},
                                   self.students_sharded)
 
-    self.train_data = device_data.put_replicated(ds.train, self.replicated)
-    self.eval_sets = {name: jax.device_put(device_data.padded_eval_arrays(split, cfg.eval_batch_size),
-                                           self.replicated)
-                      for name, split in (('val', ds.val), ('test', ds.test)) if split is not None}
+    self.train_data = None if self.streaming else device_data.put_replicated(ds.train, self.replicated)
+    self.eval_sets = {} if self.streaming else {
+        name: jax.device_put(device_data.padded_eval_arrays(split, cfg.eval_batch_size), self.replicated)
+        for name, split in (('val', ds.val), ('test', ds.test)) if split is not None}
     self.teacher_table = self._teacher_table()
     self._train_chunk = jax.jit(self._train_chunk_fn, donate_argnums=(0,))
     self._evaluate = jax.jit(self._evaluate_fn, out_shardings=self.replicated)  # every process reads the sums
     self._compiled_chunk = None
     self._init_shapes = None  # the initial state's shapes, traced once
     self._single_step = None  # unrolled K > 1: the epoch's last steps when fewer than K are left
+
+  def _check_streaming(self, cfg, n_data: int):
+    if self.cfg.distill.get('cache_teacher', 'auto') == 'on':
+      raise ConfigError("distill.cache_teacher=on needs the training set's example indices without augmentation; "
+                        "data.pipeline='stream' cannot: set it to 'auto' or 'off'")
+    if cfg.eval_batch_size % n_data:
+      raise ConfigError(f'eval_batch_size {cfg.eval_batch_size} is not divisible by the {n_data} devices of the '
+                        "data axis (data.pipeline='stream' splits every eval batch)")
+    if jax.process_count() > 1 and self.mesh.shape['students'] > 1:
+      raise ConfigError("data.pipeline='stream' on several processes needs mesh_students=1 (each process feeds "
+                        'its own block of the data axis)')
 
   def _auto_steps_per_dispatch(self) -> int:
     # On the CPU, single steps (benchmarks/README.md, step_speed.py, resnet20 -> resnet8): XLA:CPU runs a step
@@ -218,6 +239,10 @@ class Experiment:
     if mode not in ('auto', 'on', 'off'):
       raise ConfigError(f"distill.cache_teacher must be 'auto', 'on' or 'off', got {mode!r}")
     if self.teacher is None or mode == 'off':
+      return None
+    if self.streaming:
+      logging.info("teacher outputs not cached (distill.cache_teacher): data.pipeline='stream' gives no example "
+                   'indices to a fixed table; the teacher runs every step')
       return None
     if self.ds.augment != 'none':
       if mode == 'on':
@@ -337,7 +362,7 @@ class Experiment:
   def trace_train_step(self):
     """Traces one dispatch of the train step on abstract values: a cheap check that a config builds and lowers."""
     return jax.eval_shape(self._train_chunk_fn, self.init_state(abstract=True), self.teacher_vars,
-                          self.teacher_table, self.hparams, jnp.int32(0), jnp.int32(0))
+                          self.teacher_table, self.hparams, jnp.int32(0), jnp.int32(0), self.batches_spec())
 
   def _teacher_module(self):
     """The teacher's Linen module (teacher 0's with several: SimKD reuses its classifier)."""
@@ -409,9 +434,18 @@ class Experiment:
     return jax.lax.stop_gradient(self.teacher.apply(teacher_vars, x, train=False))
 
   # ------------------------------------------------------------------------------------------------------ train
-  def _train_step(self, ts: TrainState, teacher_vars, table, hparams, perm, step_in_epoch, epoch):
-    x, y, idx = device_data.train_batch(self.train_data, perm, step_in_epoch, self.batch_size,
-                                        jax.random.fold_in(self.aug_rng, ts.step), self.ds, self.dtype)
+  def _batch(self, source, i, step_in_epoch, step):
+    """(images in the compute dtype, int32 labels, the examples' indices in the training set) of one step: gathered
+    by the epoch's permutation `source` and augmented on the device, or step `i` of the streamed dispatch's batches
+    `source` ({'images': uint8 [K, B, ...], 'labels', 'indices'}), already augmented on the host."""
+    if self.streaming:
+      x = device_data.normalize(source['images'][i], self.ds.mean, self.ds.std, self.dtype)
+      return x, source['labels'][i], source['indices'][i]
+    return device_data.train_batch(self.train_data, source, step_in_epoch, self.batch_size,
+                                   jax.random.fold_in(self.aug_rng, step), self.ds, self.dtype)
+
+  def _train_step(self, ts: TrainState, teacher_vars, table, hparams, source, i, step_in_epoch, epoch):
+    x, y, idx = self._batch(source, i, step_in_epoch, ts.step)
     x = jax.lax.with_sharding_constraint(x, self.batch_sharded)
     t_out = self._teacher_outputs(teacher_vars, table, x, idx)  # once, shared by every student
     x_strong = t_strong = None
@@ -466,13 +500,15 @@ class Experiment:
     # Per-step sums over a dispatch; loss terms are batch means, so they are weighted per step, not per example.
     return TrainState(ts.step + 1, params, state, opt_state), metrics
 
-  def _train_chunk_fn(self, ts: TrainState, teacher_vars, table, hparams, epoch, start, k: int | None = None):
+  def _train_chunk_fn(self, ts: TrainState, teacher_vars, table, hparams, epoch, start, batches=None,
+                      k: int | None = None):
     """`k` (default `self.k`) steps from step `start` of `epoch`. In a rolled scan, steps past the epoch's end are
     skipped (one compilation); unrolled, the K steps are straight-line code and `train_chunk` never asks for steps
-    past the end. Metrics are per student, [S], summed over the dispatch."""
+    past the end. Metrics are per student, [S], summed over the dispatch. `batches`: the streamed batches of the
+    dispatch's steps ([K, B, ...]), or None to gather them from the device-resident training set."""
     k = self.k if k is None else k
-    perm = device_data.epoch_permutation(self.data_rng, epoch, len(self.ds.train))
-    step = lambda ts, s: self._train_step(ts, teacher_vars, table, hparams, perm, s, epoch)
+    source = batches if self.streaming else device_data.epoch_permutation(self.data_rng, epoch, len(self.ds.train))
+    step = lambda ts, s: self._train_step(ts, teacher_vars, table, hparams, source, s - start, s, epoch)
     as_sums = lambda m: dict(jax.tree.map(lambda a: a.astype(jnp.float32), m), steps=jnp.float32(1))
     if k == 1:  # no loop and no mask: `start` is always inside the epoch
       ts, m = step(ts, start)
@@ -501,10 +537,20 @@ class Experiment:
     (ts, sums), _ = jax.lax.scan(body, (ts, zeros), jnp.arange(k))
     return ts, sums
 
+  def batches_spec(self, k: int | None = None):
+    """The abstract streamed batches of a dispatch of `k` steps (None on the device-resident path)."""
+    if not self.streaming:
+      return None
+    k, b = self.k if k is None else k, self.batch_size
+    spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=self.chunk_sharded)
+    return {'images': spec((k, b) + tuple(self.ds.image_shape), jnp.uint8), 'labels': spec((k, b), jnp.int32),
+            'indices': spec((k, b), jnp.int32)}
+
   def compile(self, ts: TrainState) -> dict:
     """Compiles the train dispatch for `ts`'s shapes (abstract values are enough) before anything trains, and
     returns XLA's memory estimate per device: {'state', 'temp', 'total', 'available'} in bytes."""
-    args = (ts, self.teacher_vars, self.teacher_table, self.hparams, jnp.int32(0), jnp.int32(0))
+    args = (ts, self.teacher_vars, self.teacher_table, self.hparams, jnp.int32(0), jnp.int32(0),
+            self.batches_spec())
     shardings = self.state_shardings(ts)
     # The metrics come back replicated: every process (of a multi-host run too) reads them whole.
     self._train_chunk = jax.jit(self._train_chunk_fn, donate_argnums=(0,),
@@ -521,8 +567,12 @@ class Experiment:
                          max(analysis.output_size_in_bytes - analysis.alias_size_in_bytes, 0))
     return out
 
-  def train_chunk(self, ts, epoch: int, start: int):
+  def train_chunk(self, ts, epoch: int, start: int, loader=None):
+    """One dispatch from step `start` of `epoch`; on the streaming path `loader` (a `stream.TrainLoader`) gives
+    its batches."""
     args = (self.teacher_vars, self.teacher_table, self.hparams, jnp.int32(epoch))
+    if self.streaming and loader is None:
+      raise ValueError("data.pipeline='stream': train_chunk needs the loader of the streamed batches")
     if self.k > 1 and self.steps_loop == 'unroll' and start + self.k > self.steps_per_epoch:
       # The unrolled program has no mask: the steps left before the epoch's end run as single-step dispatches
       # (their own program, compiled when first needed), their metrics summed in the same order as the K steps'.
@@ -531,11 +581,14 @@ class Experiment:
                                     out_shardings=(self.state_shardings(ts), self.replicated))
       sums = None
       for s in range(start, self.steps_per_epoch):
-        ts, m = self._single_step(ts, *args, jnp.int32(s))
+        ts, m = self._single_step(ts, *args, jnp.int32(s), loader.take(1) if self.streaming else None)
         sums = m if sums is None else jax.tree.map(jnp.add, sums, m)
       return ts, sums
+    batches = None
+    if self.streaming:  # a rolled scan's steps past the epoch's end are masked: zeros stand in for them
+      batches = loader.take(min(self.k, self.steps_per_epoch - start), pad_to=self.k)
     fn = self._compiled_chunk if self._compiled_chunk is not None else self._train_chunk
-    return fn(ts, *args, jnp.int32(start))
+    return fn(ts, *args, jnp.int32(start), batches)
 
   # ------------------------------------------------------------------------------------------------------- eval
   def _evaluate_fn(self, ts: TrainState, teacher_vars, hparams, arrays):
@@ -581,8 +634,11 @@ class Experiment:
     teacher, {split}_agreement (top-1 agreement with it), for val (if any) and test; omitted-class runs add
     {split}_omitted_accuracy and the bias-adjusted {split}_*_adjusted."""
     out = [{} for _ in range(self.num_students)]
-    for name, arrays in self.eval_sets.items():
-      sums = jax.device_get(self._evaluate(ts, self.teacher_vars, self.hparams, arrays))
+    for name, batches in self._eval_batches():
+      sums = None
+      for arrays in batches:  # the whole split at once on the device path; streamed, one batch at a time
+        new = jax.device_get(self._evaluate(ts, self.teacher_vars, self.hparams, arrays))
+        sums = new if sums is None else jax.tree.map(np.add, sums, new)
       for i, o in enumerate(out):
         s = jax.tree.map(lambda a: np.asarray(a)[i], sums)
         n = float(s['count'])
@@ -598,6 +654,39 @@ class Experiment:
             o[f'{name}_accuracy_adjusted'] = float(s['top1_adj']) / n
             o[f'{name}_omitted_accuracy_adjusted'] = float(s['class_correct_adj'][k] / max(s['class_count'][k], 1))
     return out
+
+
+  def _eval_batches(self):
+    """(split name, its batches as the evaluation reads them) for val (if any) and test: the device-resident
+    padded arrays as one item, or the streamed split batch by batch ([1, B, ...], masked)."""
+    if not self.streaming:
+      return [(name, [arrays]) for name, arrays in self.eval_sets.items()]
+    return [(name, self._streamed_eval(name)) for name in ('val', 'test')
+            if getattr(self.ds, name) is not None]
+
+  def _streamed_eval(self, name: str):
+    skipped = []
+    for batch, corrupt in stream_data.eval_batches(self.ds, name, self.cfg.eval_batch_size, self.chunk_sharded):
+      skipped += corrupt
+      yield batch
+    if skipped:
+      logging.warning('evaluation (%s): %d corrupt image(s) skipped (data.on_corrupt=skip), e.g. %s', name,
+                      len(skipped), skipped[0])
+
+  def teacher_accuracy(self) -> float:
+    """The teacher's own top-1 on the test split, streamed (the device path's is `teacher.evaluate_teacher`)."""
+    @jax.jit
+    def hits(teacher_vars, batch):
+      x = device_data.normalize(batch['images'][0], self.ds.mean, self.ds.std, self.dtype)
+      x = jax.lax.with_sharding_constraint(x, self.batch_sharded)
+      logits = self.combine_teachers(self.teacher.apply(teacher_vars, x, train=False))[0].logits
+      return jnp.sum((jnp.argmax(logits, -1) == batch['labels'][0]) & batch['mask'][0]), jnp.sum(batch['mask'])
+
+    correct = count = 0
+    for batch in self._streamed_eval('test'):
+      c, n = jax.device_get(hits(self.teacher_vars, batch))
+      correct, count = correct + int(c), count + int(n)
+    return correct / max(count, 1)
 
 
 def available_memory(num_devices: int) -> int | None:

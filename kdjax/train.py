@@ -32,6 +32,7 @@ from kdjax import step as step_lib
 from kdjax import sweep as sweep_lib
 from kdjax import teacher as teacher_lib
 from kdjax import validate
+from kdjax.data import stream as stream_data
 from kdjax.errors import ConfigError, NonFiniteError, Preempted, WorkdirInUse
 
 # Re-exported: the state and the step live in kdjax.step.
@@ -160,7 +161,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, restart: bo
 RESUMABLE_CHANGES = ('epochs', 'eval_every_epochs', 'checkpoint_every_epochs', 'keep_checkpoints', 'tensorboard',
                      'figures', 'eval_batch_size', 'steps_per_dispatch', 'num_devices', 'mesh_students',
                      'students_loop', 'data.data_dir', 'data.dir', 'data.cache_dir', 'teacher.cache_dir',
-                     'compilation_cache', 'steps_loop')
+                     'compilation_cache', 'steps_loop', 'data.workers', 'data.prefetch')
 
 
 def check_resume(cfg, workdir: str):
@@ -209,7 +210,11 @@ def _train(cfg, sweep: sweep_lib.Sweep, workdir: str, restart: bool = False) -> 
   dist.barrier('kdjax-resume-checked')  # every process has read the saved config before process 0 rewrites it
   if dist.is_primary():
     write_config(cfg, workdir, sweep)
-  ds = data_lib.load(base.data)
+  pipeline = stream_data.choose(base.data)
+  ds = stream_data.load(base.data) if pipeline == 'stream' else data_lib.load(base.data)
+  if pipeline == 'stream':
+    logging.info("data.pipeline='stream': %s read by %d Grain worker process(es) (data.workers), decoded and "
+                 'augmented on the host, %d batch(es) prefetched', ds.name, ds.workers, ds.prefetch)
   logging.info('data %s: %d train, %s val, %d test, %d classes, images %s, augment %s', ds.name, len(ds.train),
                len(ds.val) if ds.val is not None else 0, len(ds.test), ds.num_classes, ds.image_shape, ds.augment)
   mesh = sharding.make_mesh(base.get('num_devices', 0), sweep.size, base.get('mesh_students', 0), base.batch_size)
@@ -240,8 +245,16 @@ def _train(cfg, sweep: sweep_lib.Sweep, workdir: str, restart: bool = False) -> 
     if base.student.get('init_checkpoint'):
       ts = teacher_lib.init_from_checkpoint(base, ds, exp, ts)
 
+  loader = None
+  if exp.streaming:  # the input stream restarts where the checkpoint's batches ended
+    data_state = ckpt.read_data(latest) if latest is not None else None
+    position = data_state['positions'][jax.process_index()] if data_state else 0
+    data_seed = base.data.seed if base.data.get('seed', -1) >= 0 else base.seed
+    loader = stream_data.TrainLoader(ds, base.batch_size, data_seed, position, exp.chunk_sharded)
+
   if teacher is not None and latest is None:
-    logging.info('teacher %s test accuracy %.4f', base.teacher.model, teacher_lib.evaluate_teacher(exp))
+    accuracy = exp.teacher_accuracy() if exp.streaming else teacher_lib.evaluate_teacher(exp)
+    logging.info('teacher %s test accuracy %.4f', base.teacher.model, accuracy)
 
   # Records past the restored step (an earlier attempt's, lost with its process) are dropped: one per epoch.
   reporter = reporting.Reporter(workdir, base.epochs, exp.steps_per_epoch, [s.name for s in sweep.students],
@@ -260,6 +273,15 @@ def _train(cfg, sweep: sweep_lib.Sweep, workdir: str, restart: bool = False) -> 
       agreed['signal'] = dist.agree_signal(stop['signal'])
     return agreed['signal']
 
+  def data_state():
+    if loader is None:
+      return None
+    positions = [loader.position]
+    if dist.multi():
+      from jax.experimental import multihost_utils
+      positions = np.asarray(multihost_utils.process_allgather(np.int64(loader.position))).reshape(-1).tolist()
+    return {'positions': [int(p) for p in positions]}
+
   last_eval = []
   try:
     step = int(ts.step)
@@ -271,7 +293,7 @@ def _train(cfg, sweep: sweep_lib.Sweep, workdir: str, restart: bool = False) -> 
         sums = {k: np.asarray(v, np.float64) for k, v in partial.items()}
       pos = start
       while pos < exp.steps_per_epoch:
-        ts, chunk = exp.train_chunk(ts, epoch, pos)
+        ts, chunk = exp.train_chunk(ts, epoch, pos, loader) if loader is not None else exp.train_chunk(ts, epoch, pos)
         pending.append((epoch * exp.steps_per_epoch + pos, chunk))
         pos = min(pos + exp.k, exp.steps_per_epoch)
         if len(pending) > 1:  # fetch the previous dispatch's metrics while this one runs
@@ -284,10 +306,13 @@ def _train(cfg, sweep: sweep_lib.Sweep, workdir: str, restart: bool = False) -> 
       step = epoch * exp.steps_per_epoch + pos
       if stopped() is not None and pos < exp.steps_per_epoch:  # stopped mid-epoch
         ckpt.save(step, ts, dict(_meta(base, ds, exp, step, False),
-                                 partial_sums={k: v.tolist() for k, v in sums.items()}))
+                                 partial_sums={k: v.tolist() for k, v in sums.items()}), data=data_state())
         ckpt.wait()
         raise _preempted(stopped(), step)
       partial = None
+      if loader is not None and loader.skipped:
+        logging.warning('epoch %d: %d corrupt image(s) skipped (data.on_corrupt=skip)', epoch + 1, len(loader.skipped))
+        loader.skipped = []
       reporter.progress(epoch, exp.steps_per_epoch)
       epoch_seconds = time.time() - t0
       records = [{'train_loss': float(sums['loss'][i] / sums['steps']),
@@ -304,7 +329,7 @@ def _train(cfg, sweep: sweep_lib.Sweep, workdir: str, restart: bool = False) -> 
         metrics = {ckpt_lib.SELECT_METRIC: float(np.mean([e[f'{select}_accuracy'] for e in last_eval]))}
       reporter.epoch(epoch, step, records, epoch_seconds, int(sums['count'][0]))
       if done % base.get('checkpoint_every_epochs', 1) == 0 or is_last or stopped() is not None:
-        ckpt.save(step, ts, _meta(base, ds, exp, step, is_last), metrics)
+        ckpt.save(step, ts, _meta(base, ds, exp, step, is_last), metrics, data=data_state())
       if stopped() is not None and not is_last:
         ckpt.wait()
         raise _preempted(stopped(), step)
@@ -340,6 +365,8 @@ def _train(cfg, sweep: sweep_lib.Sweep, workdir: str, restart: bool = False) -> 
     return summary
   finally:
     signal.signal(signal.SIGTERM, previous)
+    if loader is not None:
+      loader.close()
     reporter.close()
     ckpt.close()
 

@@ -27,6 +27,8 @@ CHOICES = {
     'sweep_mode': ('grid', 'zip'),
     'students_loop': ('auto', 'vmap', 'unroll'),
     'steps_loop': ('auto', 'scan', 'unroll'),
+    'data.pipeline': ('auto', 'device', 'stream'),
+    'data.on_corrupt': ('stop', 'skip'),
 }
 
 # field -> (lowest, highest, whether the lowest is allowed); None = unbounded.
@@ -85,6 +87,11 @@ RANGES = {
     'schedule.decay_factor': (0.0, None, False),
     'schedule.warmup_epochs': (0.0, None, True),
     'schedule.final_fraction': (0.0, 1.0, True),
+    'data.device_budget_gb': (0.0, None, True),
+    'data.workers': (0, None, True),
+    'data.prefetch': (1, None, True),
+    'data.image_size': (1, None, True),
+    'data.resize': (1, None, True),
 }
 # Upper bounds that are excluded (a fraction of 1 leaves nothing to train on; momentum 1 never forgets).
 _OPEN_ABOVE = ('data.val_fraction', 'distill.label_smoothing', 'optimizer.momentum')
@@ -126,6 +133,8 @@ def check(cfg):
   _check_losses(cfg)
   _check_schedule(cfg)
   _check_init(cfg)
+  from kdjax.data import stream
+  stream.check_config(cfg)
 
 
 def _check_models(cfg):

@@ -1,0 +1,421 @@
+"""The streaming half of the data path, for training sets that do not fit on the devices (ImageNet: 1.28 M JPEGs).
+
+Records are read, decoded and augmented on the host by Grain (`data.workers` worker processes) and each step's
+uint8 batch is handed to the jitted step as an argument (normalised there, `kdjax.data.device.normalize`); the
+device-resident path (`kdjax.data.device`) stays the one for the small datasets (`data.pipeline`, `choose`).
+
+Determinism (README "Architecture": a batch is a pure function of (seed, epoch, step)). The training stream is
+Grain's index-based `MapDataset`: record indices shuffled by the data seed, reshuffled every epoch (Grain reseeds
+its index shuffle per repetition), repeated without end; element g of that stream is (epoch g // N, record). Each
+process reads the elements g = process_index, process_index + process_count, ... (disjoint shards covering every
+element), so a global batch is the same whatever the number of worker processes. A record's augmentation draws from
+`np.random.default_rng([seed, 1, epoch, record])`, independent of the worker, thread or host that decodes it. A
+process's position in its shard (elements consumed) is the loader's whole state: it is saved in the checkpoint
+(item 'data') and a resumed run restarts the stream at that position, so it sees the same batches.
+
+Corrupt images (`data.on_corrupt`): 'stop' ends the run with one line naming the file, when the batch that holds it
+is taken; 'skip' leaves the example out: the batch is filled with the next elements of the stream, so batches stay
+full and stay a function of the position (the stream runs on into the next epoch's order by as many elements as
+were skipped); the skipped files are counted per epoch in the log. Evaluation streams the eval split in order, each
+process its strided shard, padded to whole batches with a mask (a skipped eval image is masked out and counted in
+the log).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import queue
+import threading
+
+from absl import logging
+import jax
+import numpy as np
+
+from kdjax.data import Dataset
+from kdjax.errors import ConfigError, DatasetNotFoundError
+
+# torchvision's ImageNet statistics (the anchors' `transforms.Normalize`), used for every streamed dataset.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+STREAM_NAMES = ('imagenet2012', 'folder')
+PIPELINES = ('auto', 'device', 'stream')
+ON_CORRUPT = ('stop', 'skip')
+# data.pipeline = 'auto' keeps a training set on the devices when its decoded uint8 arrays take at most this fraction
+# of one device's memory (data.device_budget_gb = 0), the rest is the model's.
+DEVICE_BUDGET_FRACTION = 0.25
+
+
+class Records:
+  """A split that is read as it streams: its length and image shape, no pixels. `images` is a ShapeDtypeStruct so
+  that `Dataset.image_shape` works and anything that would put the split on a device fails loudly."""
+
+  def __init__(self, source, image_size: int, what: str):
+    self.source, self.what = source, what
+    self.images = jax.ShapeDtypeStruct((len(source), image_size, image_size, 3), np.uint8)
+
+  def __len__(self):
+    return len(self.source)
+
+
+@dataclasses.dataclass
+class StreamDataset(Dataset):
+  """A `Dataset` whose splits are `Records`; `augment` is 'random_resized_crop' (ImageNet's training transform) or
+  'none' (the evaluation transform also for training)."""
+  image_size: int = 224
+  resize: int = 256
+  workers: int = 0
+  prefetch: int = 2
+  on_corrupt: str = 'stop'
+
+
+# ----------------------------------------------------------------------------------------------------- sources
+class FolderSource:
+  """The images of an ImageFolder listing (`kdjax.data.folder`), one split: record i -> its file's bytes."""
+
+  def __init__(self, paths, labels):
+    self.paths, self.labels = list(paths), np.asarray(labels, np.int32)
+
+  def __len__(self):
+    return len(self.paths)
+
+  def __getitem__(self, i):
+    i = int(i)
+    try:
+      with open(self.paths[i], 'rb') as f:
+        data = f.read()
+    except OSError as e:
+      data = e  # reported as a corrupt record, by the same switch
+    return {'data': data, 'label': int(self.labels[i]), 'where': self.paths[i]}
+
+
+class TfdsSource:
+  """A TFDS array_record split through `tfds.data_source`, the image left encoded (decoded by kdjax's transforms in
+  the workers). Opened lazily, so that the source pickles into Grain's worker processes."""
+
+  def __init__(self, name: str, split: str, data_dir: str | None):
+    self.name, self.split, self.data_dir = name, split, data_dir
+    self._source = None
+    self._len = len(self._open())
+
+  def _open(self):
+    if self._source is None:
+      import tensorflow_datasets as tfds
+      self._source = tfds.data_source(self.name, split=self.split, data_dir=self.data_dir, download=False,
+                                      decoders={'image': tfds.decode.SkipDecoding()})
+    return self._source
+
+  def __getstate__(self):
+    return dict(self.__dict__, _source=None)
+
+  def __len__(self):
+    return self._len
+
+  def __getitem__(self, i):
+    ex = self._open()[int(i)]
+    return {'data': ex['image'], 'label': int(ex['label']), 'where': f'{self.name}/{self.split}[{int(i)}]'}
+
+
+# ------------------------------------------------------------------------------------------------ the choice
+def choose(cfg) -> str:
+  """'device' or 'stream' for the `config.data` section `cfg` (data.pipeline; 'auto': stream for imagenet2012,
+  and for a folder whose decoded training images exceed the device budget; device otherwise)."""
+  pipeline, name = cfg.get('pipeline', 'auto'), cfg.name  # the combinations are checked in `check_config`
+  if pipeline != 'auto':
+    return pipeline
+  if name == 'imagenet2012':
+    return 'stream'
+  if name != 'folder':
+    return 'device'
+  from kdjax.data import folder
+  root = _folder_root(cfg)
+  if folder.layout(root) != 'classes':
+    return 'device'  # MHIST's CSV layout: the device reader's
+  lst = folder.listing(root, cfg.folder)
+  size = cfg.folder.get('image_size', 0) or cfg.get('image_size', 224)
+  need = int((~lst.is_test).sum()) * size * size * 3
+  budget = device_budget(cfg)
+  logging.info("data.pipeline='auto': the decoded training images take %.2f GiB, the device budget is %.2f GiB: %s",
+               need / 2**30, budget / 2**30, 'device' if need <= budget else 'stream')
+  return 'device' if need <= budget else 'stream'
+
+
+def check_config(cfg):
+  """The data-pipeline fields of a run config that the config alone decides, one line each (kdjax/validate.py)."""
+  d, pipeline = cfg.data, cfg.data.get('pipeline', 'auto')
+  if pipeline == 'device' and d.name == 'imagenet2012':
+    raise ConfigError("config.data.pipeline='device' cannot hold imagenet2012 on the devices; use 'stream' or 'auto'")
+  if pipeline == 'stream' and d.name not in STREAM_NAMES:
+    raise ConfigError(f"config.data.pipeline='stream' reads {' or '.join(STREAM_NAMES)}, not {d.name}; use 'device' "
+                      "or 'auto'")
+  if d.get('resize', 256) < d.get('image_size', 224):
+    raise ConfigError(f'config.data.resize={d.resize} is smaller than config.data.image_size={d.image_size} (the '
+                      'evaluation center crop)')
+  if not (pipeline == 'stream' or d.name == 'imagenet2012'):
+    return
+  where = f"data.pipeline={pipeline!r} with data.name={d.name!r} streams the data"
+  for field in ('val_fraction', 'train_examples', 'test_examples'):
+    if d.get(field, 0):
+      raise ConfigError(f'config.data.{field} is not supported: {where} (each split as it is)')
+  if d.get('omit_class', -1) >= 0:
+    raise ConfigError(f'config.data.omit_class is not supported: {where}')
+  if d.get('augment', 'auto') == 'crop_flip':
+    raise ConfigError(f"config.data.augment='crop_flip' is the CIFAR pad-4 crop; {where}: 'auto' (random-resized "
+                      "crop + flip) or 'none' (resize + center crop)")
+  if cfg.distill.get('cache_teacher', 'auto') == 'on':
+    raise ConfigError(f"config.distill.cache_teacher='on' needs the device-resident training set; {where}: "
+                      "'auto' or 'off'")
+  if 'mlkd' in dict(cfg.distill.losses):
+    raise ConfigError(f"config.distill.losses: mlkd's strong view is gathered from the device-resident training "
+                      f"set; {where}: set data.pipeline='device'")
+
+
+def device_budget(cfg) -> float:
+  if cfg.get('device_budget_gb', 0.0) > 0:
+    return cfg.device_budget_gb * 2**30
+  from kdjax import step
+  available = step.available_memory(jax.local_device_count())
+  return DEVICE_BUDGET_FRACTION * available if available else 4 * 2**30
+
+
+def _folder_root(cfg) -> str:
+  root = os.path.expanduser(cfg.get('dir') or cfg.folder.get('root') or '')
+  if not root:
+    raise ConfigError('data.name=folder needs --config.data.dir (or --config.data.folder.root)')
+  return os.path.abspath(root)
+
+
+def load(cfg) -> StreamDataset:
+  """The streamed dataset of the `config.data` section `cfg`: the record listings only, nothing is decoded."""
+  size, resize = cfg.get('image_size', 224), cfg.get('resize', 256)
+  if cfg.name == 'folder':
+    from kdjax.data import folder
+    root = _folder_root(cfg)
+    if folder.layout(root) != 'classes':
+      raise DatasetNotFoundError(f"data.pipeline='stream' reads ImageFolder trees (root/train/<class>/*.jpg and "
+                                 f'root/val|test/<class>/*.jpg), not {root}')
+    lst = folder.listing(root, cfg.folder)  # an empty class folder stops here, in one line
+    is_test = lst.is_test
+    train = Records(FolderSource(np.asarray(lst.paths)[~is_test], lst.labels[~is_test]), size, f'{root} train')
+    test = Records(FolderSource(np.asarray(lst.paths)[is_test], lst.labels[is_test]), size, f'{root} test')
+    num_classes = len(lst.classes)
+  else:
+    import tensorflow_datasets as tfds
+    data_dir = cfg.get('data_dir') or None
+    builder = tfds.builder(cfg.name, data_dir=data_dir)
+    try:
+      train = Records(TfdsSource(cfg.name, 'train', data_dir), size, f'{cfg.name}/train')
+      test = Records(TfdsSource(cfg.name, 'validation', data_dir), size, f'{cfg.name}/validation')
+    except Exception as e:  # tfds raises several types for "not there"
+      if builder.is_prepared():
+        raise
+      from kdjax.data import _prepare_hint
+      raise DatasetNotFoundError(_prepare_hint(cfg.name, data_dir)) from e
+    num_classes = builder.info.features['label'].num_classes
+  augment = cfg.get('augment', 'auto')
+  return StreamDataset(cfg.name, num_classes, train, test, None, IMAGENET_MEAN, IMAGENET_STD,
+                       'random_resized_crop' if augment == 'auto' else 'none', -1, size, resize,
+                       cfg.get('workers', 0), cfg.get('prefetch', 2), cfg.get('on_corrupt', 'stop'))
+
+
+# ---------------------------------------------------------------------------------------------- the transforms
+class _TrainElement:
+  """Grain map: a stream element (epoch, record) -> {'image', 'label', 'index'} or {'corrupt': what, 'index'}."""
+
+  def __init__(self, source, seed: int, size: int, resize: int, augment: bool):
+    self.source, self.seed, self.size, self.resize, self.augment = source, seed, size, resize, augment
+
+  def __call__(self, element):
+    epoch, index = int(element[0]), int(element[1])
+    rng = np.random.default_rng([self.seed, 1, epoch, index]) if self.augment else None
+    return _transform(self.source, index, rng, self.size, self.resize)
+
+
+class _EvalElement:
+  def __init__(self, source, size: int, resize: int):
+    self.source, self.size, self.resize = source, size, resize
+
+  def __call__(self, index):
+    return _transform(self.source, int(index), None, self.size, self.resize)
+
+
+class _WithEpoch:
+  """Grain map_with_index over the repeated shuffle: element g -> (its epoch, the record index)."""
+
+  def __init__(self, n: int):
+    self.n = n
+
+  def __call__(self, g, index):
+    return np.int64(g // self.n), np.int64(index)
+
+
+def _transform(source, index: int, rng, size: int, resize: int) -> dict:
+  from kdjax.data import transforms
+  rec = source[index]
+  try:
+    data = rec['data']
+    if isinstance(data, Exception):
+      raise transforms.CorruptImage(str(data))
+    img = transforms.decode(data) if isinstance(data, (bytes, np.bytes_)) else np.asarray(data, np.uint8)
+    if img.ndim == 2 or img.shape[-1] == 1:
+      img = np.broadcast_to(img.reshape(img.shape[:2] + (1,)), img.shape[:2] + (3,))
+    if rng is not None:
+      img = transforms.random_resized_crop_flip(img, rng, size=size)
+    else:
+      img = transforms.resize_center_crop(img, size=size, resize=resize)
+  except (transforms.CorruptImage, ValueError, OSError) as e:
+    return {'corrupt': f'{rec["where"]}: {" ".join(str(e).split())}', 'index': np.int64(index)}
+  return {'image': np.ascontiguousarray(img, np.uint8), 'label': np.int32(rec['label']), 'index': np.int64(index)}
+
+
+def _iterate(ds, workers: int):
+  import grain
+  it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, min(16, workers or 1)), prefetch_buffer_size=8))
+  if workers:
+    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=8))
+  return iter(it_ds)
+
+
+def _process(process_index, process_count):
+  return (jax.process_index() if process_index is None else process_index,
+          jax.process_count() if process_count is None else process_count)
+
+
+# ------------------------------------------------------------------------------------------------ training stream
+class TrainLoader:
+  """This process's share of every global training batch, in stream order, prefetched by a thread (while the
+  previous dispatch runs) and placed on the devices as global arrays [K, B, ...] of the step's batch sharding.
+
+  `position`: elements of this process's shard consumed by the batches taken so far (the checkpointed state).
+  `process_index` / `process_count` default to JAX's (tests pass others to check the shards)."""
+
+  def __init__(self, ds: StreamDataset, batch_size: int, seed: int, position: int = 0, sharding=None,
+               process_index=None, process_count=None):
+    import grain
+    self.ds, self.sharding = ds, sharding
+    self.index, self.count = _process(process_index, process_count)
+    if batch_size % self.count:
+      raise ConfigError(f'batch_size {batch_size} does not divide over the {self.count} processes')
+    self.local_batch = batch_size // self.count
+    n = len(ds.train)
+    stream = grain.MapDataset.range(n).shuffle(seed=seed).repeat().map_with_index(_WithEpoch(n))
+    stream = stream[self.index::self.count][position:]
+    self._elements = _iterate(stream.map(_TrainElement(ds.train.source, seed, ds.image_size, ds.resize,
+                                                       ds.augment != 'none')), ds.workers)
+    self.position = position
+    self.skipped = []  # (path and reason) of the corrupt images skipped in the batches taken, since last read
+    self._queue = queue.Queue(maxsize=max(1, ds.prefetch))
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._fill, daemon=True, name='kdjax-stream')
+    self._thread.start()
+
+  def _fill(self):
+    try:
+      while not self._stop.is_set():
+        batch = self._next_local()
+        self._put(batch)
+        if batch[0] != 'batch':
+          return
+    except BaseException as e:  # handed to the consumer, raised where the batch is taken
+      self._put(('error', e))
+
+  def _put(self, item):
+    while not self._stop.is_set():
+      try:
+        self._queue.put(item, timeout=0.1)
+        return
+      except queue.Full:
+        continue
+
+  def _next_local(self):
+    images, labels, indices, corrupt, consumed = [], [], [], [], 0
+    while len(images) < self.local_batch:
+      el = next(self._elements)
+      consumed += 1
+      if 'corrupt' in el:
+        corrupt.append(el['corrupt'])
+        if self.ds.on_corrupt == 'stop':
+          return ('corrupt', el['corrupt'])
+        continue
+      images.append(el['image'])
+      labels.append(el['label'])
+      indices.append(el['index'])
+    return ('batch', {'images': np.stack(images), 'labels': np.asarray(labels, np.int32),
+                      'indices': np.asarray(indices, np.int32)}, consumed, corrupt)
+
+  def next_local(self) -> dict:
+    """The next host batch of this process ({'images' [b, H, W, C] uint8, 'labels', 'indices'}), advancing
+    `position`."""
+    item = self._queue.get()
+    if item[0] == 'error':
+      raise item[1]
+    if item[0] == 'corrupt':
+      raise ConfigError(f'corrupt image {item[1]}; set --config.data.on_corrupt=skip to leave such files out')
+    _, batch, consumed, corrupt = item
+    self.position += consumed
+    for what in corrupt:
+      logging.warning('skipped a corrupt image (data.on_corrupt=skip): %s', what)
+    self.skipped += corrupt
+    return batch
+
+  def take(self, steps: int, pad_to: int | None = None) -> dict:
+    """The next `steps` global batches as device arrays [pad_to or steps, B, ...] (the steps past `steps` are zeros:
+    a rolled scan masks them)."""
+    local = [self.next_local() for _ in range(steps)]
+    stacked = {k: np.stack([b[k] for b in local]) for k in local[0]}
+    if pad_to and pad_to > steps:
+      stacked = {k: np.concatenate([v, np.zeros((pad_to - steps,) + v.shape[1:], v.dtype)])
+                 for k, v in stacked.items()}
+    if self.sharding is None:
+      return stacked
+    return {k: jax.make_array_from_process_local_data(self.sharding, v) for k, v in stacked.items()}
+
+  def close(self):
+    self._stop.set()
+    while True:
+      try:
+        self._queue.get_nowait()
+      except queue.Empty:
+        break
+    self._thread.join(timeout=5)
+    self._elements = None
+
+
+def shard_indices(n: int, process_index: int, process_count: int, limit: int) -> np.ndarray:
+  """The stream elements (global positions) process `process_index` of `process_count` reads first: `limit` of
+  them (what the loader's shard slice selects; used by the tests)."""
+  return np.arange(process_index, process_index + process_count * limit, process_count)[:limit]
+
+
+# ------------------------------------------------------------------------------------------------- evaluation
+def eval_batches(ds: StreamDataset, split: str, batch_size: int, sharding=None, process_index=None,
+                 process_count=None):
+  """The eval split in order, this process's strided shard, as batches {'images', 'labels', 'mask'} of the global
+  `batch_size` (padded and masked: every example counted once). Yields (batch, corrupt list)."""
+  import grain
+  index, count = _process(process_index, process_count)
+  records = ds.test if split == 'test' else ds.val
+  n, local = len(records), batch_size // count
+  per_process = -(-n // count)
+  num_batches = -(-per_process // local)
+  mine = grain.MapDataset.range(n)[index::count]
+  elements = _iterate(mine.map(_EvalElement(records.source, ds.image_size, ds.resize)), ds.workers)
+  shape = (ds.image_size, ds.image_size, 3)
+  for _ in range(num_batches):
+    images = np.zeros((local,) + shape, np.uint8)
+    labels, mask, corrupt = np.zeros((local,), np.int32), np.zeros((local,), bool), []
+    for j in range(local):
+      el = next(elements, None)
+      if el is None:
+        break
+      if 'corrupt' in el:
+        if ds.on_corrupt == 'stop':
+          raise ConfigError(f'corrupt image {el["corrupt"]}; set --config.data.on_corrupt=skip to leave such files '
+                            'out')
+        corrupt.append(el['corrupt'])
+        continue
+      images[j], labels[j], mask[j] = el['image'], el['label'], True
+    batch = {'images': images[None], 'labels': labels[None], 'mask': mask[None]}
+    if sharding is not None:
+      batch = {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+    yield batch, corrupt
