@@ -256,13 +256,15 @@ def _transform(source, index: int, rng, size: int, resize: int) -> dict:
     data = rec['data']
     if isinstance(data, Exception):
       raise transforms.CorruptImage(str(data))
-    img = transforms.decode(data) if isinstance(data, (bytes, np.bytes_)) else np.asarray(data, np.uint8)
-    if img.ndim == 2 or img.shape[-1] == 1:
-      img = np.broadcast_to(img.reshape(img.shape[:2] + (1,)), img.shape[:2] + (3,))
-    if rng is not None:
-      img = transforms.random_resized_crop_flip(img, rng, size=size)
-    else:
-      img = transforms.resize_center_crop(img, size=size, resize=resize)
+    if isinstance(data, (bytes, np.bytes_)):  # decoded and transformed in PIL (kdjax/data/transforms.py)
+      img = (transforms.train_transform(data, rng, size) if rng is not None else
+             transforms.eval_transform(data, size, resize))
+    else:  # a source that decodes (TFDS mock data): the same transforms on the array
+      img = np.asarray(data, np.uint8)
+      if img.ndim == 2 or img.shape[-1] == 1:
+        img = np.ascontiguousarray(np.broadcast_to(img.reshape(img.shape[:2] + (1,)), img.shape[:2] + (3,)))
+      img = (transforms.random_resized_crop_flip(img, rng, size=size) if rng is not None else
+             transforms.resize_center_crop(img, size=size, resize=resize))
   except (transforms.CorruptImage, ValueError, OSError) as e:
     return {'corrupt': f'{rec["where"]}: {" ".join(str(e).split())}', 'index': np.int64(index)}
   return {'image': np.ascontiguousarray(img, np.uint8), 'label': np.int32(rec['label']), 'index': np.int64(index)}
