@@ -274,6 +274,9 @@ def _iterate(ds, workers: int):
   import grain
   it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, min(16, workers or 1)), prefetch_buffer_size=8))
   if workers:
+    from absl import flags
+    if not flags.FLAGS.is_parsed():  # Grain's workers read its absl flags; a library caller (tests) has not parsed any
+      flags.FLAGS.mark_as_parsed()
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=8))
   return iter(it_ds)
 
