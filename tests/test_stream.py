@@ -87,6 +87,14 @@ def test_resume_mid_epoch_is_bit_exact(jpegs, reference_run, tmp_path, monkeypat
   assert resumed['test_count'] == reference_run['test_count'] == CLASSES * VAL_PER_CLASS
 
 
+def test_rolled_scan_dispatch_matches(jpegs, reference_run, tmp_path):
+  # The accelerators' dispatch: K = 2 steps in a rolled lax.scan; the epoch's third step is the first of a
+  # dispatch whose second step is masked (its batch zeros), so the stream must not advance past it.
+  summary = train.train_and_evaluate(stream_config(jpegs, steps_per_dispatch=2, steps_loop='scan'), str(tmp_path))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), _params(reference_run),
+               _params(summary))
+
+
 def test_eval_counts_every_example_once(jpegs, reference_run):
   # 12 test images in batches of 8: the second batch is half padding, masked out.
   assert reference_run['test_count'] == CLASSES * VAL_PER_CLASS

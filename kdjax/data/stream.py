@@ -90,8 +90,9 @@ class FolderSource:
 
 
 class TfdsSource:
-  """A TFDS array_record split through `tfds.data_source`, the image left encoded (decoded by kdjax's transforms in
-  the workers). Opened lazily, so that the source pickles into Grain's worker processes."""
+  """A TFDS array_record split through `tfds.data_source`, read in the Grain workers: TFDS decodes the image there
+  (its NumPy path, no TensorFlow; its SkipDecoding needs TensorFlow), kdjax's transforms crop and resize the array.
+  Opened lazily, so that the source pickles into Grain's worker processes."""
 
   def __init__(self, name: str, split: str, data_dir: str | None):
     self.name, self.split, self.data_dir = name, split, data_dir
@@ -101,8 +102,7 @@ class TfdsSource:
   def _open(self):
     if self._source is None:
       import tensorflow_datasets as tfds
-      self._source = tfds.data_source(self.name, split=self.split, data_dir=self.data_dir, download=False,
-                                      decoders={'image': tfds.decode.SkipDecoding()})
+      self._source = tfds.data_source(self.name, split=self.split, data_dir=self.data_dir, download=False)
     return self._source
 
   def __getstate__(self):
