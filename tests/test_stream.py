@@ -295,6 +295,26 @@ def test_imagenet_mock_config_runs(jpegs, tmp_path):
                                                                                      'stream')
 
 
+@pytest.mark.parametrize('arg', ['dkd,resnet34_imagenet,resnet18_imagenet', 'dist,resnet50_imagenet,mobilenetv1_imagenet'])
+def test_imagenet_configs_trace(arg):
+  """The recipes' step traces on a streamed 224x224 dataset of 1000 classes (abstract values: nothing compiled)."""
+  import jax.numpy as jnp
+  from kdjax import models
+  from kdjax import step as step_lib
+  from tests.test_configs import load_config
+  cfg = load_config('imagenet.py', arg)
+  cfg.batch_size, cfg.num_devices = 8, 1
+  split = lambda: stream.Records(stream.FolderSource(['x.jpg'] * 64, np.zeros(64, np.int32)), 224, 'synthetic')
+  ds = stream.StreamDataset('imagenet2012', 1000, split(), split(), None, stream.IMAGENET_MEAN, stream.IMAGENET_STD,
+                            'random_resized_crop')
+  teacher = models.create(cfg.teacher.model, 1000, dtype=jnp.bfloat16)
+  teacher_vars = jax.eval_shape(lambda: teacher.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3))))
+  exp = step_lib.Experiment(cfg, ds, None, teacher, teacher_vars)
+  assert exp.streaming and exp.teacher_table is None
+  ts, metrics = exp.trace_train_step()
+  assert ts.params['student'] and set(metrics) >= {'loss', f'loss_{arg.split(",")[0]}'}
+
+
 def test_tfds_imagenet_streams(tmp_path):
   import tensorflow_datasets as tfds
   cfg = stream_config('', epochs=1)
