@@ -130,6 +130,15 @@ def test_shards_are_disjoint_and_cover_each_global_batch(jpegs):
       loader.close()
 
 
+def test_resume_positions_on_another_process_count():
+  state = {'positions': [12, 12]}  # step 3 at batch 8 on 2 processes, nothing skipped
+  assert stream.resume_position(state, 3, 8, process_index=1, process_count=2) == 12
+  assert stream.resume_position(state, 3, 8, process_index=0, process_count=1) == 24
+  assert stream.resume_position(None, 0, 8, process_index=0, process_count=4) == 0
+  with pytest.raises(errors.ConfigError, match=r'^the checkpoint at step 3 was streamed by 2 processes and skipped '):
+    stream.resume_position({'positions': [13, 12]}, 3, 8, process_index=0, process_count=1)
+
+
 def test_restart_at_a_position_and_workers_give_the_same_batches(jpegs):
   ds = stream.load(stream_config(jpegs).data)
   first = stream.TrainLoader(ds, 8, seed=3)

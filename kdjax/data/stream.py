@@ -386,10 +386,21 @@ class TrainLoader:
     self._elements = None
 
 
-def shard_indices(n: int, process_index: int, process_count: int, limit: int) -> np.ndarray:
-  """The stream elements (global positions) process `process_index` of `process_count` reads first: `limit` of
-  them (what the loader's shard slice selects; used by the tests)."""
-  return np.arange(process_index, process_index + process_count * limit, process_count)[:limit]
+def resume_position(data_state: dict | None, step: int, batch_size: int, process_index=None,
+                    process_count=None) -> int:
+  """This process's position in its stream at a checkpoint's `step`, from the checkpoint's 'data' item. Resumed
+  on another number of processes, the positions carry over only while no image was skipped (every process then
+  read step x its batch share); otherwise the run must resume on as many processes as wrote it."""
+  index, count = _process(process_index, process_count)
+  if not data_state:
+    return 0
+  positions = list(data_state['positions'])
+  if len(positions) == count:
+    return int(positions[index])
+  if all(p == step * batch_size // len(positions) for p in positions):
+    return step * batch_size // count
+  raise ConfigError(f'the checkpoint at step {step} was streamed by {len(positions)} processes and skipped corrupt '
+                    f'images; resume it on {len(positions)} processes, not {count}')
 
 
 # ------------------------------------------------------------------------------------------------- evaluation
