@@ -41,6 +41,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 STREAM_NAMES = ('imagenet2012', 'folder')
 PIPELINES = ('auto', 'device', 'stream')
 ON_CORRUPT = ('stop', 'skip')
+# Evaluation splits smaller than this are read in this process: starting worker processes costs more than they save.
+EVAL_WORKERS_MIN_RECORDS = 1024
 # data.pipeline = 'auto' keeps a training set on the devices when its decoded uint8 arrays take at most this fraction
 # of one device's memory (data.device_budget_gb = 0), the rest is the model's.
 DEVICE_BUDGET_FRACTION = 0.25
@@ -415,7 +417,8 @@ def eval_batches(ds: StreamDataset, split: str, batch_size: int, sharding=None, 
   per_process = -(-n // count)
   num_batches = -(-per_process // local)
   mine = grain.MapDataset.range(n)[index::count]
-  elements = _iterate(mine.map(_EvalElement(records.source, ds.image_size, ds.resize)), ds.workers)
+  workers = ds.workers if n >= EVAL_WORKERS_MIN_RECORDS else 0
+  elements = _iterate(mine.map(_EvalElement(records.source, ds.image_size, ds.resize)), workers)
   shape = (ds.image_size, ds.image_size, 3)
   for _ in range(num_batches):
     images = np.zeros((local,) + shape, np.uint8)
