@@ -23,7 +23,8 @@ Data: TFDS's imagenet2012 as array_record (prepared once: `tfds build imagenet20
 Teachers (torchvision's published weights, imported once; no torch needed when training):
 
   pip install torch==2.13.0
-  wget https://download.pytorch.org/models/resnet34-b627a593.pth https://download.pytorch.org/models/resnet50-0676ba61.pth
+  wget https://download.pytorch.org/models/resnet34-b627a593.pth \
+      https://download.pytorch.org/models/resnet50-0676ba61.pth
   python -m kdjax.tools.import_torch --model resnet34_imagenet --num_classes 1000 --image_size 224 \
       --dataset imagenet2012 resnet34-b627a593.pth teachers/resnet34
   python -m kdjax.tools.import_torch --model resnet50_imagenet --num_classes 1000 --image_size 224 \
@@ -42,7 +43,8 @@ Runs:
 
 from kdjax import config_lib
 
-PAIRS = {('resnet34_imagenet', 'resnet18_imagenet'): 'r34_r18', ('resnet50_imagenet', 'mobilenetv1_imagenet'): 'r50_mv1'}
+PAIRS = {('resnet34_imagenet', 'resnet18_imagenet'): 'r34_r18',
+         ('resnet50_imagenet', 'mobilenetv1_imagenet'): 'r50_mv1'}
 # mdistiller configs/imagenet/<pair>/dkd.yaml DKD.BETA
 DKD_BETA = {'r34_r18': 0.5, 'r50_mv1': 2.0}
 METHODS = ('kd', 'dkd', 'dist')

@@ -211,6 +211,8 @@ def _train(cfg, sweep: sweep_lib.Sweep, workdir: str, restart: bool = False) -> 
   if dist.is_primary():
     write_config(cfg, workdir, sweep)
   pipeline = stream_data.choose(base.data)
+  if pipeline == 'stream':
+    stream_data.check_config(base, pipeline)  # 'auto' chose it from the folder's size
   ds = stream_data.load(base.data) if pipeline == 'stream' else data_lib.load(base.data)
   if pipeline == 'stream':
     logging.info("data.pipeline='stream': %s read by %d Grain worker process(es) (data.workers), decoded and "

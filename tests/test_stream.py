@@ -304,7 +304,8 @@ def test_imagenet_mock_config_runs(jpegs, tmp_path):
                                                                                      'stream')
 
 
-@pytest.mark.parametrize('arg', ['dkd,resnet34_imagenet,resnet18_imagenet', 'dist,resnet50_imagenet,mobilenetv1_imagenet'])
+@pytest.mark.parametrize('arg', ['dkd,resnet34_imagenet,resnet18_imagenet',
+                                 'dist,resnet50_imagenet,mobilenetv1_imagenet'])
 def test_imagenet_configs_trace(arg):
   """The recipes' step traces on a streamed 224x224 dataset of 1000 classes (abstract values: nothing compiled)."""
   import jax.numpy as jnp

@@ -142,9 +142,10 @@ def choose(cfg) -> str:
   return 'device' if need <= budget else 'stream'
 
 
-def check_config(cfg):
-  """The data-pipeline fields of a run config that the config alone decides, one line each (kdjax/validate.py)."""
-  d, pipeline = cfg.data, cfg.data.get('pipeline', 'auto')
+def check_config(cfg, pipeline: str | None = None):
+  """The data-pipeline fields of a run config that the config alone decides, one line each (kdjax/validate.py);
+  `pipeline`: the one `choose` picked, when 'auto' picked it from the data."""
+  d, pipeline = cfg.data, pipeline or cfg.data.get('pipeline', 'auto')
   if pipeline == 'device' and d.name == 'imagenet2012':
     raise ConfigError("config.data.pipeline='device' cannot hold imagenet2012 on the devices; use 'stream' or 'auto'")
   if pipeline == 'stream' and d.name not in STREAM_NAMES:
