@@ -86,6 +86,20 @@ def test_resume_mid_epoch_is_bit_exact(jpegs, reference_run, tmp_path, monkeypat
   jax.tree.map(np.testing.assert_array_equal, _params(reference_run), _params(resumed))
   assert resumed['test_count'] == reference_run['test_count'] == CLASSES * VAL_PER_CLASS
 
+  # A crash (no handler runs) in epoch 2: the run restarts from the end-of-epoch-1 checkpoint and its stream position.
+  work = str(tmp_path / 'crash')
+
+  def crash():
+    raise KeyboardInterrupt
+
+  _interrupt_at_dispatch(monkeypatch, 4, crash)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(stream_config(jpegs, steps_per_dispatch=2), work)
+  assert ckpt_lib.read_meta(work)['step'] == 3
+  monkeypatch.undo()
+  resumed = train.train_and_evaluate(stream_config(jpegs, steps_per_dispatch=2), work)
+  jax.tree.map(np.testing.assert_array_equal, _params(reference_run), _params(resumed))
+
 
 def test_rolled_scan_dispatch_matches(jpegs, reference_run, tmp_path):
   # The accelerators' dispatch: K = 2 steps in a rolled lax.scan; the epoch's third step is the first of a
