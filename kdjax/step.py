@@ -1,7 +1,8 @@
 """The train state and the one jitted train step (K steps per dispatch) for the S students of a sweep, and evaluation.
 
-Data path, all inside jit: gather the batch from the device-resident uint8 arrays by the epoch's permutation,
-augment, normalise -> teacher forward once (eval mode, stop_gradient; its variables are an argument, never donated,
+Data path, all inside jit: gather the batch from the device-resident uint8 arrays by the epoch's permutation and
+augment it, or take it from the dispatch's streamed uint8 batches, an argument decoded and augmented on the host
+(`data.pipeline = 'stream'`, kdjax/data/stream.py; `Experiment._batch`), normalise -> teacher forward once (eval mode, stop_gradient; its variables are an argument, never donated,
 never in the optimizer; or its outputs read from a table computed once when the images are not augmented) ->
 vmapped over the students: student forward (+ the methods' extra modules), every loss term, value_and_grad over the
 trainable tree, optax update. The step is a pure function of (state, teacher variables, data, rng, step); each
