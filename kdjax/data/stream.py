@@ -235,6 +235,8 @@ class _TrainElement:
 
 
 class _EvalElement:
+  """Grain map: an evaluation record index -> the resized, center-cropped image (or its corrupt marker)."""
+
   def __init__(self, source, size: int, resize: int):
     self.source, self.size, self.resize = source, size, resize
 
@@ -339,6 +341,7 @@ class TrainLoader:
         continue
 
   def _next_local(self):
+    """('batch', arrays, elements consumed, corrupt ones skipped), or ('corrupt', what) under on_corrupt='stop'."""
     images, labels, indices, corrupt, consumed = [], [], [], [], 0
     while len(images) < self.local_batch:
       el = next(self._elements)
