@@ -225,7 +225,8 @@ def corrupt_jpegs(tmp_path_factory):
 
 def test_corrupt_jpeg_is_skipped_with_a_count(corrupt_jpegs, tmp_path, caplog):
   ds = stream.load(stream_config(corrupt_jpegs, data__on_corrupt='skip').data)
-  bad = ds.train.source.paths.index(os.path.join(corrupt_jpegs, 'train', 'c1', 'zz_bad.jpg'))
+  paths = [ds.train.source.path(i) for i in range(len(ds.train))]
+  bad = paths.index(os.path.join(corrupt_jpegs, 'train', 'c1', 'zz_bad.jpg'))
   loader = stream.TrainLoader(ds, 8, seed=0)
   try:
     batches = [loader.next_local() for _ in range(3)]  # 25 records, 24 readable: 3 full batches

@@ -73,22 +73,30 @@ class StreamDataset(Dataset):
 
 # ----------------------------------------------------------------------------------------------------- sources
 class FolderSource:
-  """The images of an ImageFolder listing (`kdjax.data.folder`), one split: record i -> its file's bytes."""
+  """The images of an ImageFolder listing (`kdjax.data.folder`), one split: record i -> its file's bytes. The paths
+  are kept as one byte string and offsets: ImageNet's 1.28 M paths reach each Grain worker as ~80 MB that unpickle
+  in 0.1 s, not as a million Python strings (~150 MB, 0.4 s)."""
 
   def __init__(self, paths, labels):
-    self.paths, self.labels = list(paths), np.asarray(labels, np.int32)
+    encoded = [os.fsencode(p) for p in paths]
+    self._blob = b''.join(encoded)
+    self._offsets = np.concatenate([[0], np.cumsum([len(p) for p in encoded], dtype=np.int64)])
+    self.labels = np.asarray(labels, np.int32)
 
   def __len__(self):
-    return len(self.paths)
+    return len(self.labels)
+
+  def path(self, i: int) -> str:
+    return os.fsdecode(self._blob[self._offsets[i]:self._offsets[i + 1]])
 
   def __getitem__(self, i):
-    i = int(i)
+    path = self.path(int(i))
     try:
-      with open(self.paths[i], 'rb') as f:
+      with open(path, 'rb') as f:
         data = f.read()
     except OSError as e:
       data = e  # reported as a corrupt record, by the same switch
-    return {'data': data, 'label': int(self.labels[i]), 'where': self.paths[i]}
+    return {'data': data, 'label': int(self.labels[int(i)]), 'where': path}
 
 
 class TfdsSource:
