@@ -384,7 +384,7 @@ class TrainLoader:
     """The next `steps` global batches as device arrays [pad_to or steps, B, ...] (the steps past `steps` are zeros:
     a rolled scan masks them)."""
     local = [self.next_local() for _ in range(steps)]
-    stacked = {k: np.stack([b[k] for b in local]) for k in local[0]}
+    stacked = {k: local[0][k][None] if steps == 1 else np.stack([b[k] for b in local]) for k in local[0]}
     if pad_to and pad_to > steps:
       stacked = {k: np.concatenate([v, np.zeros((pad_to - steps,) + v.shape[1:], v.dtype)])
                  for k, v in stacked.items()}
