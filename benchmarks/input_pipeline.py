@@ -14,10 +14,17 @@ Everything runs in this one process, pinned to one core (`os.sched_setaffinity`)
 this process's CPU time (`time.process_time`), which a loaded, shared machine distorts less than wall time (wall
 rates are printed beside them). Each row is the median of `--repeats` passes over all N images.
 
-  python benchmarks/input_pipeline.py [--n=200] [--repeats=3] [--large] [--step_rate=6000]
+`--grain` then streams the same files through a plain Grain pipeline (`MapDataset` -> `random_map` of
+`train_transform` -> `batch(64)` -> `to_iter_dataset` with 1 or 16 read threads -> `mp_prefetch` with 0, 1 or 2
+worker processes; prefetch buffers of 2 batches), not pinned, and prints the time to the first batch (the workers'
+start) and the wall images/s after it, over N x 16 images (far more than what the buffers hold ahead):
+Grain's own cost per image and how it scales on this machine. It is Grain alone, not kdjax's streaming loader.
+
+  python benchmarks/input_pipeline.py [--n=200] [--repeats=3] [--large] [--step_rate=6000] [--grain]
 """
 
 import argparse
+import functools
 import io
 import os
 import statistics
@@ -127,6 +134,29 @@ def measure(fn, files: list[bytes], repeats: int) -> tuple[float, float]:
   return statistics.median(cpu), statistics.median(wall)
 
 
+def grain_rate(files: list[bytes], workers: int, threads: int, batch: int, epochs: int) -> tuple[float, float]:
+  """(seconds to the first batch, wall images/s after it) of a Grain pipeline decoding and augmenting `files`
+  `epochs` times: `threads` read threads (Grain's ReadOptions; PIL releases the GIL while it decodes and resizes)
+  in each of `workers` processes (0: in this process)."""
+  from absl import flags
+  import grain
+  if not flags.FLAGS.is_parsed():  # Grain reads absl flags; this script parses its own arguments
+    flags.FLAGS.mark_as_parsed()
+  ds = grain.MapDataset.source(files).repeat(epochs)
+  ds = ds.random_map(functools.partial(transforms.train_transform, size=224), seed=0).batch(batch)
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * batch))
+  if workers:
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+  t0 = time.perf_counter()
+  it = iter(it)
+  first = next(it)
+  t1, n = time.perf_counter(), 0
+  for b in it:
+    n += len(b)
+  assert first.shape == (batch, 224, 224, 3) and n + batch == len(files) * epochs, (first.shape, n)
+  return t1 - t0, n / (time.perf_counter() - t1)
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('--n', type=int, default=200)
@@ -136,9 +166,12 @@ def main():
   p.add_argument('--step_rate', type=float, default=A100_RESNET18_IMG_S,
                  help='training images/s of the accelerator to feed (default: an A100 on ResNet18, see source)')
   p.add_argument('--core', type=int, default=None, help='the CPU to pin to (default: the first allowed)')
+  p.add_argument('--grain', action='store_true', help='also stream the files through Grain (see the docstring)')
+  p.add_argument('--grain_epochs', type=int, default=16)
   args = p.parse_args()
 
-  core = args.core if args.core is not None else min(os.sched_getaffinity(0))
+  allowed = os.sched_getaffinity(0)
+  core = args.core if args.core is not None else min(allowed)
   os.sched_setaffinity(0, {core})
   files = make_images(args.n, args.seed, args.large)
   # The bytes are also written to a temp dir and read back, as a pipeline reads them (from the page cache here).
@@ -155,6 +188,13 @@ def main():
   for name, fn in contenders().items():
     cpu_rate, wall_rate = measure(fn, files, args.repeats)
     print(f'{name:48s} {cpu_rate:26.0f} {wall_rate:13.0f} {args.step_rate / cpu_rate:20.1f}')
+  if args.grain:
+    os.sched_setaffinity(0, allowed)
+    print(f'Grain, train transform, batch 64, {args.grain_epochs} passes, not pinned ({len(allowed)} CPUs allowed):')
+    for workers, threads in [(0, 1), (0, 16), (1, 16), (2, 16)]:
+      start, rate = grain_rate(files, workers, threads, 64, args.grain_epochs)
+      name = f'Grain, {workers} worker processes x {threads} read threads'
+      print(f'{name:48s} {"first batch after " + f"{start:.1f} s":>26s} {rate:13.0f}  load average {os.getloadavg()[0]:.2f}')
   print(f'load average at the end: {" ".join(f"{v:.2f}" for v in os.getloadavg())}')
 
 
