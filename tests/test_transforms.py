@@ -10,7 +10,6 @@ from PIL import Image, ImageFile
 import pytest
 
 from kdjax.data import transforms
-from kdjax.errors import ConfigError
 
 SCALE, RATIO = (0.08, 1.0), (3 / 4, 4 / 3)
 
@@ -240,10 +239,16 @@ def test_decode_garbage_raises(data):
     transforms.decode(data)
 
 
+def test_decode_bomb_raises(monkeypatch):
+  monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', 100)  # PIL refuses more than twice this many pixels
+  with pytest.raises(transforms.CorruptImage, match='decompression bomb'):
+    transforms.decode(_encode(_smooth(20, 20), 'PNG'))
+
+
 def test_decode_refuses_when_pil_accepts_truncated_files(monkeypatch):
   monkeypatch.setattr(ImageFile, 'LOAD_TRUNCATED_IMAGES', True)
   data = _encode(_noise(64, 64), 'JPEG')
-  with pytest.raises(ConfigError, match='LOAD_TRUNCATED_IMAGES'):
+  with pytest.raises(RuntimeError, match='LOAD_TRUNCATED_IMAGES'):
     transforms.decode(data[:len(data) // 2])
 
 
