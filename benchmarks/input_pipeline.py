@@ -157,6 +157,15 @@ def grain_rate(files: list[bytes], workers: int, threads: int, batch: int, epoch
   return t1 - t0, n / (time.perf_counter() - t1)
 
 
+def _read(path: str) -> bytes:
+  with open(path, 'rb') as f:
+    return f.read()
+
+
+def _load() -> str:
+  return ' '.join(f'{v:.2f}' for v in os.getloadavg())
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('--n', type=int, default=200)
@@ -179,12 +188,13 @@ def main():
     for i, data in enumerate(files):
       with open(os.path.join(tmp, f'{i:05d}.jpg'), 'wb') as f:
         f.write(data)
-    files = [open(os.path.join(tmp, f'{i:05d}.jpg'), 'rb').read() for i in range(len(files))]
+    files = [_read(os.path.join(tmp, f'{i:05d}.jpg')) for i in range(len(files))]
   sizes = np.array([transforms.decode(d).shape[:2] for d in files])
   print(f'{len(files)} JPEGs, quality 90, {sizes[:, 1].mean():.0f} x {sizes[:, 0].mean():.0f} px on average '
         f'(short side {sizes.min(1).min()}-{sizes.min(1).max()}), {np.mean([len(d) for d in files]) / 1e3:.0f} kB '
-        f'on average; pinned to CPU {core}; load average {" ".join(f"{v:.2f}" for v in os.getloadavg())}')
-  print(f'{"contender":48s} {"img/s per core (CPU time)":>26s} {"img/s (wall)":>13s} {"cores for " + str(int(args.step_rate)) + " img/s":>20s}')
+        f'on average; pinned to CPU {core}; load average {_load()}')
+  cores_for = f'cores for {args.step_rate:.0f} img/s'
+  print(f'{"contender":48s} {"img/s per core (CPU time)":>26s} {"img/s (wall)":>13s} {cores_for:>20s}')
   for name, fn in contenders().items():
     cpu_rate, wall_rate = measure(fn, files, args.repeats)
     print(f'{name:48s} {cpu_rate:26.0f} {wall_rate:13.0f} {args.step_rate / cpu_rate:20.1f}')
@@ -194,8 +204,9 @@ def main():
     for workers, threads in [(0, 1), (0, 16), (1, 16), (2, 16)]:
       start, rate = grain_rate(files, workers, threads, 64, args.grain_epochs)
       name = f'Grain, {workers} worker processes x {threads} read threads'
-      print(f'{name:48s} {"first batch after " + f"{start:.1f} s":>26s} {rate:13.0f}  load average {os.getloadavg()[0]:.2f}')
-  print(f'load average at the end: {" ".join(f"{v:.2f}" for v in os.getloadavg())}')
+      first = f'first batch after {start:.1f} s'
+      print(f'{name:48s} {first:>26s} {rate:13.0f}  load average {_load()}')
+  print(f'load average at the end: {_load()}')
 
 
 if __name__ == '__main__':
