@@ -203,6 +203,7 @@ def test_decode_rgb_jpeg_and_png():
   out = transforms.decode(_encode(src, 'JPEG', quality=95))
   assert out.shape == (60, 80, 3) and out.dtype == np.uint8 and out.flags.writeable
   assert np.abs(out.astype(int) - src).mean() < 2
+  # A PNG is read as a PNG whatever its file is called (ImageNet has one named .JPEG): decode sees only bytes.
   np.testing.assert_array_equal(transforms.decode(_encode(src, 'PNG')), src)  # lossless
 
 
