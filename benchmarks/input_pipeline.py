@@ -15,8 +15,8 @@ this process's CPU time (`time.process_time`), which a loaded, shared machine di
 rates are printed beside them). Each row is the median of `--repeats` passes over all N images.
 
 `--grain` then streams the same files through a plain Grain pipeline (`MapDataset` -> `random_map` of
-`train_transform` -> `batch(64)` -> `to_iter_dataset` with 1 or 16 read threads -> `mp_prefetch` with 0, 1 or 2
-worker processes; prefetch buffers of 2 batches), not pinned, and prints the time to the first batch (the workers'
+`train_transform` -> `to_iter_dataset` with 1 or 16 read threads and a prefetch buffer of 128 images -> `batch(64)`
+-> `mp_prefetch` with 0, 1 or 2 worker processes), not pinned, and prints the time to the first batch (the workers'
 start) and the wall images/s after it, over N x 16 images (far more than what the buffers hold ahead):
 Grain's own cost per image and how it scales on this machine. It is Grain alone, not kdjax's streaming loader.
 
@@ -143,8 +143,10 @@ def grain_rate(files: list[bytes], workers: int, threads: int, batch: int, epoch
   if not flags.FLAGS.is_parsed():  # Grain reads absl flags; this script parses its own arguments
     flags.FLAGS.mark_as_parsed()
   ds = grain.MapDataset.source(files).repeat(epochs)
-  ds = ds.random_map(functools.partial(transforms.train_transform, size=224), seed=0).batch(batch)
-  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * batch))
+  ds = ds.random_map(functools.partial(transforms.train_transform, size=224), seed=0)
+  # Batched after to_iter_dataset: the read threads and the prefetch buffer then count images, not batches (batching
+  # the MapDataset first gives each thread a whole batch, and the first batch waits for `threads` batches).
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * batch)).batch(batch)
   if workers:
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
   t0 = time.perf_counter()
