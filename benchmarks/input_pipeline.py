@@ -16,17 +16,21 @@ rates are printed beside them). Each row is the median of `--repeats` passes ove
 
 `--grain` then streams the same files through a plain Grain pipeline (`MapDataset` -> `random_map` of
 `train_transform` -> `to_iter_dataset` with 1 or 16 read threads and a prefetch buffer of 128 images -> `batch(64)`
--> `mp_prefetch` with 0, 1 or 2 worker processes), not pinned, and prints the time to the first batch (the workers'
-start) and the wall images/s after it, over N x 16 images (far more than what the buffers hold ahead):
-Grain's own cost per image and how it scales on this machine. It is Grain alone, not kdjax's streaming loader.
+-> `mp_prefetch` with 0, 1 or 2 worker processes), not pinned, over N x 16 images (far more than the buffers hold
+ahead), and prints images per CPU second of the whole pipeline (main process and workers), the wall images/s after
+the first batch and the time to that batch (the workers' start): Grain's own cost per image and how it scales on
+this machine. It is Grain alone, not kdjax's streaming loader.
 
   python benchmarks/input_pipeline.py [--n=200] [--repeats=3] [--large] [--step_rate=6000] [--grain]
 """
 
 import argparse
 import functools
+import gc
 import io
+import multiprocessing
 import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -134,10 +138,16 @@ def measure(fn, files: list[bytes], repeats: int) -> tuple[float, float]:
   return statistics.median(cpu), statistics.median(wall)
 
 
-def grain_rate(files: list[bytes], workers: int, threads: int, batch: int, epochs: int) -> tuple[float, float]:
-  """(seconds to the first batch, wall images/s after it) of a Grain pipeline decoding and augmenting `files`
-  `epochs` times: `threads` read threads (Grain's ReadOptions; PIL releases the GIL while it decodes and resizes)
-  in each of `workers` processes (0: in this process)."""
+def _children_cpu() -> float:
+  r = resource.getrusage(resource.RUSAGE_CHILDREN)
+  return r.ru_utime + r.ru_stime
+
+
+def grain_rate(files: list[bytes], workers: int, threads: int, batch: int, epochs: int) -> tuple[float, float, float]:
+  """(seconds to the first batch, wall images/s after it, images per CPU second of the whole run) of a Grain pipeline
+  decoding and augmenting `files` `epochs` times: `threads` read threads (Grain's ReadOptions; PIL releases the GIL
+  while it decodes and resizes) in each of `workers` processes (0: in this process). The CPU time is this process's
+  (all its threads) plus its finished children's (the workers, reaped when the iterator is closed)."""
   from absl import flags
   import grain
   if not flags.FLAGS.is_parsed():  # Grain reads absl flags; this script parses its own arguments
@@ -149,14 +159,22 @@ def grain_rate(files: list[bytes], workers: int, threads: int, batch: int, epoch
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * batch)).batch(batch)
   if workers:
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+  cpu0, children0 = time.process_time(), _children_cpu()
   t0 = time.perf_counter()
   it = iter(it)
   first = next(it)
   t1, n = time.perf_counter(), 0
   for b in it:
     n += len(b)
+  t2 = time.perf_counter()
   assert first.shape == (batch, 224, 224, 3) and n + batch == len(files) * epochs, (first.shape, n)
-  return t1 - t0, n / (time.perf_counter() - t1)
+  del it
+  gc.collect()
+  deadline = time.perf_counter() + 30
+  while multiprocessing.active_children() and time.perf_counter() < deadline:  # reap the workers
+    time.sleep(0.1)
+  cpu = time.process_time() - cpu0 + _children_cpu() - children0
+  return t1 - t0, n / (t2 - t1), (n + batch) / cpu
 
 
 def _read(path: str) -> bytes:
@@ -204,10 +222,10 @@ def main():
     os.sched_setaffinity(0, allowed)
     print(f'Grain, train transform, batch 64, {args.grain_epochs} passes, not pinned ({len(allowed)} CPUs allowed):')
     for workers, threads in [(0, 1), (0, 16), (1, 16), (2, 16)]:
-      start, rate = grain_rate(files, workers, threads, 64, args.grain_epochs)
+      start, rate, cpu_rate = grain_rate(files, workers, threads, 64, args.grain_epochs)
       name = f'Grain, {workers} worker processes x {threads} read threads'
-      first = f'first batch after {start:.1f} s'
-      print(f'{name:48s} {first:>26s} {rate:13.0f}  load average {_load()}')
+      print(f'{name:48s} {cpu_rate:26.0f} {rate:13.0f} {args.step_rate / cpu_rate:20.1f}  first batch after '
+            f'{start:.1f} s, load average {_load()}')
   print(f'load average at the end: {_load()}')
 
 
