@@ -14,12 +14,23 @@ Everything runs in this one process, pinned to one core (`os.sched_setaffinity`)
 this process's CPU time (`time.process_time`), which a loaded, shared machine distorts less than wall time (wall
 rates are printed beside them). Each row is the median of `--repeats` passes over all N images.
 
-  python benchmarks/input_pipeline.py [--n=200] [--repeats=3] [--large] [--step_rate=6000]
+`--grain` then streams the same files through a plain Grain pipeline (`MapDataset` -> `random_map` of
+`train_transform` -> `to_iter_dataset` with 1 or 16 read threads and a prefetch buffer of 128 images -> `batch(64)`
+-> `mp_prefetch` with 0, 1 or 2 worker processes), not pinned, over N x 16 images (far more than the buffers hold
+ahead), and prints images per CPU second of the whole pipeline (main process and workers), the wall images/s after
+the first batch and the time to that batch (the workers' start): Grain's own cost per image and how it scales on
+this machine. It is Grain alone, not kdjax's streaming loader.
+
+  python benchmarks/input_pipeline.py [--n=200] [--repeats=3] [--large] [--step_rate=6000] [--grain]
 """
 
 import argparse
+import functools
+import gc
 import io
+import multiprocessing
 import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -127,6 +138,54 @@ def measure(fn, files: list[bytes], repeats: int) -> tuple[float, float]:
   return statistics.median(cpu), statistics.median(wall)
 
 
+def _children_cpu() -> float:
+  r = resource.getrusage(resource.RUSAGE_CHILDREN)
+  return r.ru_utime + r.ru_stime
+
+
+def grain_rate(files: list[bytes], workers: int, threads: int, batch: int, epochs: int) -> tuple[float, float, float]:
+  """(seconds to the first batch, wall images/s after it, images per CPU second of the whole run) of a Grain pipeline
+  decoding and augmenting `files` `epochs` times: `threads` read threads (Grain's ReadOptions; PIL releases the GIL
+  while it decodes and resizes) in each of `workers` processes (0: in this process). The CPU time is this process's
+  (all its threads) plus its finished children's (the workers, reaped when the iterator is closed)."""
+  from absl import flags
+  import grain
+  if not flags.FLAGS.is_parsed():  # Grain reads absl flags; this script parses its own arguments
+    flags.FLAGS.mark_as_parsed()
+  ds = grain.MapDataset.source(files).repeat(epochs)
+  ds = ds.random_map(functools.partial(transforms.train_transform, size=224), seed=0)
+  # Batched after to_iter_dataset: the read threads and the prefetch buffer then count images, not batches (batching
+  # the MapDataset first gives each thread a whole batch, and the first batch waits for `threads` batches).
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * batch)).batch(batch)
+  if workers:
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+  cpu0, children0 = time.process_time(), _children_cpu()
+  t0 = time.perf_counter()
+  it = iter(it)
+  first = next(it)
+  t1, n = time.perf_counter(), 0
+  for b in it:
+    n += len(b)
+  t2 = time.perf_counter()
+  assert first.shape == (batch, 224, 224, 3) and n + batch == len(files) * epochs, (first.shape, n)
+  del it
+  gc.collect()
+  deadline = time.perf_counter() + 30
+  while multiprocessing.active_children() and time.perf_counter() < deadline:  # reap the workers
+    time.sleep(0.1)
+  cpu = time.process_time() - cpu0 + _children_cpu() - children0
+  return t1 - t0, n / (t2 - t1), (n + batch) / cpu
+
+
+def _read(path: str) -> bytes:
+  with open(path, 'rb') as f:
+    return f.read()
+
+
+def _load() -> str:
+  return ' '.join(f'{v:.2f}' for v in os.getloadavg())
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('--n', type=int, default=200)
@@ -136,9 +195,12 @@ def main():
   p.add_argument('--step_rate', type=float, default=A100_RESNET18_IMG_S,
                  help='training images/s of the accelerator to feed (default: an A100 on ResNet18, see source)')
   p.add_argument('--core', type=int, default=None, help='the CPU to pin to (default: the first allowed)')
+  p.add_argument('--grain', action='store_true', help='also stream the files through Grain (see the docstring)')
+  p.add_argument('--grain_epochs', type=int, default=16)
   args = p.parse_args()
 
-  core = args.core if args.core is not None else min(os.sched_getaffinity(0))
+  allowed = os.sched_getaffinity(0)
+  core = args.core if args.core is not None else min(allowed)
   os.sched_setaffinity(0, {core})
   files = make_images(args.n, args.seed, args.large)
   # The bytes are also written to a temp dir and read back, as a pipeline reads them (from the page cache here).
@@ -146,16 +208,25 @@ def main():
     for i, data in enumerate(files):
       with open(os.path.join(tmp, f'{i:05d}.jpg'), 'wb') as f:
         f.write(data)
-    files = [open(os.path.join(tmp, f'{i:05d}.jpg'), 'rb').read() for i in range(len(files))]
+    files = [_read(os.path.join(tmp, f'{i:05d}.jpg')) for i in range(len(files))]
   sizes = np.array([transforms.decode(d).shape[:2] for d in files])
   print(f'{len(files)} JPEGs, quality 90, {sizes[:, 1].mean():.0f} x {sizes[:, 0].mean():.0f} px on average '
         f'(short side {sizes.min(1).min()}-{sizes.min(1).max()}), {np.mean([len(d) for d in files]) / 1e3:.0f} kB '
-        f'on average; pinned to CPU {core}; load average {" ".join(f"{v:.2f}" for v in os.getloadavg())}')
-  print(f'{"contender":48s} {"img/s per core (CPU time)":>26s} {"img/s (wall)":>13s} {"cores for " + str(int(args.step_rate)) + " img/s":>20s}')
+        f'on average; pinned to CPU {core}; load average {_load()}')
+  cores_for = f'cores for {args.step_rate:.0f} img/s'
+  print(f'{"contender":48s} {"img/s per core (CPU time)":>26s} {"img/s (wall)":>13s} {cores_for:>20s}')
   for name, fn in contenders().items():
     cpu_rate, wall_rate = measure(fn, files, args.repeats)
     print(f'{name:48s} {cpu_rate:26.0f} {wall_rate:13.0f} {args.step_rate / cpu_rate:20.1f}')
-  print(f'load average at the end: {" ".join(f"{v:.2f}" for v in os.getloadavg())}')
+  if args.grain:
+    os.sched_setaffinity(0, allowed)
+    print(f'Grain, train transform, batch 64, {args.grain_epochs} passes, not pinned ({len(allowed)} CPUs allowed):')
+    for workers, threads in [(0, 1), (0, 16), (1, 16), (2, 16)]:
+      start, rate, cpu_rate = grain_rate(files, workers, threads, 64, args.grain_epochs)
+      name = f'Grain, {workers} worker processes x {threads} read threads'
+      print(f'{name:48s} {cpu_rate:26.0f} {rate:13.0f} {args.step_rate / cpu_rate:20.1f}  first batch after '
+            f'{start:.1f} s, load average {_load()}')
+  print(f'load average at the end: {_load()}')
 
 
 if __name__ == '__main__':

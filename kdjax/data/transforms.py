@@ -23,8 +23,6 @@ import math
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from kdjax.errors import ConfigError
-
 
 class CorruptImage(ValueError):
   """The bytes are not a readable image; the message says what is wrong (the caller adds the path)."""
@@ -37,15 +35,18 @@ def _reason(e: Exception) -> str:
 def _open(data: bytes, min_side: int | None) -> Image.Image:
   """`decode` as a PIL image in RGB mode (the transforms below resize it without a round trip through NumPy)."""
   if ImageFile.LOAD_TRUNCATED_IMAGES:
-    # With this process-wide PIL flag set a truncated file loads without error, its missing rows grey.
-    raise ConfigError('PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set in this process: truncated images would load '
-                      'silently; unset it')
+    # With this process-wide PIL flag set a truncated file loads without error, its missing rows grey. Not a
+    # CorruptImage (nor a ValueError/OSError): a pipeline that skips corrupt files must not skip every file for it.
+    raise RuntimeError('PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set in this process: truncated images would load '
+                       'silently; unset it')
   if min_side is not None and min_side < 1:
     raise ValueError(f'min_side must be >= 1 or None, got {min_side}')
   try:
     img = Image.open(io.BytesIO(data))
   except UnidentifiedImageError:
     raise CorruptImage(f'not an image PIL can identify ({len(data)} bytes, starting {data[:8]!r})') from None
+  except Image.DecompressionBombError as e:  # more than 2 x Image.MAX_IMAGE_PIXELS, checked when opened
+    raise CorruptImage(_reason(e)) from None
   except (OSError, ValueError, SyntaxError, EOFError) as e:
     raise CorruptImage(f'unreadable image header: {_reason(e)}') from None
   try:
@@ -56,8 +57,6 @@ def _open(data: bytes, min_side: int | None) -> Image.Image:
       img.draft('RGB', (min_side, min_side))
     img.load()  # Image.open is lazy: decode now, so that truncated data raises here
     return img if img.mode == 'RGB' else img.convert('RGB')
-  except Image.DecompressionBombError as e:
-    raise CorruptImage(_reason(e)) from None
   except (OSError, ValueError, SyntaxError, EOFError) as e:  # 'image file is truncated', broken data streams
     raise CorruptImage(f'cannot decode {img.format or "image"} data: {_reason(e)}') from None
 
@@ -67,7 +66,8 @@ def decode(data: bytes, min_side: int | None = None) -> np.ndarray:
 
   `min_side=None` (the default) is the exact full decode of torchvision's loader. With `min_side`, a JPEG is decoded
   by libjpeg's DCT scaling (PIL's `draft` mode) at 1/2, 1/4 or 1/8 of its size when its shorter side stays
-  >= min_side, which is several times cheaper for large photos; the pixels then differ slightly from a full decode
+  >= min_side, which is cheaper for large photos (the inverse DCT, colour conversion and the later resize shrink;
+  the entropy decoding does not: benchmarks/README.md); the pixels then differ slightly from a full decode
   followed by the same resize (DCT-domain downscaling instead of a bilinear filter), so use it only where that is
   acceptable (e.g. min_side = the evaluation resize, 256, or the training crop size). Images whose shorter side is
   below 2 * min_side are decoded in full either way.
