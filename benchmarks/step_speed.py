@@ -60,6 +60,7 @@ flags.DEFINE_bool('torch', True, 'Time PyTorch eager.')
 flags.DEFINE_bool('torch_compile', True, 'Time PyTorch with torch.compile (inductor; needs a C++ compiler).')
 flags.DEFINE_list('xla_flags', [], 'Extra kdjax contenders: XLA_FLAGS settings (space-separated flags each) to time '
                   'against the default, e.g. --xla_flags="--xla_cpu_use_onednn=true".')
+flags.DEFINE_bool('first_step_only', False, 'With --worker=kdjax: time the start-up phases only, no steady state.')
 flags.DEFINE_bool('warm', True, 'Time kdjax a second time with the compilation cache the first process filled.')
 # A worker process: one contender, one JSON line.
 flags.DEFINE_string('worker', '', 'internal: kdjax | torch | torch_compile')
@@ -143,6 +144,8 @@ def kdjax_worker(pair: str) -> dict:
     jax.block_until_ready((ts, m))
     state['ts'] = ts
 
+  if FLAGS.first_step_only:
+    return out
   out['img_s'] = _timed_blocks(block, n_disp * exp.k, batch, FLAGS.seconds)
   if FLAGS.profile:
     out['top_ops_ms_per_step'] = _jax_profile(exp, state, FLAGS.profile)

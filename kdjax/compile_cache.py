@@ -12,10 +12,22 @@ A cache directory chosen before kdjax (by the user's code or tests/conftest.py) 
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import functools
+import hashlib
+import importlib.metadata
+import inspect
+import json
 import os
+import pickle
+import sys
+import tempfile
 
 from absl import logging
 import jax
+from jax.experimental import serialize_executable
+import numpy as np
 
 OFF = ('off', 'none', 'false', '0', 'no')
 ENV = 'KDJAX_COMPILATION_CACHE'
@@ -56,3 +68,197 @@ def enable(setting: str = '') -> str | None:
   jax.config.update('jax_persistent_cache_min_compile_time_secs', MIN_COMPILE_SECS)
   logging.info('persistent compilation cache: %s (config.compilation_cache or $%s; "off" disables)', path, ENV)
   return path
+
+
+# ----------------------------------------------------------------------------------------- compiled executables
+# JAX's cache above still traces and lowers every program in every process to compute its key (the lowered HLO's
+# hash): for a CIFAR ResNet pair 2-3 s of a warm start, plus the shape evaluation of the initial state. kdjax
+# therefore also keeps the compiled executables themselves (`jax.experimental.serialize_executable`), in
+# `<cache dir>/kdjax_executables/`, under a key it computes without tracing (`program_key`): a hash of everything
+# that can change the program. A wrong hit would train silently wrongly, so the key errs on the side of a miss
+# (a miss costs only the lowering; JAX's cache then still holds the compiled code).
+EXECUTABLES = 'kdjax_executables'
+FORMAT = 1  # of the files written here; a file of another format is a miss
+_warned = set()
+
+
+def executables_dir() -> str | None:
+  """Where compiled executables are kept: under the persistent cache's directory; None when that is off, or on
+  many processes (every process would have to take the same hit-or-miss decision: not attempted)."""
+  root = jax.config.jax_compilation_cache_dir
+  if not root or jax.process_count() != 1:
+    return None
+  return os.path.join(root, EXECUTABLES)
+
+
+def _warn_once(what: str, msg: str, *args):
+  if what not in _warned:
+    _warned.add(what)
+    logging.warning(msg, *args)
+
+
+def _files_digest(paths) -> str:
+  h = hashlib.sha256()
+  for path in sorted(set(paths)):
+    h.update(path.encode() + b'\0')
+    with open(path, 'rb') as f:
+      h.update(hashlib.sha256(f.read()).digest())
+  return h.hexdigest()
+
+
+@functools.cache
+def kdjax_source_digest() -> str:
+  """A hash of every Python source file of the kdjax package (its code is the program's code)."""
+  root = os.path.dirname(os.path.abspath(__file__))
+  paths = [os.path.join(d, n) for d, _, names in os.walk(root) for n in names if n.endswith('.py')]
+  return _files_digest(paths)
+
+
+def source_digest(*objects) -> str:
+  """kdjax's source hash, with the source files that define `objects`' classes (and their bases) outside kdjax:
+  a model or an Experiment subclass of the user's own."""
+  root = os.path.dirname(os.path.abspath(__file__))
+  extra = set()
+  for obj in objects:
+    for cls in type(obj).__mro__:
+      try:
+        path = inspect.getsourcefile(cls)
+      except TypeError:  # builtins
+        continue
+      if path and os.path.isfile(path) and not os.path.abspath(path).startswith(root + os.sep) \
+          and 'site-packages' not in path:
+        extra.add(os.path.abspath(path))
+  return hashlib.sha256((kdjax_source_digest() + _files_digest(extra)).encode()).hexdigest()
+
+
+def environment() -> dict:
+  """What besides kdjax's code and the run makes the program: library versions, XLA flags, JAX's options and
+  the devices (kind, ids, processes)."""
+  versions = {}
+  for name in ('jax', 'jaxlib', 'flax', 'optax', 'numpy', 'ml_collections', 'chex'):
+    try:
+      versions[name] = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+      versions[name] = None
+  devices = jax.devices()
+  options = {k: repr(v) for k, v in sorted(jax.config.values.items())
+             if 'cache' not in k and 'log' not in k and 'explain' not in k}
+  return {'versions': versions, 'python': sys.version, 'xla_flags': os.environ.get('XLA_FLAGS', ''),
+          'jax_options': options, 'backend': jax.default_backend(),
+          'platform_version': devices[0].client.platform_version,
+          'devices': [(d.id, d.platform, d.device_kind, d.process_index) for d in devices],
+          'process_count': jax.process_count()}
+
+
+def array_digest(*arrays) -> str:
+  """A hash of host arrays' contents (data a program closes over is compiled into it)."""
+  h = hashlib.sha256()
+  for a in arrays:
+    a = np.ascontiguousarray(a)
+    h.update(f'{a.dtype}{a.shape}'.encode())
+    h.update(hashlib.blake2b(memoryview(a).cast('B'), digest_size=32).digest())
+  return h.hexdigest()
+
+
+def signature(tree) -> list:
+  """A pytree's structure and its leaves' shapes, dtypes and shardings (what a program is compiled for)."""
+  leaves, treedef = jax.tree.flatten(tree)
+  return [str(treedef)] + [(tuple(np.shape(x)), str(getattr(x, 'dtype', type(x).__name__)),
+                            repr(getattr(x, 'sharding', None))) for x in leaves]
+
+
+def program_key(name: str, ingredients) -> str:
+  """The key of program `name`: a hash of `ingredients` (a JSON-able description of everything that can change
+  the program: config, data, shapes, mesh, ...) and of `environment()`."""
+  text = json.dumps({'format': FORMAT, 'program': name, 'ingredients': ingredients, 'environment': environment()},
+                    sort_keys=True, default=repr)
+  return f'{name}-{hashlib.sha256(text.encode()).hexdigest()[:40]}'
+
+
+def load(key: str | None):
+  """The compiled executable stored under `key`, or None (a miss; a damaged or unreadable entry is a miss too,
+  with one warning, and is removed so that it is written again). A None key (the cache off) is a miss."""
+  where = executables_dir()
+  if where is None or key is None:
+    return None
+  path = os.path.join(where, key)
+  if not os.path.isfile(path):
+    return None
+  try:
+    with open(path, 'rb') as f:
+      entry = pickle.load(f)
+    if entry.get('format') != FORMAT or entry.get('key') != key:
+      raise ValueError('written for another key or by another kdjax')
+    return serialize_executable.deserialize_and_load(entry['executable'], entry['in_tree'], entry['out_tree'])
+  except Exception as e:  # a truncated file, another jaxlib's format: compiled again and rewritten
+    _warn_once('load', 'compiled-executable cache: ignoring the damaged or stale entry %s (%s); compiling again',
+               path, (str(e).strip().splitlines() or [type(e).__name__])[0][:200])
+    with contextlib.suppress(OSError):
+      os.remove(path)
+    return None
+
+
+def store(key: str, compiled) -> bool:
+  """Writes `compiled` under `key` (atomically: a reader never sees half a file); False when not written."""
+  where = executables_dir()
+  if where is None:
+    return False
+  try:
+    blob, in_tree, out_tree = serialize_executable.serialize(compiled)
+    os.makedirs(where, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=where, prefix=f'.{key}.')
+    with os.fdopen(fd, 'wb') as f:
+      pickle.dump({'format': FORMAT, 'key': key, 'executable': blob, 'in_tree': in_tree, 'out_tree': out_tree}, f,
+                  protocol=pickle.HIGHEST_PROTOCOL)
+    os.replace(tmp, os.path.join(where, key))
+    return True
+  except Exception as e:  # an executable that cannot be serialised, a full disk: only costs the next start
+    _warn_once('store', 'compiled-executable cache: cannot write %s (%s)', key,
+               (str(e).strip().splitlines() or [type(e).__name__])[0][:200])
+    with contextlib.suppress(NameError, OSError):
+      os.remove(tmp)
+    return False
+
+
+def load_or_compile(key: str | None, compile_fn):
+  """(the executable under `key` if stored, else `compile_fn()` stored under it; True when it was loaded)."""
+  if key is not None:
+    compiled = load(key)
+    if compiled is not None:
+      logging.info('compiled-executable cache: loaded %s', key)
+      return compiled, True
+  compiled = compile_fn()
+  if key is not None:
+    store(key, compiled)
+  return compiled, False
+
+
+# Config fields that no program reads (what and how often a run logs, evaluates, checkpoints; where files live:
+# the data a program closes over is hashed by content instead). Every other field is part of the key.
+NOT_PROGRAM = ('eval_every_epochs', 'checkpoint_every_epochs', 'keep_checkpoints', 'tensorboard', 'figures',
+               'compilation_cache', 'data.data_dir', 'data.dir', 'data.cache_dir', 'teacher.cache_dir')
+
+
+def config_ingredient(cfg) -> dict:
+  """`cfg` as JSON (every field, nested), less NOT_PROGRAM."""
+  out = json.loads(cfg.to_json_best_effort(sort_keys=True))
+  for path in NOT_PROGRAM:
+    *parents, leaf = path.split('.')
+    node = out
+    for p in parents:
+      node = node.get(p) if isinstance(node, dict) else None
+    if isinstance(node, dict):
+      node.pop(leaf, None)
+  return out
+
+
+def describe(module) -> list:
+  """A Flax module's class and fields, functions by name (their repr holds an address that changes every run)."""
+  fields = {}
+  for f in dataclasses.fields(module) if dataclasses.is_dataclass(module) else ():
+    if f.name in ('parent', 'name'):
+      continue
+    v = getattr(module, f.name, None)
+    fields[f.name] = (f'{getattr(v, "__module__", "")}.{v.__qualname__}' if callable(v) and hasattr(v, '__qualname__')
+                      else repr(v))
+  return [f'{type(module).__module__}.{type(module).__qualname__}', fields]
