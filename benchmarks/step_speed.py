@@ -121,6 +121,7 @@ def kdjax_worker(pair: str) -> dict:
   exp = train.Experiment(c, ds, mesh, teacher, teacher_vars)
   t2 = time.perf_counter()
   abstract = exp.init_state(abstract=True)
+  exp.start_init_compile()  # as kdjax.train does on a fresh run: beside the step's compilation
   t3 = time.perf_counter()
   exp.compile(abstract)
   t4 = time.perf_counter()

@@ -23,6 +23,8 @@ import os
 import pickle
 import sys
 import tempfile
+import threading
+import uuid
 
 from absl import logging
 import jax
@@ -78,17 +80,20 @@ def enable(setting: str = '') -> str | None:
 # that can change the program. A wrong hit would train silently wrongly, so the key errs on the side of a miss
 # (a miss costs only the lowering; JAX's cache then still holds the compiled code).
 EXECUTABLES = 'kdjax_executables'
+EXECUTABLES_ENV = 'KDJAX_EXECUTABLE_CACHE'  # a directory of its own, or 'off' (JAX's cache stays on)
 FORMAT = 1  # of the files written here; a file of another format is a miss
 _warned = set()
 
 
 def executables_dir() -> str | None:
-  """Where compiled executables are kept: under the persistent cache's directory; None when that is off, or on
-  many processes (every process would have to take the same hit-or-miss decision: not attempted)."""
+  """Where compiled executables are kept: $KDJAX_EXECUTABLE_CACHE, else `kdjax_executables/` in the persistent
+  cache's directory. None (not kept) when that is 'off' or the persistent cache is, or on many processes (every
+  process would have to take the same hit-or-miss decision, and their executables differ: not attempted)."""
   root = jax.config.jax_compilation_cache_dir
-  if not root or jax.process_count() != 1:
+  where = os.environ.get(EXECUTABLES_ENV, '')
+  if not root or where.strip().lower() in OFF or jax.process_count() != 1:
     return None
-  return os.path.join(root, EXECUTABLES)
+  return os.path.abspath(os.path.expanduser(where)) if where else os.path.join(root, EXECUTABLES)
 
 
 def _warn_once(what: str, msg: str, *args):
@@ -106,29 +111,36 @@ def _files_digest(paths) -> str:
   return h.hexdigest()
 
 
+def package_digest(root: str) -> str:
+  """A hash of every Python source file under `root`."""
+  return _files_digest([os.path.join(d, n) for d, _, names in os.walk(root) for n in names if n.endswith('.py')])
+
+
 @functools.cache
 def kdjax_source_digest() -> str:
-  """A hash of every Python source file of the kdjax package (its code is the program's code)."""
-  root = os.path.dirname(os.path.abspath(__file__))
-  paths = [os.path.join(d, n) for d, _, names in os.walk(root) for n in names if n.endswith('.py')]
-  return _files_digest(paths)
+  """A hash of every Python source file of the kdjax package (its code is the program's code), once a process."""
+  return package_digest(os.path.dirname(os.path.abspath(__file__)))
 
 
 def source_digest(*objects) -> str:
-  """kdjax's source hash, with the source files that define `objects`' classes (and their bases) outside kdjax:
-  a model or an Experiment subclass of the user's own."""
-  root = os.path.dirname(os.path.abspath(__file__))
-  extra = set()
+  """kdjax's source hash, with the source files that define `objects`' classes and their bases outside kdjax (a
+  model or an Experiment subclass of the user's own, Flax's Module). A class whose file cannot be found (defined
+  in an interactive session) makes the digest new in every process: its programs are never cached."""
+  root = os.path.dirname(os.path.abspath(__file__)) + os.sep
+  extra, unknown = set(), ''
   for obj in objects:
     for cls in type(obj).__mro__:
+      if cls.__module__ == 'builtins':
+        continue
       try:
         path = inspect.getsourcefile(cls)
-      except TypeError:  # builtins
-        continue
-      if path and os.path.isfile(path) and not os.path.abspath(path).startswith(root + os.sep) \
-          and 'site-packages' not in path:
+      except (TypeError, OSError):
+        path = None
+      if not path or not os.path.isfile(path):
+        unknown = uuid.uuid4().hex
+      elif not os.path.abspath(path).startswith(root):
         extra.add(os.path.abspath(path))
-  return hashlib.sha256((kdjax_source_digest() + _files_digest(extra)).encode()).hexdigest()
+  return hashlib.sha256((kdjax_source_digest() + _files_digest(extra) + unknown).encode()).hexdigest()
 
 
 def environment() -> dict:
@@ -175,9 +187,10 @@ def program_key(name: str, ingredients) -> str:
   return f'{name}-{hashlib.sha256(text.encode()).hexdigest()[:40]}'
 
 
-def load(key: str | None):
-  """The compiled executable stored under `key`, or None (a miss; a damaged or unreadable entry is a miss too,
-  with one warning, and is removed so that it is written again). A None key (the cache off) is a miss."""
+def load(key: str | None, devices):
+  """The compiled executable stored under `key`, loaded onto `devices` (the mesh's, in its order), or None (a
+  miss; a damaged or unreadable entry is a miss too, with one warning, and is removed so that it is written
+  again). A None key (the cache off) is a miss."""
   where = executables_dir()
   if where is None or key is None:
     return None
@@ -189,7 +202,8 @@ def load(key: str | None):
       entry = pickle.load(f)
     if entry.get('format') != FORMAT or entry.get('key') != key:
       raise ValueError('written for another key or by another kdjax')
-    return serialize_executable.deserialize_and_load(entry['executable'], entry['in_tree'], entry['out_tree'])
+    return serialize_executable.deserialize_and_load(entry['executable'], entry['in_tree'], entry['out_tree'],
+                                                     execution_devices=list(devices))
   except Exception as e:  # a truncated file, another jaxlib's format: compiled again and rewritten
     _warn_once('load', 'compiled-executable cache: ignoring the damaged or stale entry %s (%s); compiling again',
                path, (str(e).strip().splitlines() or [type(e).__name__])[0][:200])
@@ -220,17 +234,63 @@ def store(key: str, compiled) -> bool:
     return False
 
 
-def load_or_compile(key: str | None, compile_fn):
-  """(the executable under `key` if stored, else `compile_fn()` stored under it; True when it was loaded)."""
-  if key is not None:
-    compiled = load(key)
-    if compiled is not None:
-      logging.info('compiled-executable cache: loaded %s', key)
-      return compiled, True
-  compiled = compile_fn()
-  if key is not None:
+def load_or_compile(key: str | None, devices, compile_fn):
+  """(the executable under `key` if stored (loaded onto `devices`), else `compile_fn(name)` stored under it; True
+  when it was loaded). `compile_fn(name)` lowers and compiles the program as `named(fn, name)`.
+
+  Serialising an executable that JAX's cache loaded gives one that fails to run on XLA:CPU (jaxlib 0.10.2:
+  "Function wrapped_slice not found"), so only a program compiled here is kept. The program's name holds `key`,
+  so JAX's cache holds it under a key of its own, and hits only when this cache lost its entry (a damaged file
+  removed, the folder deleted): then the program is compiled once more under a name no cache knows, and kept."""
+  if key is None:
+    return compile_fn(None), False
+  compiled = load(key, devices)
+  if compiled is not None:
+    logging.info('compiled-executable cache: loaded %s', key)
+    return compiled, True
+  compiled, from_jax_cache = _compile_watched(lambda: compile_fn(key))
+  if from_jax_cache:
+    logging.info('compiled-executable cache: %s came from JAX\'s cache, which cannot be serialised again; '
+                 'compiling it afresh to keep it', key)
+    compiled, from_jax_cache = _compile_watched(lambda: compile_fn(f'{key}-{uuid.uuid4().hex[:8]}'))
+  if not from_jax_cache:
     store(key, compiled)
   return compiled, False
+
+
+def named(fn, name: str | None):
+  """`fn` under `name` (None: its own), which becomes the lowered program's name (see `load_or_compile`)."""
+  if name is None:
+    return fn
+
+  def program(*args, **kwargs):
+    return fn(*args, **kwargs)
+
+  program.__name__ = program.__qualname__ = 'kdjax_' + name.replace('-', '_')
+  return program
+
+
+_watch = threading.local()
+_listening = []
+
+
+def _on_event(event: str, **kwargs):
+  if event == '/jax/compilation_cache/cache_hits' and getattr(_watch, 'on', False):
+    _watch.hits += 1
+
+
+def _compile_watched(compile_fn):
+  """(compile_fn(), whether JAX's persistent cache supplied the executable), the latter from JAX's monitoring
+  events of this thread."""
+  if not _listening:
+    jax.monitoring.register_event_listener(_on_event)
+    _listening.append(True)
+  _watch.on, _watch.hits = True, 0
+  try:
+    compiled = compile_fn()
+  finally:
+    _watch.on = False
+  return compiled, _watch.hits > 0
 
 
 # Config fields that no program reads (what and how often a run logs, evaluates, checkpoints; where files live:

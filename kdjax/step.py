@@ -331,7 +331,7 @@ class Experiment:
     nothing is computed or compiled (the shapes are read from the cached executable when there is one)."""
     if self._init_shapes is None:
       if self._compiled_init is None and self._init_thread is None:
-        self._compiled_init = compile_cache.load(self.program_key('init'))
+        self._compiled_init = compile_cache.load(self.program_key('init'), self.mesh.devices.flat)
       if self._compiled_init is not None:
         self._init_shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype),
                                          self._compiled_init.out_info)
@@ -353,11 +353,14 @@ class Experiment:
   def _compile_init(self):
     """The initial state's executable: from the compiled-executable cache, or compiled (at INIT_COMPILER_OPTIONS)
     and stored there."""
-    def compile_fn():
+    key = self.program_key('init')
+
+    def compile_fn(name):
       shardings = self.state_shardings(self.init_state(abstract=True))
-      lowered = jax.jit(self._init_fn, out_shardings=shardings).lower(self.init_keys, self.hparams, self.teacher_vars)
+      lowered = jax.jit(compile_cache.named(self._init_fn, name), out_shardings=shardings).lower(
+          self.init_keys, self.hparams, self.teacher_vars)
       return lowered.compile(INIT_COMPILER_OPTIONS.get(jax.default_backend()))
-    self._compiled_init = compile_cache.load_or_compile(self.program_key('init'), compile_fn)[0]
+    self._compiled_init = compile_cache.load_or_compile(key, self.mesh.devices.flat, compile_fn)[0]
 
   def start_init_compile(self):
     """Compiles the initial state's program in a thread, beside the train step's compilation (XLA releases the
@@ -580,11 +583,12 @@ class Experiment:
     args = (ts, self.teacher_vars, self.teacher_table, self.hparams, jnp.int32(0), jnp.int32(0))
     shardings = self.state_shardings(ts)
     # The metrics come back replicated: every process (of a multi-host run too) reads them whole.
-    self._train_chunk = jax.jit(self._train_chunk_fn, donate_argnums=(0,),
-                                out_shardings=(shardings, self.replicated))
     key = self.program_key('train_chunk')
     key = key and compile_cache.program_key(key, compile_cache.signature(ts))  # the state it is compiled for
-    compiled = compile_cache.load_or_compile(key, lambda: self._train_chunk.lower(*args).compile())[0]
+    self._train_chunk = jax.jit(self._train_chunk_fn, donate_argnums=(0,), out_shardings=(shardings, self.replicated))
+    lower = lambda name: jax.jit(compile_cache.named(self._train_chunk_fn, name), donate_argnums=(0,),
+                                 out_shardings=(shardings, self.replicated)).lower(*args).compile()
+    compiled = compile_cache.load_or_compile(key, self.mesh.devices.flat, lower)[0]
     self._compiled_chunk = compiled  # the dispatches run this executable: compiled once, checked, then used
     analysis = compiled.memory_analysis()
     n_dev = self.mesh.devices.size
