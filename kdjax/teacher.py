@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from kdjax import checkpoint as ckpt_lib
+from kdjax import compile_cache
 from kdjax import config_lib
 from kdjax.config_lib import as_dict
 from kdjax.errors import CheckpointMismatchError, CheckpointNotFoundError, ConfigError
@@ -147,7 +148,10 @@ def load(cfg, ds, mesh, path: str):
     raise CheckpointMismatchError(f'config.teacher.index={index}, but teacher checkpoint {path} holds '
                                   f'{students} network(s)')
   x = jnp.zeros((1,) + tuple(ds.image_shape), jnp.float32)
-  shapes = jax.eval_shape(lambda: teacher.init(jax.random.key(0), x))
+  # The shapes traced once, then read from the compilation cache's folder (a warm start).
+  shapes = compile_cache.cached_shapes('teacher_shapes', [compile_cache.describe(teacher), x.shape,
+                                                          compile_cache.source_digest(teacher)],
+                                       lambda: jax.eval_shape(lambda: teacher.init(jax.random.key(0), x)))
   rep = sharding.replicated(mesh)
   target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), shapes)
   variables, _ = ckpt_lib.load_model(path, target, which, index)
