@@ -286,9 +286,11 @@ def _compile_watched(compile_fn):
 
 
 # Config fields that no program reads (what and how often a run logs, evaluates, checkpoints; where files live:
-# the data a program closes over is hashed by content instead). Every other field is part of the key.
+# the data a program closes over is hashed by content instead, and the teacher's variables are every program's
+# argument, their shapes in the key). Every other field is part of the key.
 NOT_PROGRAM = ('eval_every_epochs', 'checkpoint_every_epochs', 'keep_checkpoints', 'tensorboard', 'figures',
-               'compilation_cache', 'data.data_dir', 'data.dir', 'data.cache_dir', 'teacher.cache_dir')
+               'compilation_cache', 'data.data_dir', 'data.dir', 'data.cache_dir', 'teacher.cache_dir',
+               'teacher.checkpoint')
 
 
 def config_ingredient(cfg) -> dict:

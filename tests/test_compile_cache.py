@@ -97,7 +97,8 @@ def test_every_ingredient_of_the_program_is_in_the_key(executables, digits, monk
   keys = {base.program_key('train_chunk'), base.program_key('init')}
   assert len(keys) == 2
   # Fields no program reads share the key; the same experiment built again computes the same key.
-  same = _experiment(_tiny(eval_every_epochs=5, keep_checkpoints=7, tensorboard=True, data__dir='/elsewhere'), digits)
+  same = _experiment(_tiny(eval_every_epochs=5, keep_checkpoints=7, tensorboard=True, data__dir='/elsewhere',
+                           teacher__checkpoint='/tmp/a_teacher'), digits)
   assert same.program_key('train_chunk') == base.program_key('train_chunk')
   variants = {
       'a config field the step reads': _experiment(_tiny(optimizer__lr=0.07), digits),
@@ -170,3 +171,24 @@ def test_off_with_the_persistent_cache_or_the_environment(monkeypatch):
   monkeypatch.delenv(compile_cache.EXECUTABLES_ENV)
   assert compile_cache.executables_dir() == os.path.join(jax.config.jax_compilation_cache_dir,
                                                          compile_cache.EXECUTABLES)
+
+
+KEY_IN_A_PROCESS = """
+import os, sys
+sys.path.insert(0, os.getcwd())
+import jax
+jax.config.update('jax_compilation_cache_dir', sys.argv[1])
+from kdjax import data as data_lib, sharding, step as step_lib
+from tests.util import digits_config
+cfg = digits_config('mlp', epochs=1)
+print('KEY', step_lib.Experiment(cfg, data_lib.load(cfg.data), sharding.make_mesh(1)).program_key('train_chunk'))
+"""
+
+
+def test_the_key_is_the_same_in_another_process(digits, tmp_path):
+  """Nothing of one process (an object's address in a repr, a temporary path) may enter the key."""
+  import subprocess
+  here = _experiment(_tiny(), digits).program_key('train_chunk')
+  out = subprocess.run([sys.executable, '-c', KEY_IN_A_PROCESS, str(tmp_path)], capture_output=True, text=True,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), check=True).stdout
+  assert f'KEY {here}' in out.splitlines()
