@@ -201,7 +201,6 @@ def evaluate_teacher(exp) -> float:
   """The teacher's own test accuracy, a check that the right network was restored."""
   from kdjax.data import device as device_data
 
-  @jax.jit
   def run(teacher_vars, arrays):
     def body(correct, batch):
       x = device_data.normalize(batch['images'], exp.ds.mean, exp.ds.std, exp.dtype)
@@ -211,4 +210,10 @@ def evaluate_teacher(exp) -> float:
     return jax.lax.scan(body, jnp.int32(0), arrays)[0]
 
   arrays = exp.eval_sets['test']
-  return float(run(exp.teacher_vars, arrays)) / float(arrays['mask'].sum())
+  # A program of the experiment's: kept by the compiled-executable cache under its key (kdjax/compile_cache.py).
+  key = exp.program_key('evaluate_teacher')
+  key = key and compile_cache.program_key(key, compile_cache.signature(arrays))
+  compiled = compile_cache.load_or_compile(
+      key, exp.mesh.devices.flat,
+      lambda name: jax.jit(compile_cache.named(run, name)).lower(exp.teacher_vars, arrays).compile())[0]
+  return float(compiled(exp.teacher_vars, arrays)) / float(arrays['mask'].sum())

@@ -192,3 +192,32 @@ def test_the_key_is_the_same_in_another_process(digits, tmp_path):
   out = subprocess.run([sys.executable, '-c', KEY_IN_A_PROCESS, str(tmp_path)], capture_output=True, text=True,
                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), check=True).stdout
   assert f'KEY {here}' in out.splitlines()
+
+
+def test_the_initial_state_compiled_in_a_thread_is_the_same(digits, monkeypatch):
+  monkeypatch.setenv(compile_cache.EXECUTABLES_ENV, 'off')
+  exp = _experiment(_tiny(), digits)
+  exp.init_state(abstract=True)
+  exp.start_init_compile()
+  assert exp._init_thread is not None
+  threaded = jax.device_get(exp.init_state())
+  jax.tree.map(np.testing.assert_array_equal, threaded, jax.device_get(_experiment(_tiny(), digits).init_state()))
+
+
+def test_the_teachers_shapes_and_evaluation_are_cached(executables, digits, tmp_path, monkeypatch):
+  from kdjax import teacher as teacher_lib
+  from tests.util import random_teacher
+  path = random_teacher(str(tmp_path / 'teacher'), 'cnn_small')
+  cfg = _tiny(teacher__model='cnn_small', teacher__checkpoint=path, losses={'ce': 0.5, 'kd': 0.5})
+  mesh = sharding.make_mesh(1)
+  teacher, variables = teacher_lib.load(cfg, digits, mesh, path)
+  with monkeypatch.context() as m:  # the second restore reads the shapes: it does not trace the teacher's init
+    m.setattr(jax, 'eval_shape', _untraceable)
+    _, again = teacher_lib.load(cfg, digits, mesh, path)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(again), jax.device_get(variables))
+  exp = step_lib.Experiment(cfg, digits, mesh, teacher, variables)
+  accuracy = teacher_lib.evaluate_teacher(exp)
+  exp = step_lib.Experiment(cfg, digits, mesh, teacher, variables)
+  exp.program_key('init')  # the key's ingredients, read before the teacher is made untraceable
+  exp.teacher = type('Untraceable', (), {'apply': staticmethod(_untraceable)})()
+  assert teacher_lib.evaluate_teacher(exp) == accuracy
