@@ -143,15 +143,21 @@ def source_digest(*objects) -> str:
   return hashlib.sha256((kdjax_source_digest() + _files_digest(extra) + unknown).encode()).hexdigest()
 
 
-def environment() -> dict:
-  """What besides kdjax's code and the run makes the program: library versions, XLA flags, JAX's options and
-  the devices (kind, ids, processes)."""
+@functools.cache
+def _versions() -> dict:
   versions = {}
   for name in ('jax', 'jaxlib', 'flax', 'optax', 'numpy', 'ml_collections', 'chex'):
     try:
       versions[name] = importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
       versions[name] = None
+  return versions
+
+
+def environment() -> dict:
+  """What besides kdjax's code and the run makes the program: library versions, XLA flags, JAX's options and
+  the devices (kind, ids, processes)."""
+  versions = _versions()
   devices = jax.devices()
   options = {k: repr(v) for k, v in sorted(jax.config.values.items())
              if 'cache' not in k and 'log' not in k and 'explain' not in k}
