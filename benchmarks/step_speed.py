@@ -98,6 +98,7 @@ def kdjax_worker(pair: str) -> dict:
   from kdjax import sharding
   from kdjax import teacher as teacher_lib
   from kdjax import train
+  t_imported = time.perf_counter()
   teacher_name, student_name, shape, classes, batch, method = PAIRS[pair]
   rng = np.random.default_rng(0)
   split = lambda n: data_lib.Split(rng.integers(0, 256, (n,) + shape, dtype=np.uint8),
@@ -118,7 +119,7 @@ def kdjax_worker(pair: str) -> dict:
                       {'model': teacher_name, 'num_classes': classes, 'subclasses': 1, 'image_shape': list(shape)})
   c.teacher.checkpoint = teacher_dir
   t0 = time.perf_counter()
-  out = {'import': t0 - t_import}
+  out = {'import': t_imported - t_import}
   teacher, teacher_vars = teacher_lib.load(c, ds, mesh, teacher_dir)
   jax.block_until_ready(teacher_vars)
   t1 = time.perf_counter()
