@@ -122,24 +122,24 @@ def kdjax_source_digest() -> str:
   return package_digest(os.path.dirname(os.path.abspath(__file__)))
 
 
-def source_digest(*objects) -> str:
-  """kdjax's source hash, with the source files that define `objects`' classes and their bases outside kdjax (a
-  model or an Experiment subclass of the user's own, Flax's Module). A class whose file cannot be found (defined
-  in an interactive session) makes the digest new in every process: its programs are never cached."""
+def source_digest(*objects, functions=()) -> str:
+  """kdjax's source hash, with the source files outside kdjax that define `objects`' classes and their bases (a
+  model or an Experiment subclass of the user's own, Flax's Module) and `functions` (a method registered from
+  outside kdjax). Only those files: code they import from elsewhere is not followed. A class or function whose
+  file cannot be found (defined in an interactive session) makes the digest new in every process: its programs
+  are never cached."""
   root = os.path.dirname(os.path.abspath(__file__)) + os.sep
   extra, unknown = set(), ''
-  for obj in objects:
-    for cls in type(obj).__mro__:
-      if cls.__module__ == 'builtins':
-        continue
-      try:
-        path = inspect.getsourcefile(cls)
-      except (TypeError, OSError):
-        path = None
-      if not path or not os.path.isfile(path):
-        unknown = uuid.uuid4().hex
-      elif not os.path.abspath(path).startswith(root):
-        extra.add(os.path.abspath(path))
+  defining = [c for obj in objects for c in type(obj).__mro__ if c.__module__ != 'builtins']
+  for obj in defining + [getattr(f, 'func', f) for f in functions]:  # functools.partial: its function
+    try:
+      path = inspect.getsourcefile(obj)
+    except (TypeError, OSError):
+      path = None
+    if not path or not os.path.isfile(path):
+      unknown = uuid.uuid4().hex
+    elif not os.path.abspath(path).startswith(root):
+      extra.add(os.path.abspath(path))
   return hashlib.sha256((kdjax_source_digest() + _files_digest(extra) + unknown).encode()).hexdigest()
 
 

@@ -402,7 +402,8 @@ class Experiment:
           'teacher_table': compile_cache.signature(self.teacher_table),
           'resolved': [self.k, self.steps_loop, self.students_loop, str(jnp.dtype(self.dtype))],
           'init_options': INIT_COMPILER_OPTIONS.get(jax.default_backend()),
-          'source': compile_cache.source_digest(self, self.student, *teachers)}
+          'source': compile_cache.source_digest(self, self.student, *teachers, functions=[
+              f for _, m in self.distiller.terms.values() for f in (m.loss, m.module, m.check) if f is not None])}
     return compile_cache.program_key(name, self._key_base)
 
   def _teacher_modules(self) -> tuple:

@@ -138,6 +138,11 @@ def test_every_ingredient_of_the_program_is_in_the_key(executables, digits, monk
   assert digest != compile_cache.kdjax_source_digest()
   (pkg / 'mine.py').write_text('class Model:\n  width = 2\n')
   assert compile_cache.source_digest(mine.Model()) != digest
+  (pkg / 'mine.py').write_text('class Model:\n  width = 2\n\ndef loss(ctx, cfg):\n  return 0.0\n')
+  spec.loader.exec_module(mine)  # a loss registered from outside kdjax: its file is hashed too
+  digest = compile_cache.source_digest(functions=[mine.loss])
+  (pkg / 'mine.py').write_text('class Model:\n  width = 2\n\ndef loss(ctx, cfg):\n  return 1.0\n')
+  assert compile_cache.source_digest(functions=[mine.loss]) != digest
   exec('class Interactive:\n  pass', namespace := {'__name__': 'kdjax_no_file'})  # no file to hash: never the same
   assert compile_cache.source_digest(namespace['Interactive']()) != compile_cache.source_digest(
       namespace['Interactive']())
