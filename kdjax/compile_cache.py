@@ -246,11 +246,13 @@ def load_or_compile(key: str | None, devices, compile_fn):
   if compiled is not None:
     logging.info('compiled-executable cache: loaded %s', key)
     return compiled, True
-  compiled, from_jax_cache = _compile_watched(lambda: compile_fn(key))
+  with _no_jax_cache_write():  # kept here: a second copy in JAX's cache would never be of use (see above)
+    compiled, from_jax_cache = _compile_watched(lambda: compile_fn(key))
   if from_jax_cache:
     logging.info('compiled-executable cache: %s came from JAX\'s cache, which cannot be serialised again; '
                  'compiling it afresh to keep it', key)
-    compiled, from_jax_cache = _compile_watched(lambda: compile_fn(f'{key}-{uuid.uuid4().hex[:8]}'))
+    with _no_jax_cache_write():
+      compiled, from_jax_cache = _compile_watched(lambda: compile_fn(f'{key}-{uuid.uuid4().hex[:8]}'))
   if not from_jax_cache:
     store(key, compiled)
   return compiled, False
@@ -266,6 +268,17 @@ def named(fn, name: str | None):
 
   program.__name__ = program.__qualname__ = 'kdjax_' + name.replace('-', '_')
   return program
+
+
+def _no_jax_cache_write():
+  """A context (this thread's) in which JAX's persistent cache writes nothing: an executable this cache keeps
+  (as large as the training images compiled into it) is not stored twice. JAX's own option, set thread-locally
+  through its internal config module; a no-op where that is not available."""
+  try:
+    from jax._src import config as jax_config
+    return jax_config.persistent_cache_min_compile_time_secs(float('inf'))
+  except Exception:  # another JAX: both caches keep the program
+    return contextlib.nullcontext()
 
 
 _watch = threading.local()
