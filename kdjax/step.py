@@ -383,8 +383,9 @@ class Experiment:
   def program_key(self, name: str) -> str | None:
     """The compiled-executable cache's key of this experiment's program `name` (kdjax/compile_cache.py), computed
     without tracing from everything that can change the program; None when that cache is off."""
-    if compile_cache.executables_dir() is None:
-      return None
+    if compile_cache.executables_dir() is None or any(
+        isinstance(v, jax.ShapeDtypeStruct) for v in jax.tree.leaves(self.teacher_vars)):  # an abstract teacher
+      return None  # (tracing a config, kdjax/validate.py): nothing will run
     if self._key_base is None:
       ds, teachers = self.ds, self._teacher_modules()
       self._key_base = {
