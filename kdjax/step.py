@@ -364,8 +364,9 @@ class Experiment:
 
   def start_init_compile(self):
     """Compiles the initial state's program in a thread, beside the train step's compilation (XLA releases the
-    GIL while it compiles): a run that will call `init_state()` (not a resume) calls this before `compile`."""
-    if self._compiled_init is not None or self._init_thread is not None:
+    GIL while it compiles): a run that will call `init_state()` (not a resume) calls this before `compile`. On one
+    process only: the processes of a multi-host run must compile their programs in the same order."""
+    if self._compiled_init is not None or self._init_thread is not None or jax.process_count() > 1:
       return
     self.init_state(abstract=True)  # the shapes, traced here (once) and not in two threads
     if self._compiled_init is not None:
