@@ -60,6 +60,7 @@ flags.DEFINE_bool('torch', True, 'Time PyTorch eager.')
 flags.DEFINE_bool('torch_compile', True, 'Time PyTorch with torch.compile (inductor; needs a C++ compiler).')
 flags.DEFINE_list('xla_flags', [], 'Extra kdjax contenders: XLA_FLAGS settings (space-separated flags each) to time '
                   'against the default, e.g. --xla_flags="--xla_cpu_use_onednn=true".')
+flags.DEFINE_bool('first_step_only', False, 'With --worker=kdjax: time the start-up phases only, no steady state.')
 flags.DEFINE_bool('warm', True, 'Time kdjax a second time with the compilation cache the first process filled.')
 # A worker process: one contender, one JSON line.
 flags.DEFINE_string('worker', '', 'internal: kdjax | torch | torch_compile')
@@ -90,15 +91,15 @@ def kdjax_worker(pair: str) -> dict:
   compile_cache.enable(FLAGS.cache_dir)
   import jax
   import numpy as np
+  from kdjax import checkpoint as ckpt_lib
   from kdjax import config_lib
   from kdjax import data as data_lib
   from kdjax import models
   from kdjax import sharding
+  from kdjax import teacher as teacher_lib
   from kdjax import train
+  t_imported = time.perf_counter()
   teacher_name, student_name, shape, classes, batch, method = PAIRS[pair]
-  t0 = time.perf_counter()
-  out = {'import': t0 - t_import}
-
   rng = np.random.default_rng(0)
   split = lambda n: data_lib.Split(rng.integers(0, 256, (n,) + shape, dtype=np.uint8),
                                    rng.integers(0, classes, n).astype(np.int32))
@@ -110,16 +111,22 @@ def kdjax_worker(pair: str) -> dict:
   c.distill.cache_teacher = 'off'
   c.batch_size, c.steps_per_dispatch, c.steps_loop, c.num_devices, c.epochs = batch, FLAGS.k, FLAGS.loop, 1, 1
   mesh = sharding.make_mesh(1)
-  # The teacher's variables as a checkpoint restore gives them: host arrays of the right shapes, put on the device.
+  # The teacher restored from a checkpoint as a run restores it (kdjax.teacher.load): the checkpoint, of randomly
+  # initialised variables, is written first, untimed.
+  teacher_dir = os.path.join(tempfile.mkdtemp(prefix='kdjax_bench_teacher_'), 'teacher')
   teacher = models.create(teacher_name, classes)
-  abstract_t = jax.eval_shape(teacher.init, jax.random.key(0), jax.ShapeDtypeStruct((1,) + shape, np.float32))
-  fill = lambda path, s: (np.ones if 'var' in jax.tree_util.keystr(path) else
-                          lambda sh, dt: rng.normal(0, 0.05, sh).astype(dt))(s.shape, s.dtype)
-  teacher_vars = jax.device_put(jax.tree_util.tree_map_with_path(fill, abstract_t), sharding.replicated(mesh))
+  ckpt_lib.save_model(teacher_dir, jax.jit(teacher.init)(jax.random.key(0), np.zeros((1,) + shape, np.float32)),
+                      {'model': teacher_name, 'num_classes': classes, 'subclasses': 1, 'image_shape': list(shape)})
+  c.teacher.checkpoint = teacher_dir
+  t0 = time.perf_counter()
+  out = {'import': t_imported - t_import}
+  teacher, teacher_vars = teacher_lib.load(c, ds, mesh, teacher_dir)
+  jax.block_until_ready(teacher_vars)
   t1 = time.perf_counter()
   exp = train.Experiment(c, ds, mesh, teacher, teacher_vars)
   t2 = time.perf_counter()
   abstract = exp.init_state(abstract=True)
+  exp.start_init_compile()  # as kdjax.train does on a fresh run: beside the step's compilation
   t3 = time.perf_counter()
   exp.compile(abstract)
   t4 = time.perf_counter()
@@ -129,6 +136,7 @@ def kdjax_worker(pair: str) -> dict:
   ts, m = exp.train_chunk(ts, 0, 0)
   jax.block_until_ready((ts, m))
   t6 = time.perf_counter()
+  shutil.rmtree(os.path.dirname(teacher_dir), ignore_errors=True)
   out.update(teacher=t1 - t0, experiment=t2 - t1, abstract_state=t3 - t2, compile=t4 - t3, init_state=t5 - t4,
              first_dispatch=t6 - t5, first_step=t6 - t0, setup=(t3 - t0) + (t5 - t4), k=exp.k,
              loop=exp.steps_loop)
@@ -143,6 +151,8 @@ def kdjax_worker(pair: str) -> dict:
     jax.block_until_ready((ts, m))
     state['ts'] = ts
 
+  if FLAGS.first_step_only:
+    return out
   out['img_s'] = _timed_blocks(block, n_disp * exp.k, batch, FLAGS.seconds)
   if FLAGS.profile:
     out['top_ops_ms_per_step'] = _jax_profile(exp, state, FLAGS.profile)

@@ -99,7 +99,12 @@ def load_model(workdir: str, target_variables, which: str = 'latest', index: int
                            target_variables)
     restored = ckpt.restore(step, _run_layout(stacked), partial=True)
     variables = {'params': restored['params']['student'], **restored['state']['student']}
-    return jax.tree.map(lambda a: a[index], variables), meta
+    # Network `index` of the stack, in one program: leaf by leaf, eager indexing compiled one program per shape
+    # (1.3 s of a resnet32x4 teacher's 3.3 s restore).
+    leaves, treedef = jax.tree.flatten(target_variables)
+    shardings = [getattr(s, 'sharding', None) for s in leaves]
+    placed = {} if None in shardings else {'out_shardings': jax.tree.unflatten(treedef, shardings)}
+    return jax.jit(lambda v: jax.tree.map(lambda a: a[index], v), **placed)(variables), meta
   finally:
     ckpt.close()
 

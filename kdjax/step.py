@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import threading
 from typing import Any
 
 from absl import logging
@@ -29,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from kdjax import compile_cache
 from kdjax import config_lib
 from kdjax import data as data_lib
 from kdjax import distill
@@ -203,6 +205,9 @@ class Experiment:
     self._evaluate = jax.jit(self._evaluate_fn, out_shardings=self.replicated)  # every process reads the sums
     self._compiled_chunk = None
     self._init_shapes = None  # the initial state's shapes, traced once
+    self._compiled_init = None  # the initial state's executable, and the thread that compiles it early
+    self._init_thread = self._init_error = None
+    self._key_base = None  # the compiled-executable cache's key ingredients (`program_key`), computed once
     self._single_step = None  # unrolled K > 1: the epoch's last steps when fewer than K are left
 
   def _check_streaming(self, cfg, n_data: int):
@@ -349,16 +354,90 @@ class Experiment:
 
   def init_state(self, abstract: bool = False) -> TrainState:
     """The initial train state of every student; `abstract=True` gives its shapes (with their shardings) only:
-    nothing is computed or compiled."""
+    nothing is computed or compiled (the shapes are read from the cached executable when there is one)."""
     if self._init_shapes is None:
-      self._init_shapes = jax.eval_shape(self._init_fn, self.init_keys, self.hparams, self.teacher_vars)
+      if self._compiled_init is None and self._init_thread is None:
+        self._compiled_init = compile_cache.load(self.program_key('init'), self.mesh.devices.flat)
+      if self._compiled_init is not None:
+        self._init_shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype),
+                                         self._compiled_init.out_info)
+      else:
+        self._init_shapes = jax.eval_shape(self._init_fn, self.init_keys, self.hparams, self.teacher_vars)
     shapes = self._init_shapes
     shardings = self.state_shardings(shapes)
     if abstract:
       return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
-    lowered = jax.jit(self._init_fn, out_shardings=shardings).lower(self.init_keys, self.hparams, self.teacher_vars)
-    return lowered.compile(INIT_COMPILER_OPTIONS.get(jax.default_backend()))(self.init_keys, self.hparams,
-                                                                             self.teacher_vars)
+    if self._init_thread is not None:
+      self._init_thread.join()
+      self._init_thread = None
+      if self._init_error is not None:
+        raise self._init_error
+    if self._compiled_init is None:
+      self._compile_init()
+    return self._compiled_init(self.init_keys, self.hparams, self.teacher_vars)
+
+  def _compile_init(self):
+    """The initial state's executable: from the compiled-executable cache, or compiled (at INIT_COMPILER_OPTIONS)
+    and stored there."""
+    key = self.program_key('init')
+
+    def compile_fn(name):
+      shardings = self.state_shardings(self.init_state(abstract=True))
+      lowered = jax.jit(compile_cache.named(self._init_fn, name), out_shardings=shardings).lower(
+          self.init_keys, self.hparams, self.teacher_vars)
+      return lowered.compile(INIT_COMPILER_OPTIONS.get(jax.default_backend()))
+    self._compiled_init = compile_cache.load_or_compile(key, self.mesh.devices.flat, compile_fn)[0]
+
+  def start_init_compile(self):
+    """Compiles the initial state's program in a thread, beside the train step's compilation (XLA releases the
+    GIL while it compiles): a run that will call `init_state()` (not a resume) calls this before `compile`. On one
+    process only: the processes of a multi-host run must compile their programs in the same order."""
+    if self._compiled_init is not None or self._init_thread is not None or jax.process_count() > 1:
+      return
+    self.init_state(abstract=True)  # the shapes, traced here (once) and not in two threads
+    if self._compiled_init is not None:
+      return
+
+    def run():
+      try:
+        self._compile_init()
+      except BaseException as e:  # raised again by init_state, in the caller's thread
+        self._init_error = e
+
+    self._init_thread = threading.Thread(target=run, name='kdjax-init-compile', daemon=True)
+    self._init_thread.start()
+
+  def program_key(self, name: str) -> str | None:
+    """The compiled-executable cache's key of this experiment's program `name` (kdjax/compile_cache.py), computed
+    without tracing from everything that can change the program; None when that cache is off."""
+    if compile_cache.executables_dir() is None or any(
+        isinstance(v, jax.ShapeDtypeStruct) for v in jax.tree.leaves(self.teacher_vars)):  # an abstract teacher
+      return None  # (tracing a config, kdjax/validate.py): nothing will run
+    if self._key_base is None:
+      ds, teachers = self.ds, self._teacher_modules()
+      self._key_base = {
+          'experiment': f'{type(self).__module__}.{type(self).__qualname__}',
+          'students': [compile_cache.config_ingredient(s.cfg) for s in self.sweep.students],
+          'sweep': self.sweep.to_json(), 'traced': compile_cache.signature(self.hparams),
+          'data': {'name': ds.name, 'classes': ds.num_classes, 'mean': ds.mean, 'std': ds.std, 'augment': ds.augment,
+                   'omitted': ds.omitted, 'image_shape': ds.image_shape,
+                   'sizes': [len(x) if x is not None else None for x in (ds.train, ds.val, ds.test)],
+                   # the step gathers its batches from the training set, which is compiled into it
+                   'train': compile_cache.array_digest(ds.train.images, ds.train.labels)},
+          'mesh': [self.mesh.axis_names, self.mesh.devices.shape, [d.id for d in self.mesh.devices.flat]],
+          'modules': [compile_cache.describe(m) for m in (self.student,) + teachers],
+          'teacher_variables': compile_cache.signature(self.teacher_vars),
+          'teacher_table': compile_cache.signature(self.teacher_table),
+          'resolved': [self.k, self.steps_loop, self.students_loop, str(jnp.dtype(self.dtype))],
+          'init_options': INIT_COMPILER_OPTIONS.get(jax.default_backend()),
+          'source': compile_cache.source_digest(self, self.student, *teachers, functions=[
+              f for _, m in self.distiller.terms.values() for f in (m.loss, m.module, m.check) if f is not None])}
+    return compile_cache.program_key(name, self._key_base)
+
+  def _teacher_modules(self) -> tuple:
+    if self.teacher is None:
+      return ()
+    return self.teacher.modules if isinstance(self.teacher, TeacherGroup) else (self.teacher,)
 
   def trace_train_step(self):
     """Traces one dispatch of the train step on abstract values: a cheap check that a config builds and lowers."""
@@ -554,9 +633,12 @@ class Experiment:
             self.batches_spec())
     shardings = self.state_shardings(ts)
     # The metrics come back replicated: every process (of a multi-host run too) reads them whole.
-    self._train_chunk = jax.jit(self._train_chunk_fn, donate_argnums=(0,),
-                                out_shardings=(shardings, self.replicated))
-    compiled = self._train_chunk.lower(*args).compile()
+    key = self.program_key('train_chunk')
+    key = key and compile_cache.program_key(key, compile_cache.signature(ts))  # the state it is compiled for
+    self._train_chunk = jax.jit(self._train_chunk_fn, donate_argnums=(0,), out_shardings=(shardings, self.replicated))
+    lower = lambda name: jax.jit(compile_cache.named(self._train_chunk_fn, name), donate_argnums=(0,),
+                                 out_shardings=(shardings, self.replicated)).lower(*args).compile()
+    compiled = compile_cache.load_or_compile(key, self.mesh.devices.flat, lower)[0]
     self._compiled_chunk = compiled  # the dispatches run this executable: compiled once, checked, then used
     analysis = compiled.memory_analysis()
     n_dev = self.mesh.devices.size

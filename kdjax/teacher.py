@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from kdjax import checkpoint as ckpt_lib
+from kdjax import compile_cache
 from kdjax import config_lib
 from kdjax.config_lib import as_dict
 from kdjax.errors import CheckpointMismatchError, CheckpointNotFoundError, ConfigError
@@ -147,7 +148,10 @@ def load(cfg, ds, mesh, path: str):
     raise CheckpointMismatchError(f'config.teacher.index={index}, but teacher checkpoint {path} holds '
                                   f'{students} network(s)')
   x = jnp.zeros((1,) + tuple(ds.image_shape), jnp.float32)
-  shapes = jax.eval_shape(lambda: teacher.init(jax.random.key(0), x))
+  # The shapes traced once, then read from the compilation cache's folder (a warm start).
+  shapes = compile_cache.cached_shapes('teacher_shapes', [compile_cache.describe(teacher), x.shape,
+                                                          compile_cache.source_digest(teacher)],
+                                       lambda: jax.eval_shape(lambda: teacher.init(jax.random.key(0), x)))
   rep = sharding.replicated(mesh)
   target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), shapes)
   variables, _ = ckpt_lib.load_model(path, target, which, index)
@@ -197,7 +201,6 @@ def evaluate_teacher(exp) -> float:
   """The teacher's own test accuracy, a check that the right network was restored."""
   from kdjax.data import device as device_data
 
-  @jax.jit
   def run(teacher_vars, arrays):
     def body(correct, batch):
       x = device_data.normalize(batch['images'], exp.ds.mean, exp.ds.std, exp.dtype)
@@ -207,4 +210,10 @@ def evaluate_teacher(exp) -> float:
     return jax.lax.scan(body, jnp.int32(0), arrays)[0]
 
   arrays = exp.eval_sets['test']
-  return float(run(exp.teacher_vars, arrays)) / float(arrays['mask'].sum())
+  # A program of the experiment's: kept by the compiled-executable cache under its key (kdjax/compile_cache.py).
+  key = exp.program_key('evaluate_teacher')
+  key = key and compile_cache.program_key(key, compile_cache.signature(arrays))
+  compiled = compile_cache.load_or_compile(
+      key, exp.mesh.devices.flat,
+      lambda name: jax.jit(compile_cache.named(run, name)).lower(exp.teacher_vars, arrays).compile())[0]
+  return float(compiled(exp.teacher_vars, arrays)) / float(arrays['mask'].sum())

@@ -233,6 +233,8 @@ def _train(cfg, sweep: sweep_lib.Sweep, workdir: str, restart: bool = False) -> 
     logging.info('no validation split (data.val_fraction = 0): the best checkpoint is chosen by test accuracy')
 
   abstract = exp.init_state(abstract=True)
+  if not ckpt.manager.all_steps():  # a fresh run: the initial state's program compiles beside the step's
+    exp.start_init_compile()
   _check_memory(exp, exp.compile(abstract))
   n_params = sum(x.size for x in jax.tree.leaves(abstract.params['student'])) // sweep.size
   logging.info('student %s: %s parameters; %d steps/epoch, %d epochs, %d steps per dispatch, %d device(s)',
