@@ -422,8 +422,11 @@ class Experiment:
           'data': {'name': ds.name, 'classes': ds.num_classes, 'mean': ds.mean, 'std': ds.std, 'augment': ds.augment,
                    'omitted': ds.omitted, 'image_shape': ds.image_shape,
                    'sizes': [len(x) if x is not None else None for x in (ds.train, ds.val, ds.test)],
-                   # the step gathers its batches from the training set, which is compiled into it
-                   'train': compile_cache.array_digest(ds.train.images, ds.train.labels)},
+                   # the device path's step gathers its batches from the training set, which is compiled into
+                   # it; the streaming path's step takes them as an argument (their shapes: 'batches')
+                   'train': None if self.streaming else compile_cache.array_digest(ds.train.images, ds.train.labels),
+                   'streaming': self.streaming,
+                   'batches': compile_cache.signature(self.batches_spec())},
           'mesh': [self.mesh.axis_names, self.mesh.devices.shape, [d.id for d in self.mesh.devices.flat]],
           'modules': [compile_cache.describe(m) for m in (self.student,) + teachers],
           'teacher_variables': compile_cache.signature(self.teacher_vars),
