@@ -186,7 +186,7 @@ class Experiment:
 
     # Shared randomness (batch order, augmentation) from the data seed; per-student (init, dropout) from each seed.
     data_seed = cfg.data.get('seed', -1)
-    data_seed = cfg.seed if data_seed < 0 else data_seed
+    self.data_seed = data_seed = cfg.seed if data_seed < 0 else data_seed  # also the streamed order's
     self.data_rng, self.aug_rng = _seed_key(data_seed, 0), _seed_key(data_seed, 1)
     self.strong_rng = _seed_key(data_seed, 4)  # the strong view's augmentation (MLKD), its own stream
     # Placed from host values (NumPy, the same on every process), as a mesh spanning many processes requires.
@@ -720,7 +720,7 @@ class Experiment:
     teacher, {split}_agreement (top-1 agreement with it), for val (if any) and test; omitted-class runs add
     {split}_omitted_accuracy and the bias-adjusted {split}_*_adjusted."""
     out = [{} for _ in range(self.num_students)]
-    for name, batches in self._eval_batches():
+    for name, batches in self.eval_batches():
       sums = None
       for arrays in batches:  # the whole split at once on the device path; streamed, one batch at a time
         new = jax.device_get(self._evaluate(ts, self.teacher_vars, self.hparams, arrays))
@@ -742,7 +742,7 @@ class Experiment:
     return out
 
 
-  def _eval_batches(self):
+  def eval_batches(self):
     """(split name, its batches as the evaluation reads them) for val (if any) and test: the device-resident
     padded arrays as one item, or the streamed split batch by batch ([1, B, ...], masked)."""
     if not self.streaming:
@@ -758,21 +758,6 @@ class Experiment:
     if skipped:
       logging.warning('evaluation (%s): %d corrupt image(s) skipped (data.on_corrupt=skip), e.g. %s', name,
                       len(skipped), skipped[0])
-
-  def teacher_accuracy(self) -> float:
-    """The teacher's own top-1 on the test split, streamed (the device path's is `teacher.evaluate_teacher`)."""
-    @jax.jit
-    def hits(teacher_vars, batch):
-      x = device_data.normalize(batch['images'][0], self.ds.mean, self.ds.std, self.dtype)
-      x = jax.lax.with_sharding_constraint(x, self.batch_sharded)
-      logits = self.combine_teachers(self.teacher.apply(teacher_vars, x, train=False))[0].logits
-      return jnp.sum((jnp.argmax(logits, -1) == batch['labels'][0]) & batch['mask'][0]), jnp.sum(batch['mask'])
-
-    correct = count = 0
-    for batch in self._streamed_eval('test'):
-      c, n = jax.device_get(hits(self.teacher_vars, batch))
-      correct, count = correct + int(c), count + int(n)
-    return correct / max(count, 1)
 
 
 def available_memory(num_devices: int) -> int | None:

@@ -198,22 +198,28 @@ def init_from_checkpoint(cfg, ds, exp, ts):
 
 
 def evaluate_teacher(exp) -> float:
-  """The teacher's own test accuracy, a check that the right network was restored."""
+  """The teacher's own test accuracy, a check that the right network was restored: over the device-resident test
+  arrays in one dispatch, or over the streamed test split batch by batch (`Experiment.eval_batches`)."""
   from kdjax.data import device as device_data
 
   def run(teacher_vars, arrays):
-    def body(correct, batch):
+    def body(sums, batch):
       x = device_data.normalize(batch['images'], exp.ds.mean, exp.ds.std, exp.dtype)
+      x = jax.lax.with_sharding_constraint(x, exp.batch_sharded)
       logits = exp.combine_teachers(exp.teacher.apply(teacher_vars, x, train=False))[0].logits
       hit = (jnp.argmax(logits, -1) == batch['labels']) & batch['mask']  # class logits, also with subclasses
-      return correct + jnp.sum(hit), None
-    return jax.lax.scan(body, jnp.int32(0), arrays)[0]
+      return (sums[0] + jnp.sum(hit), sums[1] + jnp.sum(batch['mask'])), None
+    return jax.lax.scan(body, (jnp.int32(0), jnp.int32(0)), arrays)[0]
 
-  arrays = exp.eval_sets['test']
-  # A program of the experiment's: kept by the compiled-executable cache under its key (kdjax/compile_cache.py).
-  key = exp.program_key('evaluate_teacher')
-  key = key and compile_cache.program_key(key, compile_cache.signature(arrays))
-  compiled = compile_cache.load_or_compile(
-      key, exp.mesh.devices.flat,
-      lambda name: jax.jit(compile_cache.named(run, name)).lower(exp.teacher_vars, arrays).compile())[0]
-  return float(compiled(exp.teacher_vars, arrays)) / float(arrays['mask'].sum())
+  compiled, correct, count = None, 0, 0
+  for arrays in dict(exp.eval_batches())['test']:
+    if compiled is None:  # one program for every batch (the streamed ones share their shapes)
+      # A program of the experiment's: kept by the compiled-executable cache under its key (kdjax/compile_cache.py).
+      key = exp.program_key('evaluate_teacher')
+      key = key and compile_cache.program_key(key, compile_cache.signature(arrays))
+      compiled = compile_cache.load_or_compile(
+          key, exp.mesh.devices.flat,
+          lambda name: jax.jit(compile_cache.named(run, name)).lower(exp.teacher_vars, arrays).compile())[0]
+    c, n = jax.device_get(compiled(exp.teacher_vars, arrays))
+    correct, count = correct + int(c), count + int(n)
+  return correct / max(count, 1)

@@ -250,15 +250,13 @@ def _train(cfg, sweep: sweep_lib.Sweep, workdir: str, restart: bool = False) -> 
       ts = teacher_lib.init_from_checkpoint(base, ds, exp, ts)
 
   if teacher is not None and latest is None:
-    accuracy = exp.teacher_accuracy() if exp.streaming else teacher_lib.evaluate_teacher(exp)
-    logging.info('teacher %s test accuracy %.4f', base.teacher.model, accuracy)
+    logging.info('teacher %s test accuracy %.4f', base.teacher.model, teacher_lib.evaluate_teacher(exp))
 
   loader = None
   if exp.streaming:  # the input stream restarts where the checkpoint's batches ended (closed in the finally below)
     data_state = ckpt.read_data(latest) if latest is not None else None
     position = stream_data.resume_position(data_state, int(ts.step), base.batch_size)
-    data_seed = base.data.seed if base.data.get('seed', -1) >= 0 else base.seed
-    loader = stream_data.TrainLoader(ds, base.batch_size, data_seed, position, exp.chunk_sharded)
+    loader = stream_data.TrainLoader(ds, base.batch_size, exp.data_seed, position, exp.chunk_sharded)
 
   # Records past the restored step (an earlier attempt's, lost with its process) are dropped: one per epoch.
   reporter = reporting.Reporter(workdir, base.epochs, exp.steps_per_epoch, [s.name for s in sweep.students],
