@@ -60,6 +60,8 @@ flags.DEFINE_bool('torch', True, 'Time PyTorch eager.')
 flags.DEFINE_bool('torch_compile', True, 'Time PyTorch with torch.compile (inductor; needs a C++ compiler).')
 flags.DEFINE_list('xla_flags', [], 'Extra kdjax contenders: XLA_FLAGS settings (space-separated flags each) to time '
                   'against the default, e.g. --xla_flags="--xla_cpu_use_onednn=true".')
+flags.DEFINE_bool('ynn_conv', False, 'Also time kdjax with XLA:CPU\'s default convolutions (YNNPACK), which '
+                  'kdjax.platform switches off by default.')
 flags.DEFINE_bool('first_step_only', False, 'With --worker=kdjax: time the start-up phases only, no steady state.')
 flags.DEFINE_bool('warm', True, 'Time kdjax a second time with the compilation cache the first process filled.')
 # A worker process: one contender, one JSON line.
@@ -265,6 +267,10 @@ def _run(args: list[str]) -> dict | None:
   for a in [a for a in args if a.startswith('--env=')]:
     env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') + ' ' + a[len('--env='):]).strip()
     args = [b for b in args if b != a]
+  for a in [a for a in args if a.startswith('--setenv=')]:
+    key, _, value = a[len('--setenv='):].partition('=')
+    env[key] = value
+    args = [b for b in args if b != a]
   cmd = [sys.executable, os.path.abspath(__file__)] + args + [f'--seconds={FLAGS.seconds}']
   proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
   for line in proc.stdout.splitlines():
@@ -283,6 +289,9 @@ def _contenders(pair: str):
   for k in FLAGS.ks:
     for loop in (FLAGS.loops if int(k) != 1 else ['auto']):
       out.append((f'kdjax K={k}{"" if int(k) == 1 else f" {loop}"}', ['--worker=kdjax', f'--k={k}', f'--loop={loop}']))
+  if FLAGS.ynn_conv:
+    out.append(('kdjax K=0 auto, YNNPACK convolutions (KDJAX_CPU_CONV=ynn)',
+                ['--worker=kdjax', '--k=0', '--loop=auto', '--setenv=KDJAX_CPU_CONV=ynn']))
   for extra in FLAGS.xla_flags:
     out.append((f'kdjax K=0 auto, XLA_FLAGS={extra}', ['--worker=kdjax', '--k=0', '--loop=auto', f'--env={extra}']))
   return out

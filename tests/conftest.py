@@ -3,9 +3,13 @@
 import os
 
 os.environ['JAX_PLATFORMS'] = 'cpu'
-os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=4').strip()
+from tests.util import FAST_COMPILE  # noqa: E402  (LLVM at -O0: see tests/util.py)
+
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                           f' --xla_force_host_platform_device_count=4 {FAST_COMPILE}').strip()
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
+import kdjax.platform  # noqa: E402,F401  (kdjax's XLA:CPU setting, as launch.py applies it)
 import jax  # noqa: E402  (after the environment is set)
 import pytest  # noqa: E402
 

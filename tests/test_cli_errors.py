@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ['--config=configs/teacher.py:mlp,digits', '--config.epochs=3', '--config.figures=false',
         '--config.tensorboard=false']
@@ -22,7 +23,7 @@ TINY = ['--config=configs/teacher.py:mlp,digits', '--config.epochs=3', '--config
 def _env():
   env = dict(os.environ)
   env.pop('JAX_PLATFORMS', None)
-  env.pop('XLA_FLAGS', None)
+  env.pop('XLA_FLAGS', None)  # one CPU device at XLA's default level: the kill loop's runs train for 40 epochs
   # Relaunches share compiled programs, as a user's relaunches would with a compilation cache.
   env['JAX_COMPILATION_CACHE_DIR'] = os.path.join(os.environ.get('TMPDIR', '/tmp'), 'kdjax_test_jax_cache')
   return env

@@ -7,13 +7,15 @@ import sys
 
 import pytest
 
+from tests.util import FAST_COMPILE
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _launch(*args, env_extra=None):
   env = dict(os.environ)
   env.pop('JAX_PLATFORMS', None)  # let kdjax.platform choose, as on a user's machine without a GPU
-  env.pop('XLA_FLAGS', None)
+  env['XLA_FLAGS'] = FAST_COMPILE  # no fake devices: one CPU device, as on a user's machine
   env.update(env_extra or {})
   return subprocess.run([sys.executable, os.path.join(ROOT, 'launch.py'), *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=300)

@@ -13,6 +13,8 @@ import time
 import numpy as np
 import pytest
 
+from tests.util import FAST_COMPILE
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = 'configs/mnist.py:cnn,digits'
 # A KD run whose cnn_small teacher is trained first (1 epoch) and cached; two students (a learning-rate sweep) so
@@ -37,7 +39,7 @@ def _free_port() -> int:
 
 
 def _env():
-  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=f'--xla_force_host_platform_device_count=2 {FAST_COMPILE}')
   env.pop('JAX_COMPILATION_CACHE_DIR', None)
   return env
 
