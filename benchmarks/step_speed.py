@@ -263,15 +263,16 @@ def torch_worker(pair: str, compiled: bool) -> dict:
 
 # ---------------------------------------------------------------------------------------------------- the table
 def _run(args: list[str]) -> dict | None:
-  env = dict(os.environ)
-  for a in [a for a in args if a.startswith('--env=')]:
-    env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') + ' ' + a[len('--env='):]).strip()
-    args = [b for b in args if b != a]
-  for a in [a for a in args if a.startswith('--setenv=')]:
-    key, _, value = a[len('--setenv='):].partition('=')
-    env[key] = value
-    args = [b for b in args if b != a]
-  cmd = [sys.executable, os.path.abspath(__file__)] + args + [f'--seconds={FLAGS.seconds}']
+  env, worker_args = dict(os.environ), []
+  for a in args:  # --env=FLAGS: more XLA_FLAGS; --setenv=NAME=VALUE: one variable; the rest go to the worker
+    if a.startswith('--env='):
+      env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') + ' ' + a[len('--env='):]).strip()
+    elif a.startswith('--setenv='):
+      name, _, value = a[len('--setenv='):].partition('=')
+      env[name] = value
+    else:
+      worker_args.append(a)
+  cmd = [sys.executable, os.path.abspath(__file__)] + worker_args + [f'--seconds={FLAGS.seconds}']
   proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
   for line in proc.stdout.splitlines():
     if line.startswith('RESULT '):

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 
 
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ['--config=configs/teacher.py:mlp,digits', '--config.epochs=3', '--config.figures=false',
         '--config.tensorboard=false']

@@ -1,5 +1,7 @@
 """kdjax.platform: the XLA:CPU setting it adds, and when it leaves XLA_FLAGS alone."""
 
+import os
+
 import pytest
 
 from kdjax import platform
@@ -21,13 +23,13 @@ def test_cpu_flags(monkeypatch, before, env, after):
   for k, v in env.items():
     monkeypatch.setenv(k, v)
   platform.cpu_flags()
-  assert platform.os.environ['XLA_FLAGS'] == after
+  assert os.environ['XLA_FLAGS'] == after
   platform.cpu_flags()  # idempotent
-  assert platform.os.environ['XLA_FLAGS'] == after
+  assert os.environ['XLA_FLAGS'] == after
 
 
 def test_the_test_session_runs_with_the_setting():
   # conftest imports kdjax.platform before JAX starts, as launch.py does: the tests run what users run
   import jax
   jax.devices()
-  assert FLAG in platform.os.environ['XLA_FLAGS'].split()
+  assert FLAG in os.environ['XLA_FLAGS'].split()
