@@ -152,7 +152,7 @@ class ResNetV2(nn.Module):
                     name='conv1_conv')(x)
     features = [x]
     x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    x = nn.max_pool(x, (3, 3), strides=(2, 2))
+    x = layers.max_pool(x, 3, 2)
     n_stages = len(self.blocks)
     for s, (n, filters) in enumerate(zip(self.blocks, self.widths)):
       last_stride = 2 if s < n_stages - 1 else 1

@@ -1,0 +1,61 @@
+"""kdjax.models.layers.max_pool: the values and gradients of nn.max_pool (XLA's reduce_window) bit for bit, and the
+first-maximum gradient rule against NumPy."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import flax.linen as nn
+import pytest
+
+from kdjax.models import layers
+
+# (input shape, window, strides, padding): the pools of the zoo (2/2 in the small CNNs and VGG, 3/2/1 in AlexNet
+# and the torchvision ResNets, 3/2 valid in the Keras ResNetV2) on even and odd sizes, and a stride-1 pool.
+CASES = [((2, 8, 8, 3), 2, 2, 0), ((2, 7, 9, 3), 2, 2, 0), ((2, 8, 8, 3), 3, 2, 1), ((2, 9, 7, 3), 3, 2, 1),
+         ((2, 9, 9, 3), 3, 2, 0), ((2, 6, 6, 3), 3, 1, 1)]
+
+
+def _inputs(shape, dtype, ties: bool):
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=shape)
+  if ties:  # a ReLU'd, coarsely quantised map: windows of equal maxima (zeros and others)
+    x = np.round(np.maximum(x, 0) * 2) / 2
+  return jnp.asarray(x, dtype)
+
+
+def _reference(x, window, strides, padding):
+  return nn.max_pool(x, (window, window), (strides, strides), ((padding, padding), (padding, padding)))
+
+
+@pytest.mark.parametrize('ties', [False, True])
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize('shape,window,strides,padding', CASES)
+def test_max_pool_matches_reduce_window_bit_for_bit(shape, window, strides, padding, dtype, ties):
+  x = _inputs(shape, dtype, ties)
+
+  @jax.jit
+  def both(x):
+    y, vjp = jax.vjp(lambda x: layers.max_pool(x, window, strides, padding), x)
+    y_ref, vjp_ref = jax.vjp(lambda x: _reference(x, window, strides, padding), x)
+    g = jax.random.normal(jax.random.key(1), y.shape, dtype)
+    return y, y_ref, vjp(g)[0], vjp_ref(g)[0]
+
+  y, y_ref, dx, dx_ref = both(x)
+  assert y.dtype == y_ref.dtype and y.shape == y_ref.shape
+  np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(y_ref, np.float32))
+  np.testing.assert_array_equal(np.asarray(dx, np.float32), np.asarray(dx_ref, np.float32))
+
+def test_max_pool_gradient_goes_to_the_first_maximum():
+  """NumPy: each window's cotangent lands on its first maximum in row-major order (as torch's max_pool2d)."""
+  x = np.zeros((1, 4, 4, 1), np.float32)
+  x[0, 1, 1, 0] = x[0, 1, 2, 0] = x[0, 2, 1, 0] = 1.0  # one maximum shared by three 3x3/1 windows
+  g = np.arange(1, 5, dtype=np.float32).reshape(1, 2, 2, 1)
+  dx = jax.vjp(lambda x: layers.max_pool(x, 3, 1, 0), jnp.asarray(x))[1](jnp.asarray(g))[0]
+  expected = np.zeros_like(x)
+  for oi in range(2):
+    for oj in range(2):
+      win = x[0, oi:oi + 3, oj:oj + 3, 0]
+      i, j = np.unravel_index(np.argmax(win), win.shape)  # argmax returns the first maximum
+      expected[0, oi + i, oj + j, 0] += g[0, oi, oj, 0]
+  np.testing.assert_array_equal(np.asarray(dx), expected)
+  assert expected[0, 1, 1, 0] == g.sum()  # every window chose the same (first) of the three maxima
