@@ -59,3 +59,38 @@ def test_max_pool_gradient_goes_to_the_first_maximum():
       expected[0, oi + i, oj + j, 0] += g[0, oi, oj, 0]
   np.testing.assert_array_equal(np.asarray(dx), expected)
   assert expected[0, 1, 1, 0] == g.sum()  # every window chose the same (first) of the three maxima
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_cpu_conv_gradients_equal_plain_convolutions(dtype):
+  """layers.conv on the CPU (conv_saving_input) against nn.Conv with lax.conv_general_dilated: a strided conv,
+  BatchNorm, ReLU, a depthwise conv and a residual sum, values and every gradient bit for bit."""
+  assert jax.default_backend() == 'cpu'
+
+  class Net(nn.Module):
+    plain: bool
+
+    @nn.compact
+    def __call__(self, x):
+      conv = lambda *a, **k: layers.conv(*a, **k, dtype=dtype)
+      if self.plain:
+        conv = lambda f, k, strides=1, groups=1: nn.Conv(f, (k, k), (strides, strides), ((k // 2,) * 2,) * 2,
+                                                         feature_group_count=groups, use_bias=False, dtype=dtype)
+      h = nn.relu(layers.batch_norm(True, dtype)(conv(8, 3, strides=2)(x)))
+      return jnp.sum(h + conv(8, 3, groups=8)(h) ** 2)
+
+  x = jax.random.normal(jax.random.key(0), (4, 8, 8, 3), dtype)
+  variables = Net(False).init(jax.random.key(1), x)
+  assert jax.tree.structure(Net(True).init(jax.random.key(1), x)) == jax.tree.structure(variables)
+
+  @jax.jit
+  def grads(variables, x):
+    out = []
+    for plain in (False, True):
+      f = lambda p, x: Net(plain).apply({**variables, 'params': p}, x, mutable=['batch_stats'])[0]
+      out.append(jax.value_and_grad(f, argnums=(0, 1))(variables['params'], x))
+    return out
+
+  ours, plain = grads(variables, x)
+  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(plain)):
+    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
