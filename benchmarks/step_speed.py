@@ -111,7 +111,8 @@ def kdjax_worker(pair: str) -> dict:
   c.student.model, c.teacher.model = student_name, teacher_name
   c.distill.losses = {'ce': 0.1, 'kd': 0.9} if method == 'kd' else {'simkd': 1.0}
   c.distill.cache_teacher = 'off'
-  c.batch_size, c.steps_per_dispatch, c.steps_loop, c.num_devices, c.epochs = batch, FLAGS.k, FLAGS.loop, 1, 1
+  # A run's length (the CIFAR recipes' 240 epochs) decides the auto dispatch setting; only a few steps are timed.
+  c.batch_size, c.steps_per_dispatch, c.steps_loop, c.num_devices, c.epochs = batch, FLAGS.k, FLAGS.loop, 1, 240
   mesh = sharding.make_mesh(1)
   # The teacher restored from a checkpoint as a run restores it (kdjax.teacher.load): the checkpoint, of randomly
   # initialised variables, is written first, untimed.

@@ -47,6 +47,10 @@ TEACHER_CACHE_LIMIT_BYTES = 2 << 30
 # The initialisation runs once: on the CPU, LLVM's -O1 compiles it ~3x faster than the default -O2/-O3 (its
 # threefry and erf_inv code is most of the setup of a CIFAR ResNet) and gives the same bits (tests/test_dispatch.py).
 INIT_COMPILER_OPTIONS = {'cpu': {'xla_backend_optimization_level': 1}}
+# The CPU's auto setting dispatches 4 steps at once from this many steps of training on: the extra compiles (the
+# unrolled program, the single-step tail: 10-30 s for the CIFAR pairs of benchmarks/README.md) are repaid after
+# roughly 400-1500 steps.
+CPU_UNROLL_STEPS = 2000
 
 
 @flax.struct.dataclass
@@ -138,17 +142,6 @@ class Experiment:
       raise ConfigError(f'batch_size {self.batch_size} exceeds the {len(ds.train)} training examples')
     self.total_steps = cfg.epochs * self.steps_per_epoch
     self.init_steps = stages.steps(cfg, self.steps_per_epoch)  # the pre-training stage (kdjax/stages.py), if any
-    self.k = min(cfg.get('steps_per_dispatch', 0) or self._auto_steps_per_dispatch(), self.steps_per_epoch)
-    self.steps_loop = cfg.get('steps_loop', 'auto')
-    if self.steps_loop not in ('auto', 'scan', 'unroll'):
-      raise ConfigError(f"steps_loop must be 'auto', 'scan' or 'unroll', got {self.steps_loop!r}")
-    if self.steps_loop == 'auto':
-      self.steps_loop = 'unroll' if jax.default_backend() == 'cpu' else 'scan'
-    if self.k > 1:
-      logging.info('%d steps per dispatch, %s (config.steps_loop = %r; auto: unroll on the CPU, where XLA runs a '
-                   'step inside a loop or conditional many times slower, benchmarks/README.md; scan elsewhere)',
-                   self.k, 'unrolled' if self.steps_loop == 'unroll' else 'in a rolled lax.scan',
-                   cfg.get('steps_loop', 'auto'))
     self.dtype = compute_dtype(cfg)
     self.students_loop = cfg.get('students_loop', 'auto')
     if self.students_loop not in ('auto', 'vmap', 'unroll'):
@@ -169,6 +162,19 @@ class Experiment:
     self.teacher, self.teacher_vars = teacher, teacher_vars
     num_teachers = len(teacher.modules) if isinstance(teacher, TeacherGroup) else 1
     self.distiller = distill.Distiller(cfg.distill, self.student, teacher, num_teachers)
+    self.k = min(cfg.get('steps_per_dispatch', 0) or self._auto_steps_per_dispatch(), self.steps_per_epoch)
+    self.steps_loop = cfg.get('steps_loop', 'auto')
+    if self.steps_loop not in ('auto', 'scan', 'unroll'):
+      raise ConfigError(f"steps_loop must be 'auto', 'scan' or 'unroll', got {self.steps_loop!r}")
+    if self.steps_loop == 'auto':
+      self.steps_loop = 'unroll' if jax.default_backend() == 'cpu' else 'scan'
+    if self.k > 1:
+      logging.info('%d steps per dispatch (config.steps_per_dispatch = %d; auto: 4 on the CPU for one convolutional '
+                   'student trained %d steps or more, up to 32 elsewhere), %s (config.steps_loop = %r; auto: '
+                   'unroll on the CPU, where XLA runs a step inside a loop many times slower, benchmarks/README.md; '
+                   'scan elsewhere)',
+                   self.k, cfg.get('steps_per_dispatch', 0), CPU_UNROLL_STEPS,
+                   'unrolled' if self.steps_loop == 'unroll' else 'in a rolled lax.scan', cfg.get('steps_loop', 'auto'))
     self.dot = cfg.optimizer.name == 'dot'
     if self.streaming and self.distiller.strong_view:
       raise ConfigError("mlkd's strong view is gathered from the device-resident training set; data.pipeline='stream' "
@@ -221,12 +227,17 @@ class Experiment:
                         'its own block of the data axis)')
 
   def _auto_steps_per_dispatch(self) -> int:
-    # On the CPU, single steps (benchmarks/README.md, step_speed.py, resnet20 -> resnet8): XLA:CPU runs a step
-    # inside a while loop ~12x slower and inside a conditional ~25x slower than dispatched alone; unrolled into
-    # straight-line code K = 4 steps compiled 4x longer and ran no faster per step. Accelerators amortise
-    # dispatch over up to 32 steps in a rolled scan, a divisor of the epoch so that no step is masked.
+    # On the CPU, K = 4 steps unrolled into straight-line code: 4-15 % less time per step than single dispatches
+    # for convolutional students, measured interleaved under kdjax's CPU setting (benchmarks/README.md,
+    # step_ab.py), but compiled about K times longer (plus the single-step program of an epoch's last steps when K
+    # does not divide it), so only on runs long enough to repay that (CPU_UNROLL_STEPS). A rolled loop is no option
+    # there: XLA:CPU runs a step inside a while loop ~20x slower. Accelerators amortise dispatch over up to 32 steps
+    # in a rolled scan, a divisor of the epoch so that no step is masked.
     if jax.default_backend() == 'cpu':
-      return 1
+      # The one pair whose student has no convolutions (cnn_small -> MLP) ran 11 % slower per step unrolled; a
+      # sweep's program already holds every student's step (unrolled on the CPU): not measured, left at 1.
+      long_run = self.total_steps >= CPU_UNROLL_STEPS
+      return 4 if long_run and self.num_students == 1 and models.convolutional(self.student) else 1
     return max(d for d in range(1, 33) if self.steps_per_epoch % d == 0)
 
   def view(self, hp) -> sweep_lib.View:
@@ -442,9 +453,10 @@ class Experiment:
     return self.teacher.modules if isinstance(self.teacher, TeacherGroup) else (self.teacher,)
 
   def trace_train_step(self):
-    """Traces one dispatch of the train step on abstract values: a cheap check that a config builds and lowers."""
-    return jax.eval_shape(self._train_chunk_fn, self.init_state(abstract=True), self.teacher_vars,
-                          self.teacher_table, self.hparams, jnp.int32(0), jnp.int32(0), self.batches_spec())
+    """Traces one step, as a dispatch of one, on abstract values: a cheap check that a config builds and lowers."""
+    return jax.eval_shape(functools.partial(self._train_chunk_fn, k=1), self.init_state(abstract=True),
+                          self.teacher_vars, self.teacher_table, self.hparams, jnp.int32(0), jnp.int32(0),
+                          self.batches_spec(1))
 
   def _teacher_module(self):
     """The teacher's Linen module (teacher 0's with several: SimKD reuses its classifier)."""

@@ -6,6 +6,7 @@ import pytest
 
 from kdjax import data as data_lib
 from kdjax import sharding
+from kdjax import step as step_lib
 from kdjax import train
 from tests.util import digits_config
 
@@ -48,6 +49,22 @@ def test_auto_steps_loop_unrolls_on_the_cpu():
   cfg = digits_config('mlp', epochs=1, steps_per_dispatch=2)
   exp = train.Experiment(cfg, data_lib.load(cfg.data), sharding.make_mesh(1))
   assert exp.steps_loop == ('unroll' if jax.default_backend() == 'cpu' else 'scan')
+
+
+@pytest.mark.skipif(jax.default_backend() != 'cpu', reason='the CPU\'s auto setting')
+@pytest.mark.parametrize('model,epochs,batch_size,expected', [('cnn_small', 1, 64, 1), ('cnn_small', 90, 64, 1),
+                                                              ('cnn_small', 91, 64, 4), ('cnn_small', 200, 32, 4),
+                                                              ('mlp', 200, 32, 1), ('sweep', 200, 32, 1)])
+def test_auto_steps_per_dispatch_on_the_cpu(model, epochs, batch_size, expected):
+  """Single steps below CPU_UNROLL_STEPS steps of training (the unrolled program would not repay its compile), for
+  students without convolutions and for several students (a sweep); else 4 (digits: 22 steps per epoch at batch
+  64, 44 at 32)."""
+  cfg = digits_config('cnn_small' if model == 'sweep' else model, epochs=epochs, batch_size=batch_size)
+  if model == 'sweep':  # two students in one program
+    cfg.sweep = 'optimizer.lr=0.01,0.02'
+  exp = train.Experiment(cfg, data_lib.load(cfg.data), sharding.make_mesh(1))
+  assert step_lib.CPU_UNROLL_STEPS == 2000
+  assert exp.k == expected, (exp.steps_per_epoch, exp.total_steps)
 
 
 def test_initial_state_is_the_default_compilations():

@@ -37,6 +37,11 @@ def pooled_embedding(model: 'Classifier') -> bool:
   return getattr(model.backbone, 'pooled_embedding', True)
 
 
+def convolutional(model: 'Classifier') -> bool:
+  """Whether the backbone has convolutions (the CPU's auto steps per dispatch, kdjax.step, depends on it)."""
+  return getattr(model.backbone, 'convolutional', True)
+
+
 class Classifier(nn.Module):
   """A backbone (x, train) -> (features, preact, embedding) followed by a `Head`.
 

@@ -13,6 +13,7 @@ from kdjax.models import layers, register
 class MLP(nn.Module):
   """Flatten -> [Dense -> ReLU -> Dropout] per hidden size. Hinton et al.'s MNIST teacher is 2x1200 with dropout."""
   pooled_embedding = False
+  convolutional = False
   hidden: Sequence[int] = (800, 800)
   dropout: float = 0.0
   input_dropout: float = 0.0
