@@ -321,13 +321,16 @@ def main(argv):
           cache = tempfile.mkdtemp(prefix='kdjax_bench_cache_')
           r = _run(args + [f'--pair={pair}', f'--cache_dir={cache}'])
           results.setdefault(name + ' (cold cache)', []).append(r)
+          print(f'  {pair} {name} (cold cache): {json.dumps(r)}', flush=True)
           if FLAGS.warm:
-            results.setdefault(name + ' (warm cache)', []).append(_run(args + [f'--pair={pair}',
-                                                                             f'--cache_dir={cache}']))
+            r = _run(args + [f'--pair={pair}', f'--cache_dir={cache}'])
+            results.setdefault(name + ' (warm cache)', []).append(r)
+            print(f'  {pair} {name} (warm cache): {json.dumps(r)}', flush=True)
           shutil.rmtree(cache, ignore_errors=True)
         else:
-          results.setdefault(name, []).append(_run(args + [f'--pair={pair}']))
-        print(f'  {pair} {name}: {json.dumps(next(reversed(results.values()))[-1])}', flush=True)
+          r = _run(args + [f'--pair={pair}'])
+          results.setdefault(name, []).append(r)
+          print(f'  {pair} {name}: {json.dumps(r)}', flush=True)
       print(f'{pair}: repeat {rep + 1} done, load average {os.getloadavg()[0]:.2f}', flush=True)
     base = None
     for name, rs in results.items():
