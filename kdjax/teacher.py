@@ -39,6 +39,9 @@ def cache_dir(cfg, dataset: str) -> str:
   for key, default in (('dir', ''), ('label_set', 'fine')):  # later fields: at their defaults, the keys cached before
     if recipe['data'].get(key) == default:
       recipe['data'].pop(key)
+  # Teachers cached before BatchNorm kept PyTorch's unbiased running variance (layers.BatchNorm) hold other
+  # statistics: this entry gives every teacher trained since a new key, so an old entry is never read.
+  recipe['batch_norm'] = 'running variance unbiased'
   digest = hashlib.sha1(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:8]
   root = os.path.expanduser(cfg.teacher.get('cache_dir') or '~/.cache/kdjax/teachers')
   return os.path.join(root, f"{dataset}-{cfg.teacher.model}-seed{cfg.teacher.get('seed', 0)}-{digest}")

@@ -94,3 +94,42 @@ def test_cpu_conv_gradients_equal_plain_convolutions(dtype):
   ours, plain = grads(variables, x)
   for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(plain)):
     np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+@pytest.mark.parametrize('shape', [(16, 8, 8, 3), (64, 2, 2, 5), (6, 4)])
+def test_batch_norm_statistics_are_pytorchs(shape):
+  """Four training steps then evaluation, against torch.nn.BatchNorm2d/1d from the same affine parameters: the
+  outputs and the running mean and (unbiased) variance agree to float32 round-off; Flax's own nn.BatchNorm, whose
+  running variance is the biased one, does not."""
+  torch = pytest.importorskip('torch')
+  rng = np.random.default_rng(0)
+  c = shape[-1]
+  scale, bias = rng.uniform(0.5, 2.0, c).astype(np.float32), rng.normal(size=c).astype(np.float32)
+  tbn = (torch.nn.BatchNorm2d if len(shape) == 4 else torch.nn.BatchNorm1d)(c)
+  with torch.no_grad():
+    tbn.weight.copy_(torch.from_numpy(scale))
+    tbn.bias.copy_(torch.from_numpy(bias))
+  to_torch = lambda x: torch.from_numpy(np.moveaxis(x, -1, 1).copy() if x.ndim == 4 else x)
+  from_torch = lambda y: np.moveaxis(y.detach().numpy(), 1, -1) if y.ndim == 4 else y.detach().numpy()
+  bn = layers.batch_norm(train=True)
+  variables = bn.init(jax.random.key(0), jnp.zeros(shape))
+  variables = {'params': {'scale': jnp.asarray(scale), 'bias': jnp.asarray(bias)},
+               'batch_stats': variables['batch_stats']}
+  flax_stats = variables['batch_stats']
+  for _ in range(4):
+    x = (rng.normal(size=shape) * rng.uniform(0.1, 3.0, c) + rng.normal(size=c)).astype(np.float32)
+    y, new = bn.apply(variables, jnp.asarray(x), mutable=['batch_stats'])
+    variables = {'params': variables['params'], **new}
+    _, flax_new = nn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5).apply(
+        {'params': variables['params'], 'batch_stats': flax_stats}, jnp.asarray(x), mutable=['batch_stats'])
+    flax_stats = flax_new['batch_stats']
+    tbn.train()
+    np.testing.assert_allclose(np.asarray(y), from_torch(tbn(to_torch(x))), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(variables['batch_stats']['mean'], tbn.running_mean.numpy(), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(variables['batch_stats']['var'], tbn.running_var.numpy(), rtol=1e-6, atol=1e-7)
+  n = np.prod(shape[:-1])  # Flax's biased statistics miss the factor n / (n - 1)
+  assert not np.allclose(flax_stats['var'], tbn.running_var.numpy(), rtol=0.1 / n, atol=0)
+  x = rng.normal(size=shape).astype(np.float32)
+  tbn.eval()
+  y = layers.batch_norm(train=False).apply(variables, jnp.asarray(x))
+  np.testing.assert_allclose(np.asarray(y), from_torch(tbn(to_torch(x))), rtol=1e-5, atol=1e-5)

@@ -12,6 +12,7 @@ import math
 from typing import Any
 
 import flax.linen as nn
+from flax.linen import normalization
 import jax
 import jax.numpy as jnp
 
@@ -103,14 +104,44 @@ def dense(features: int, fan_in: int, use_bias: bool = True, kernel_init=None, d
       name=name)
 
 
-def batch_norm(train: bool, dtype: Dtype = jnp.float32, name: str | None = None, **kw) -> nn.BatchNorm:
-  """BatchNorm2d/1d as PyTorch: eps 1e-5, momentum 0.1 (Flax counts momentum the other way: 0.9).
+class BatchNorm(nn.BatchNorm):
+  """nn.BatchNorm whose running variance is PyTorch's: updated with the unbiased batch variance, n / (n - 1) times
+  the biased one (n = the examples x positions each channel is reduced over). The batch itself is normalised by
+  the biased variance, as both frameworks do; only the statistics that evaluation reads differ from Flax's. The
+  variables ('scale', 'bias'; 'mean', 'var') are nn.BatchNorm's."""
+
+  @nn.compact
+  def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
+    if nn.merge_param('use_running_average', self.use_running_average, use_running_average) or mask is not None:
+      return super().__call__(x, use_running_average, mask=mask)  # nothing to update: Flax's own
+    features = normalization._canonicalize_axes(x.ndim, self.axis)
+    reduced = tuple(i for i in range(x.ndim) if i not in features)
+    shape = [x.shape[i] for i in features]
+    stat_dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype
+    ra_mean = self.variable('batch_stats', 'mean', lambda s: jnp.zeros(s, stat_dtype), shape)
+    ra_var = self.variable('batch_stats', 'var', lambda s: jnp.ones(s, stat_dtype), shape)
+    mean, var = normalization._compute_stats(
+        x, reduced, dtype=self.dtype, axis_name=self.axis_name if not self.is_initializing() else None,
+        axis_index_groups=self.axis_index_groups, use_fast_variance=self.use_fast_variance,
+        force_float32_reductions=self.force_float32_reductions)
+    if not self.is_initializing():
+      n = math.prod(x.shape[i] for i in reduced)
+      ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+      ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var * (n / max(n - 1, 1))
+    return normalization._normalize(self, x, mean, var, reduced, features, self.dtype, self.param_dtype,
+                                    self.epsilon, self.use_bias, self.use_scale, self.bias_init, self.scale_init,
+                                    self.force_float32_reductions)
+
+
+def batch_norm(train: bool, dtype: Dtype = jnp.float32, name: str | None = None, **kw) -> BatchNorm:
+  """BatchNorm2d/1d as PyTorch: eps 1e-5, momentum 0.1 (Flax counts momentum the other way: 0.9), the running
+  variance updated with the unbiased batch variance (`BatchNorm`).
 
   Flax computes the batch statistics in float32 even for bfloat16 inputs, which is what we want under mixed
   precision. Under jit with a batch sharded over devices the mean is global, i.e. synchronized BatchNorm.
   """
   kw.setdefault('epsilon', 1e-5)
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=dtype, name=name, **kw)
+  return BatchNorm(use_running_average=not train, momentum=0.9, dtype=dtype, name=name, **kw)
 
 
 def avg_pool_all(x):
