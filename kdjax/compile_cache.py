@@ -124,7 +124,7 @@ def kdjax_source_digest() -> str:
 
 def source_digest(*objects, functions=()) -> str:
   """kdjax's source hash, with the source files outside kdjax that define `objects`' classes and their bases (a
-  model or an Experiment subclass of the user's own, Flax's Module) and `functions` (a method registered from
+  model or a Trainer subclass of the user's own, Flax's Module) and `functions` (a method registered from
   outside kdjax). Only those files: code they import from elsewhere is not followed. A class or function whose
   file cannot be found (defined in an interactive session) makes the digest new in every process: its programs
   are never cached."""

@@ -121,7 +121,7 @@ def base() -> ml_collections.ConfigDict:
   c.epochs = 240
   c.batch_size = 64
   c.eval_batch_size = 500
-  c.steps_per_dispatch = 0  # K steps per dispatch; 0 = auto (kdjax.step.Experiment._auto_steps_per_dispatch)
+  c.steps_per_dispatch = 0  # K steps per dispatch; 0 = auto (kdjax.trainer.Trainer._auto_steps_per_dispatch)
   c.eval_every_epochs = 1
   c.checkpoint_every_epochs = 1
   c.keep_checkpoints = 2

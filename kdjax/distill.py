@@ -37,9 +37,9 @@ class Context:
   # Every teacher's outputs when the config has several (`config.teachers`; `teacher` is then teacher 0, or their
   # logit ensemble with `distill.ensemble`); a term named in `distill.teacher_for` reads its own as `teacher`.
   teachers: tuple | None = None
-  # The strongly augmented view (a Method with `strong_view`, MLKD): the student's and teacher's outputs on it.
-  strong_student: ModelOutput | None = None
-  strong_teacher: ModelOutput | None = None
+  # The extra views of the batch the terms read (`Method.views`, e.g. MLKD's 'strong'): name -> (the student's,
+  # the teacher's outputs on it).
+  views: dict | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +69,7 @@ class Method:
   module: Callable[..., nn.Module] | None = None
   # True when this method's module output 'logits' are the student's predictions (SimKD's reused teacher head).
   predicts: bool = False
-  # (Experiment, one student's final TrainState, its output directory) -> dict merged into its summary: writes a
+  # (the Trainer, one student's final TrainState, its output directory) -> dict merged into its summary: writes a
   # deployable artefact.
   export: Callable[..., dict] | None = None
   # The options under `config.distill` that `loss` reads as numbers (e.g. 'dkd.beta'): a sweep may vary them,
@@ -82,9 +82,30 @@ class Method:
   # True when the method reads teacher 0's own network (its variables or classifier head), not just its outputs:
   # `distill.teacher_for` cannot give it another teacher.
   teacher0_network: bool = False
-  # True when the loss reads a second, strongly augmented view of the batch (ctx.strong_student/strong_teacher):
-  # the step then augments the batch again on the device and runs both networks on it too (MLKD).
-  strong_view: bool = False
+  # The extra views of the batch the loss reads (names of `VIEWS`, e.g. MLKD's ('strong',)): the batch source makes
+  # them on the device (a user's batch may carry them), and the step runs both networks on each (`ctx.views`).
+  views: tuple = ()
+  # True when the method reads the examples' rows in the training set (`indices`: CRD's memory banks): a batch given
+  # through kdjax/api.py must carry them.
+  needs_indices: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class View:
+  """An extra view of a batch: `make(rng, images, augment)` -> images, uint8 [B, H, W, C] from the batch's
+  un-augmented images (`augment`: the dataset's augmentation, e.g. 'crop_flip'), drawn from the data seed's rng
+  stream `stream` (>= 4: kdjax/step.py `seed_key`), folded with the step."""
+  make: Callable[..., jax.Array]
+  stream: int
+
+
+VIEWS: dict[str, View] = {}
+
+
+def register_view(name: str, view: View):
+  if name in VIEWS and VIEWS[name] != view:
+    raise ValueError(f'view {name!r} registered twice')
+  VIEWS[name] = view
 
 
 METHODS: dict[str, Method] = {}
@@ -258,7 +279,7 @@ class Distiller:
     self.module_methods = {n: m for n, (_, m) in self.terms.items() if m.module is not None}
     self.extras = None
     self.exports = [m.export for _, m in self.terms.values() if m.export is not None]
-    self.strong_view = any(m.strong_view for _, m in self.terms.values())
+    self.views = tuple(sorted({v for _, m in self.terms.values() for v in m.views}))
     self.teacher_for = {k: int(v) for k, v in dict(cfg.get('teacher_for', {}) or {}).items()}
     for name, index in self.teacher_for.items():
       if name not in self.terms:

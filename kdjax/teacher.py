@@ -1,4 +1,5 @@
-"""The frozen teacher: restore it from a checkpoint (checking it is the configured network), or train and cache it.
+"""The frozen teacher: restore it from a checkpoint (checking it is the configured network), or train and cache it;
+several teachers as one group; the teacher the loss terms read.
 
 The teacher's variables are passed to the jitted step as an argument: never donated, never in the optimizer, used
 in eval mode under stop_gradient.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 
 from absl import logging
 import jax
@@ -20,6 +22,54 @@ from kdjax import compile_cache
 from kdjax import config_lib
 from kdjax.config_lib import as_dict
 from kdjax.errors import CheckpointMismatchError, CheckpointNotFoundError, ConfigError
+
+
+class TeacherGroup:
+  """Several frozen teachers (`config.teacher` then `config.teachers`) applied as one: their variables are a tuple,
+  one argument of the step; `apply` returns the tuple of their outputs; `classify` is teacher 0's head (SimKD)."""
+
+  def __init__(self, modules):
+    self.modules = tuple(modules)
+
+  def apply(self, variables, x, train: bool = False, method=None):
+    if method == 'classify':
+      return self.modules[0].apply(variables[0], x, method='classify')
+    return tuple(m.apply(v, x, train=train) for m, v in zip(self.modules, variables))
+
+
+def modules(teacher) -> tuple:
+  """The Linen modules of a teacher (one, a TeacherGroup's, or none)."""
+  if teacher is None:
+    return ()
+  return teacher.modules if isinstance(teacher, TeacherGroup) else (teacher,)
+
+
+def module0(teacher):
+  """The teacher's Linen module (teacher 0's with several: SimKD reuses its classifier), or None."""
+  return (modules(teacher) or (None,))[0]
+
+
+def combine(cfg, teacher, t_out):
+  """(the teacher output the terms read by default, every teacher's outputs or None). With several teachers
+  (`config.teachers`), `t_out` is a tuple: the default is teacher 0, or with `distill.ensemble` teacher 0's
+  outputs with the mean of all the teachers' logits."""
+  if not isinstance(teacher, TeacherGroup) or t_out is None:
+    return t_out, None
+  default = t_out[0]
+  if cfg.distill.ensemble:
+    default = default.replace(logits=jnp.mean(jnp.stack([o.logits for o in t_out]), axis=0))
+  return default, tuple(t_out)
+
+
+def check_ensemble(cfg, teacher, teacher_vars, image_shape):
+  """`distill.ensemble` averages logits: the teachers must agree on the class count."""
+  if not cfg.distill.ensemble or not isinstance(teacher, TeacherGroup):
+    return
+  x = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
+  counts = [o.logits.shape[-1] for o in jax.eval_shape(lambda v: teacher.apply(v, x), teacher_vars)]
+  if len(set(counts)) > 1:
+    raise ConfigError(f'config.distill.ensemble: the teachers have different class counts {counts} (teacher '
+                      f'models {[m.name or type(m).__name__ for m in teacher.modules]})')
 
 
 # Fields that do not change what the teacher learns; left out of the cache key.
@@ -139,9 +189,9 @@ def checkpoint_path(cfg, ds) -> tuple[str, bool]:
 def load(cfg, ds, mesh, path: str):
   """(teacher module, its variables replicated over `mesh`) from the checkpoint at `path`, after checking that it
   holds the configured network."""
-  from kdjax import sharding, step
-  num_classes, subclasses = ds.num_classes, cfg.teacher.get('subclasses', 1)
-  teacher = step.build_teacher(cfg, num_classes)
+  from kdjax import models, sharding
+  num_classes, subclasses = ds.num_classes, cfg.teacher.subclasses
+  teacher = models.build_teacher(cfg, num_classes)
   which = cfg.teacher.get('which', 'latest')
   # The metadata of the step that will be restored: a mismatch is reported by name, not as a shape error.
   meta = ckpt_lib.read_meta(path, which)
@@ -163,7 +213,7 @@ def load(cfg, ds, mesh, path: str):
   return teacher, variables
 
 
-def init_from_checkpoint(cfg, ds, exp, ts):
+def init_from_checkpoint(cfg, ds, trainer, ts):
   """Fine-tuning: start the student from a run's checkpoint. The head is kept when the class counts agree, else
   re-initialised; `student.freeze_backbone` is applied by the optimizer."""
   path = cfg.student.init_checkpoint
@@ -190,39 +240,78 @@ def init_from_checkpoint(cfg, ds, exp, ts):
       target['params'] = {k: v for k, v in target['params'].items() if k != 'head'}
     restored, _ = ckpt_lib.load_model(path, ckpt_lib.abstract(target))
   # Every student of a sweep starts from the same network.
-  restored = jax.tree.map(lambda a: jnp.broadcast_to(a, (exp.num_students,) + a.shape), restored)
+  restored = jax.tree.map(lambda a: jnp.broadcast_to(a, (trainer.num_students,) + a.shape), restored)
   params = dict(ts.params, student=dict(ts.params['student'], **restored['params']))
   state = dict(ts.state, student={k: restored[k] for k in ts.state['student']})
   logging.info('student initialised from %s (%s)', path,
                'all weights' if 'head' in restored['params'] else 'backbone; new head')
-  opt_state = jax.vmap(lambda p, hp: exp.optimizer(hp).init(p))(params, exp.hparams)
+  opt_state = jax.vmap(lambda p, hp: trainer.parts.optimizer(hp).init(p))(params, trainer.hparams)
   ts = ts.replace(params=params, state=state, opt_state=opt_state)
-  return jax.device_put(ts, exp.state_shardings(ts))
+  return jax.device_put(ts, trainer.state_shardings(ts))
 
 
-def evaluate_teacher(exp) -> float:
-  """The teacher's own test accuracy, a check that the right network was restored: over the device-resident test
-  arrays in one dispatch, or over the streamed test split batch by batch (`Experiment.eval_batches`)."""
-  from kdjax.data import device as device_data
+def evaluate_teacher(trainer) -> float:
+  """The teacher's own test accuracy, a check that the right network was restored: over the test batches of the
+  run's source (the device-resident arrays in one dispatch, or the streamed split batch by batch)."""
+  parts = trainer.parts
 
   def run(teacher_vars, arrays):
     def body(sums, batch):
-      x = device_data.normalize(batch['images'], exp.ds.mean, exp.ds.std, exp.dtype)
-      x = jax.lax.with_sharding_constraint(x, exp.batch_sharded)
-      logits = exp.combine_teachers(exp.teacher.apply(teacher_vars, x, train=False))[0].logits
+      from kdjax import step
+      x = step.normalize(batch['images'], parts.data, parts.dtype)
+      x = jax.lax.with_sharding_constraint(x, parts.batch_sharding)
+      logits = combine(parts.cfg, parts.teacher, parts.teacher.apply(teacher_vars, x, train=False))[0].logits
       hit = (jnp.argmax(logits, -1) == batch['labels']) & batch['mask']  # class logits, also with subclasses
       return (sums[0] + jnp.sum(hit), sums[1] + jnp.sum(batch['mask'])), None
     return jax.lax.scan(body, (jnp.int32(0), jnp.int32(0)), arrays)[0]
 
   compiled, correct, count = None, 0, 0
-  for arrays in dict(exp.eval_batches())['test']:
+  for arrays in dict(trainer.source.eval_batches())['test']:
     if compiled is None:  # one program for every batch (the streamed ones share their shapes)
-      # A program of the experiment's: kept by the compiled-executable cache under its key (kdjax/compile_cache.py).
-      key = exp.program_key('evaluate_teacher')
+      # A program of the run's: kept by the compiled-executable cache under its key (kdjax/compile_cache.py).
+      key = trainer.program_key('evaluate_teacher')
       key = key and compile_cache.program_key(key, compile_cache.signature(arrays))
       compiled = compile_cache.load_or_compile(
-          key, exp.mesh.devices.flat,
-          lambda name: jax.jit(compile_cache.named(run, name)).lower(exp.teacher_vars, arrays).compile())[0]
-    c, n = jax.device_get(compiled(exp.teacher_vars, arrays))
+          key, trainer.mesh.devices.flat,
+          lambda name: jax.jit(compile_cache.named(run, name)).lower(trainer.teacher_vars, arrays).compile())[0]
+    c, n = jax.device_get(compiled(trainer.teacher_vars, arrays))
     correct, count = correct + int(c), count + int(n)
   return correct / max(count, 1)
+
+
+def prepare(cfg, ds, mesh, train_fn):
+  """(teacher module, replicated variables), or (None, None) when the config has no teacher. A teacher that is
+  neither given nor cached is trained first by `train_fn(config, workdir)` (the run loop, kdjax/train.py), as a
+  supervised run with its own recipe."""
+  from kdjax import distributed as dist
+  if not cfg.teacher.model:
+    return None, None
+  path, must_train = checkpoint_path(cfg, ds)
+  if must_train:  # on many hosts: every process trains it, as one run; process 0 writes its records
+    train_fn(teacher_run_config(cfg), path)
+    dist.barrier('kdjax-teacher-trained')
+  if cfg.teacher.checkpoint:
+    return load(cfg, ds, mesh, path)
+  try:
+    return load(cfg, ds, mesh, path)
+  except Exception as e:  # a cached teacher damaged on disk: kept aside, trained again
+    aside = f'{path}.damaged-{int(time.time())}'
+    if dist.is_primary():
+      os.rename(path, aside)
+    dist.barrier('kdjax-teacher-set-aside')
+    logging.warning('the cached teacher %s is damaged (%s); moved to %s and trained again', path,
+                    (str(e).strip().splitlines() or [type(e).__name__])[0][:200], aside)
+    train_fn(teacher_run_config(cfg), path)
+    return load(cfg, ds, mesh, path)
+
+
+def prepare_all(cfg, ds, mesh, train_fn):
+  """`prepare` for `config.teacher` and then each of `config.teachers` (each loaded, or trained first and cached,
+  as a teacher of its own): (a TeacherGroup, the tuple of their variables) when there are several, else
+  `prepare`'s (module, variables)."""
+  first = prepare(cfg, ds, mesh, train_fn)
+  extra = list(cfg.teachers or [])
+  if not extra or first[0] is None:
+    return first
+  pairs = [first] + [prepare(with_teacher(cfg, i + 1), ds, mesh, train_fn) for i in range(len(extra))]
+  return TeacherGroup([m for m, _ in pairs]), tuple(v for _, v in pairs)

@@ -25,5 +25,5 @@ def digits_teacher(tmp_path_factory):
   from kdjax import train
   from tests.util import digits_config
   workdir = str(tmp_path_factory.mktemp('digits_teacher'))
-  summary = train.train_and_evaluate(digits_config('cnn_small', epochs=15), workdir)
+  summary = train.run(digits_config('cnn_small', epochs=15), workdir)
   return workdir, summary

@@ -1,10 +1,12 @@
 """Where the persistent compilation cache lives: config field, then $KDJAX_COMPILATION_CACHE, then the default."""
 
+import dataclasses
 import os
 
 import jax
 
 from kdjax import compile_cache
+from kdjax import trainer as trainer_lib
 
 
 def test_config_field_then_environment_then_default(monkeypatch, tmp_path):
@@ -64,7 +66,7 @@ def digits():
 
 
 def _experiment(cfg, ds, num_devices=1):
-  return step_lib.Experiment(cfg, ds, sharding.make_mesh(num_devices))
+  return trainer_lib.build(cfg, ds, sharding.make_mesh(num_devices))
 
 
 def _train(exp, steps=3):
@@ -84,7 +86,7 @@ def test_a_hit_loads_without_tracing_and_trains_bit_identically_to_a_fresh_compi
   fresh = _train(_experiment(_tiny(), digits))  # compiled, and stored
   assert sorted(p.name.split('-')[0] for p in executables.iterdir()) == ['init', 'train_chunk']
   exp = _experiment(_tiny(), digits)
-  exp._init_fn = exp._train_chunk_fn = _untraceable  # a hit neither traces nor lowers: nothing calls them
+  exp._init_fn = exp._dispatch_fn = _untraceable  # a hit neither traces nor lowers: nothing calls them
   loaded = _train(exp)
   jax.tree.map(np.testing.assert_array_equal, loaded, fresh)
   monkeypatch.setenv(compile_cache.EXECUTABLES_ENV, 'off')  # and against a compile with the cache off
@@ -103,7 +105,7 @@ def test_every_ingredient_of_the_program_is_in_the_key(executables, digits, monk
   variants = {
       'a config field the step reads': _experiment(_tiny(optimizer__lr=0.07), digits),
       'a loss weight': _experiment(_tiny(losses={'ce': 0.5}), digits),
-      'the seed (the keys the step closes over)': _experiment(_tiny(seed=1), digits),
+      'the seed (the students\' keys)': _experiment(_tiny(seed=1), digits),
       'the epochs (the schedule)': _experiment(_tiny(epochs=2), digits),
       'the batch size': _experiment(_tiny(batch_size=32), digits),
       'the device count': _experiment(_tiny(num_devices=2), digits, num_devices=2),
@@ -183,10 +185,10 @@ import os, sys
 sys.path.insert(0, os.getcwd())
 import jax
 jax.config.update('jax_compilation_cache_dir', sys.argv[1])
-from kdjax import data as data_lib, sharding, step as step_lib
+from kdjax import data as data_lib, sharding, trainer as trainer_lib
 from tests.util import digits_config
 cfg = digits_config('mlp', epochs=1)
-print('KEY', step_lib.Experiment(cfg, data_lib.load(cfg.data), sharding.make_mesh(1)).program_key('train_chunk'))
+print('KEY', trainer_lib.build(cfg, data_lib.load(cfg.data), sharding.make_mesh(1)).program_key('train_chunk'))
 """
 
 
@@ -220,9 +222,9 @@ def test_the_teachers_shapes_and_evaluation_are_cached(executables, digits, tmp_
     m.setattr(jax, 'eval_shape', _untraceable)
     _, again = teacher_lib.load(cfg, digits, mesh, path)
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(again), jax.device_get(variables))
-  exp = step_lib.Experiment(cfg, digits, mesh, teacher, variables)
+  exp = trainer_lib.build(cfg, digits, mesh, teacher, variables)
   accuracy = teacher_lib.evaluate_teacher(exp)
-  exp = step_lib.Experiment(cfg, digits, mesh, teacher, variables)
+  exp = trainer_lib.build(cfg, digits, mesh, teacher, variables)
   exp.program_key('init')  # the key's ingredients, read before the teacher is made untraceable
-  exp.teacher = type('Untraceable', (), {'apply': staticmethod(_untraceable)})()
+  exp.parts = dataclasses.replace(exp.parts, teacher=type('Untraceable', (), {'apply': staticmethod(_untraceable)})())
   assert teacher_lib.evaluate_teacher(exp) == accuracy

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from kdjax import data as data_lib
+from kdjax import trainer as trainer_lib
 from kdjax import models
 from kdjax import sharding
 from kdjax import sweep as sweep_lib
@@ -68,7 +69,7 @@ def trace(cfg):
                             **dict(cfg.teacher.kwargs))
     x = jnp.zeros((1,) + ds.image_shape)
     teacher_vars = jax.eval_shape(lambda: teacher.init(jax.random.key(0), x))
-  exp = train.Experiment(cfg, ds, sharding.make_mesh(1), teacher, teacher_vars)
+  exp = trainer_lib.build(cfg, ds, sharding.make_mesh(1), teacher, teacher_vars)
   return exp.trace_train_step()
 
 

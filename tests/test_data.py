@@ -79,11 +79,11 @@ def test_cifar100_loop_through_the_real_tfds_path(tmp_path):
   cfg.data.name = 'cifar100'
   with tfds.testing.mock_data(num_examples=48, policy=tfds.testing.MockPolicy.USE_CODE):
     ds = data_lib.load(cfg.data)
-    summary = train.train_and_evaluate(cfg, str(tmp_path))
+    summary = train.run(cfg, str(tmp_path))
   assert ds.num_classes == 100 and ds.image_shape == (32, 32, 3) and ds.augment == 'crop_flip'
   assert ds.mean == pytest.approx((0.5071, 0.4867, 0.4408))
-  assert summary['experiment'].steps_per_epoch == 3
-  assert summary['experiment'].evaluate(summary['state'])[0]['test_count'] == 48
+  assert summary.trainer.steps_per_epoch == 3
+  assert summary.trainer.evaluate(summary.state)[0]['test_count'] == 48
   assert 0.0 <= summary['test_accuracy'] <= 1.0 and np.isfinite(summary['test_top5'])
 
 

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from kdjax import data as data_lib
+from kdjax import trainer as trainer_lib
 from kdjax import sharding
 from kdjax import step as step_lib
 from kdjax import train
@@ -14,7 +15,7 @@ from tests.util import digits_config
 def _epoch(k: int, loop: str):
   """One epoch of digits (22 steps) in dispatches of `k` steps; (numpy train state, per-step metric sums)."""
   cfg = digits_config('mlp', epochs=1, steps_per_dispatch=k, steps_loop=loop)
-  exp = train.Experiment(cfg, data_lib.load(cfg.data), sharding.make_mesh(1))
+  exp = trainer_lib.build(cfg, data_lib.load(cfg.data), sharding.make_mesh(1))
   assert exp.k == k and exp.steps_loop == loop
   ts, sums = exp.init_state(), []
   for start in range(0, exp.steps_per_epoch, k):  # 22 = 5 x 4 + 2: the last dispatch masks two steps
@@ -47,7 +48,7 @@ def test_multi_step_dispatch_trains_the_same_parameters(single, loop):
 
 def test_auto_steps_loop_unrolls_on_the_cpu():
   cfg = digits_config('mlp', epochs=1, steps_per_dispatch=2)
-  exp = train.Experiment(cfg, data_lib.load(cfg.data), sharding.make_mesh(1))
+  exp = trainer_lib.build(cfg, data_lib.load(cfg.data), sharding.make_mesh(1))
   assert exp.steps_loop == ('unroll' if jax.default_backend() == 'cpu' else 'scan')
 
 
@@ -62,8 +63,8 @@ def test_auto_steps_per_dispatch_on_the_cpu(model, epochs, batch_size, expected)
   cfg = digits_config('cnn_small' if model == 'sweep' else model, epochs=epochs, batch_size=batch_size)
   if model == 'sweep':  # two students in one program
     cfg.sweep = 'optimizer.lr=0.01,0.02'
-  exp = train.Experiment(cfg, data_lib.load(cfg.data), sharding.make_mesh(1))
-  assert step_lib.CPU_UNROLL_STEPS == 2000
+  exp = trainer_lib.build(cfg, data_lib.load(cfg.data), sharding.make_mesh(1))
+  assert trainer_lib.CPU_UNROLL_STEPS == 2000
   assert exp.k == expected, (exp.steps_per_epoch, exp.total_steps)
 
 
@@ -71,7 +72,7 @@ def test_initial_state_is_the_default_compilations():
   """init_state compiles with INIT_COMPILER_OPTIONS (faster to compile): the same bits as the default compiler.
   (The kaiming-normal kernels of a ResNet go through erf_inv, which LLVM's -O0 would round differently.)"""
   cfg = digits_config('resnet8', epochs=1)
-  exp = train.Experiment(cfg, data_lib.load(cfg.data), sharding.make_mesh(1))
+  exp = trainer_lib.build(cfg, data_lib.load(cfg.data), sharding.make_mesh(1))
   ts = exp.init_state()
   args = (exp.init_keys, exp.hparams, exp.teacher_vars)
   # XLA's default level (2), stated: the test session itself compiles at -O0 (tests/util.py FAST_COMPILE)

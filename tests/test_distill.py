@@ -42,8 +42,8 @@ def test_method_step_learns_and_keeps_teacher_frozen(name, resnet_teacher, tmp_p
   cfg.distill.simkd.update(spec.get('simkd', {}))
   cfg.teacher.update(model='resnet14', checkpoint=resnet_teacher)
   before = load_digits_model(resnet_teacher, 'resnet14')
-  summary = train.train_and_evaluate(cfg, str(tmp_path))
-  after = jax.tree.map(np.asarray, summary['experiment'].teacher_vars)
+  summary = train.run(cfg, str(tmp_path))
+  after = jax.tree.map(np.asarray, summary.trainer.teacher_vars)
   jax.tree.map(np.testing.assert_array_equal, before, after)
   first, second = _epochs(tmp_path)
   for term in spec['losses']:
@@ -54,13 +54,13 @@ def test_method_step_learns_and_keeps_teacher_frozen(name, resnet_teacher, tmp_p
 def test_simkd_predicts_through_the_teacher_head(resnet_teacher, tmp_path):
   cfg = digits_config('resnet8', {'simkd': 1.0}, epochs=1)
   cfg.teacher.update(model='resnet14', checkpoint=resnet_teacher)
-  summary = train.train_and_evaluate(cfg, str(tmp_path))
-  exp, ts = summary['experiment'], step_lib.student(summary['state'], 0)
+  summary = train.run(cfg, str(tmp_path))
+  exp, ts = summary.trainer, step_lib.student(summary.state, 0)
   x = jnp.asarray(exp.ds.test.images[:16], jnp.float32) / 255.0
   y = jnp.asarray(exp.ds.test.labels[:16])
 
   def predict(teacher_vars):
-    ctx, _ = exp._forward(ts.params, ts.state, teacher_vars, x, y, y, jax.random.key(0), False, 0.0)
+    ctx, _ = step_lib.forward(exp.parts, ts.params, ts.state, teacher_vars, x, y, y, jax.random.key(0), False, 0.0)
     return np.asarray(exp.distiller.logits(ctx)), ctx
 
   logits, ctx = predict(exp.teacher_vars)
@@ -120,7 +120,7 @@ def test_simkd_rejects_teachers_whose_head_is_not_on_the_pooled_map(digits_teach
   cfg = digits_config('resnet8', {'simkd': 1.0}, epochs=1)
   cfg.teacher.update(model='cnn_small', checkpoint=digits_teacher[0])
   with pytest.raises(errors.ConfigError, match='reuses the teacher classifier on the pooled last feature map'):
-    train.train_and_evaluate(cfg, str(tmp_path))
+    train.run(cfg, str(tmp_path))
 
 
 def test_omitted_class_is_learned_from_soft_targets_alone(digits_teacher, tmp_path):
@@ -128,8 +128,8 @@ def test_omitted_class_is_learned_from_soft_targets_alone(digits_teacher, tmp_pa
   cfg.student.kwargs = {'hidden': (64,)}
   cfg.distill.temperature = 8.0
   cfg.teacher.update(model='cnn_small', checkpoint=digits_teacher[0])
-  summary = train.train_and_evaluate(cfg, str(tmp_path))
-  exp = summary['experiment']
+  summary = train.run(cfg, str(tmp_path))
+  exp = summary.trainer
   assert 3 not in set(np.asarray(exp.ds.train.labels)) and len(exp.ds.train) < 1437
   assert summary['test_omitted_accuracy'] >= 0.2  # never saw a 3, yet classifies many of the 37 test 3s
   assert summary['test_omitted_accuracy_adjusted'] >= summary['test_omitted_accuracy']
@@ -140,32 +140,32 @@ def test_subclass_teacher_matches_a_plain_teacher_and_student_distills_subclasse
   cfg = digits_config('cnn_small', epochs=15)
   cfg.student.subclasses = 2
   cfg.distill.losses = {'ce': 1.0, 'subclass_aux': 1.0}
-  teacher = train.train_and_evaluate(cfg, str(tmp_path / 'teacher'))
+  teacher = train.run(cfg, str(tmp_path / 'teacher'))
   assert teacher['test_accuracy'] == pytest.approx(digits_teacher[1]['test_accuracy'], abs=0.03)
-  sub = jax.eval_shape(lambda: teacher['experiment'].student.apply(
-      {'params': step_lib.student(teacher['state'], 0).params['student'],
-       **step_lib.student(teacher['state'], 0).state['student']},
+  sub = jax.eval_shape(lambda: teacher.trainer.student.apply(
+      {'params': step_lib.student(teacher.state, 0).params['student'],
+       **step_lib.student(teacher.state, 0).state['student']},
       jnp.zeros((4, 8, 8, 1)))).subclass_logits
   assert sub.shape == (4, 20)
 
   student = digits_config('mlp', {'ce': 0.1, 'subclass_kd': 0.9}, epochs=3)
   student.student.subclasses = 2
   student.teacher.update(model='cnn_small', subclasses=2, checkpoint=str(tmp_path / 'teacher'))
-  s = train.train_and_evaluate(student, str(tmp_path / 'student'))
+  s = train.run(student, str(tmp_path / 'student'))
   first, *_, last = _epochs(tmp_path / 'student')
   assert last['loss_subclass_kd'] < first['loss_subclass_kd'] and s['test_accuracy'] > 0.8
 
   student.teacher.subclasses = 1
   with pytest.raises(errors.CheckpointMismatchError, match='has 2 subclasses per class'):
-    train.train_and_evaluate(student, str(tmp_path / 'bad'))
+    train.run(student, str(tmp_path / 'bad'))
 
 
 def test_finetune_from_checkpoint_with_frozen_backbone(digits_teacher, tmp_path):
   cfg = digits_config('cnn_small', epochs=1)
   cfg.student.update(init_checkpoint=digits_teacher[0], freeze_backbone=True)
-  summary = train.train_and_evaluate(cfg, str(tmp_path))
+  summary = train.run(cfg, str(tmp_path))
   start = load_digits_model(digits_teacher[0], 'cnn_small')
-  end = jax.device_get(step_lib.student(summary['state'], 0).params['student'])
+  end = jax.device_get(step_lib.student(summary.state, 0).params['student'])
   jax.tree.map(np.testing.assert_array_equal, start['params']['backbone'], end['backbone'])
   assert not np.array_equal(start['params']['head']['kernel'], end['head']['kernel'])
   assert summary['test_accuracy'] >= 0.9  # it started from a trained network
@@ -176,7 +176,7 @@ def test_finetune_rejects_another_architecture(digits_teacher, tmp_path):
   cfg.student.init_checkpoint = digits_teacher[0]
   with pytest.raises(errors.CheckpointMismatchError,
                      match="student checkpoint .* holds a 'cnn_small' network, but config.student.model is 'mlp'"):
-    train.train_and_evaluate(cfg, str(tmp_path))
+    train.run(cfg, str(tmp_path))
 
 
 def test_logit_standardize_matches_numpy_and_reaches_kd():

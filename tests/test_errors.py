@@ -3,6 +3,7 @@
 import pytest
 
 from kdjax import data as data_lib
+from kdjax import trainer as trainer_lib
 from kdjax import errors
 from kdjax import models
 from kdjax import optim
@@ -29,7 +30,7 @@ def test_unknown_model_lists_the_registry():
 def test_batch_and_device_errors(digits, overrides, message):
   cfg = digits_config(**overrides)
   with pytest.raises(errors.ConfigError, match=message):
-    train.Experiment(cfg, digits, sharding.make_mesh(cfg.num_devices))
+    trainer_lib.build(cfg, digits, sharding.make_mesh(cfg.num_devices))
 
 
 def test_optimizer_and_schedule_names():
@@ -48,10 +49,10 @@ def test_method_option_errors(digits, tmp_path):
   cfg.teacher.update(model='resnet8', checkpoint=teacher)
   cfg.distill.simkd.projectors = 'some'
   with pytest.raises(errors.ConfigError, match="^config.distill.simkd.projectors must be one of 'last', 'multi', 'all', got 'some'$"):
-    train.train_and_evaluate(cfg, str(tmp_path / 'a'))
+    train.run(cfg, str(tmp_path / 'a'))
   cfg = digits_config('mlp', {'ce': 1.0, 'subclass_aux': 1.0})
   with pytest.raises(errors.ConfigError, match=r'need the student to have subclasses \(config.student.subclasses'):
-    train.train_and_evaluate(cfg, str(tmp_path / 'b'))
+    train.run(cfg, str(tmp_path / 'b'))
   cfg = digits_config(data__omit_class=12)
   with pytest.raises(errors.ConfigError, match='omit_class=12 but digits has 10 classes'):
-    train.train_and_evaluate(cfg, str(tmp_path / 'c'))
+    train.run(cfg, str(tmp_path / 'c'))

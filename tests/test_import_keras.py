@@ -21,6 +21,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from kdjax import checkpoint as ckpt_lib  # noqa: E402
+from kdjax import trainer as trainer_lib
 from kdjax import models  # noqa: E402
 from kdjax import teacher as teacher_lib  # noqa: E402
 from kdjax.errors import CheckpointMismatchError  # noqa: E402
@@ -139,7 +140,7 @@ def test_fine_tuning_starts_from_a_keras_file(keras_model):
   cfg = digits_config(name, epochs=1, batch_size=32)
   cfg.student.init_checkpoint = files['legacy']
   cfg.student.kwargs = {'layout': 'keras'}
-  exp = step_lib.Experiment(cfg, ds, sharding.make_mesh(1))
+  exp = trainer_lib.build(cfg, ds, sharding.make_mesh(1))
   ts = exp.init_state()
   torch_layout = cfg.copy_and_resolve_references()
   torch_layout.student.kwargs = {}

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 
 from kdjax import checkpoint as ckpt_lib
+from kdjax import teacher as teacher_lib
+from kdjax import trainer as trainer_lib
 from kdjax import data as data_lib
 from kdjax import distill
 from kdjax import losses
@@ -56,7 +58,7 @@ def teacher_dir(tmp_path_factory):
   """A cnn_small teacher trained for 3 epochs (~98% test accuracy, seconds). Against a randomly initialised one, CE
   pulls the student away from the teacher's logits and the DKD term grows from epoch to epoch."""
   workdir = str(tmp_path_factory.mktemp('anchor_teacher'))
-  train.train_and_evaluate(digits_config('cnn_small', epochs=3), workdir)
+  train.run(digits_config('cnn_small', epochs=3), workdir)
   return workdir
 
 
@@ -80,7 +82,7 @@ def test_method_trains_on_digits_with_a_frozen_teacher(method, teacher_dir, tmp_
   # PKT's term starts near its floor (about 1e-4 against a well-trained teacher) and moves by less than the noise of
   # the first epoch; its trend is read between the second and third epochs too.
   epochs = 3 if method in ('crd', 'pkt') else 2
-  summary = train.train_and_evaluate(_digits_cfg(method, teacher_dir, epochs=epochs), str(tmp_path))
+  summary = train.run(_digits_cfg(method, teacher_dir, epochs=epochs), str(tmp_path))
   records = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
   records = [r for r in records if 'epoch' in r]
   assert len(records) == epochs
@@ -90,7 +92,7 @@ def test_method_trains_on_digits_with_a_frozen_teacher(method, teacher_dir, tmp_
   assert second < first, f'{key} went from {first} to {second}'
   assert records[-1]['train_loss'] < records[-2]['train_loss']
   # The teacher is never updated: parameters and BatchNorm statistics bit-identical.
-  after = _numpy(summary['experiment'].teacher_vars)
+  after = _numpy(summary.trainer.teacher_vars)
   assert 'batch_stats' in before
   jax.tree.map(np.testing.assert_array_equal, before, after)
 
@@ -128,8 +130,8 @@ def _crd_experiment(teacher_dir, num_devices):
   cfg = _digits_cfg('crd', teacher_dir, num_devices=num_devices, steps_per_dispatch=2 if num_devices > 1 else 1)
   ds = data_lib.load(cfg.data)
   mesh = sharding.make_mesh(num_devices)
-  teacher, teacher_vars = train.prepare_teacher(cfg, ds, mesh)
-  return train.Experiment(cfg, ds, mesh, teacher, teacher_vars)
+  teacher, teacher_vars = teacher_lib.prepare(cfg, ds, mesh, train.train_and_evaluate)
+  return trainer_lib.build(cfg, ds, mesh, teacher, teacher_vars)
 
 
 @pytest.fixture(scope='module')
@@ -162,13 +164,14 @@ def test_crd_memory_update_matches_reference(crd_steps):
   assert exp.distiller.extras.modules['crd'].nce_k == n - 1  # 16384 clamped to the 1437 digits
 
   # The step's batch and the embeddings the step computed (the params before the step, the same train-mode BN).
-  perm = device_data.epoch_permutation(exp.data_rng, 0, n)
-  idx = np.asarray(perm[:exp.batch_size])
-  x, y, batch_idx = device_data.train_batch(exp.train_data, perm, 0, exp.batch_size, jax.random.key(0), exp.ds,
-                                            exp.dtype)
+  perm = device_data.epoch_permutation(exp.source.data_rng, 0, n)
+  idx = np.asarray(perm[:exp.cfg.batch_size])
+  images, y, batch_idx = device_data.gather(exp.source.arrays(), perm, 0, exp.cfg.batch_size, jax.random.key(0),
+                                            exp.ds.augment)
+  x = step_lib.normalize(images, exp.parts.data, exp.parts.dtype)
   np.testing.assert_array_equal(np.asarray(batch_idx), idx)
-  ctx, _ = exp._forward(s0.params, s0.state, exp.teacher_vars, x, y, jnp.asarray(idx), jax.random.key(0), True,
-                        0.0)
+  ctx, _ = step_lib.forward(exp.parts, s0.params, s0.state, exp.teacher_vars, x, y, jnp.asarray(idx),
+                            jax.random.key(0), True, 0.0)
   for side in ('s', 't'):
     emb = np.asarray(ctx.extras['crd'][f'embed_{side}'], np.float64)
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-5)
@@ -268,7 +271,7 @@ def _trace(cfg, teacher_name):
   # CRD's memory bank needs more rows than nce_k negatives, or nce_k is clamped: trace it at the configured size.
   num_train = cfg.distill.crd.nce_k + cfg.batch_size if 'crd' in cfg.distill.losses else 2 * cfg.batch_size
   teacher, teacher_vars = _abstract_teacher(teacher_name, cfg.dtype)
-  exp = train.Experiment(cfg, _synthetic_cifar(num_train), sharding.make_mesh(1), teacher, teacher_vars)
+  exp = trainer_lib.build(cfg, _synthetic_cifar(num_train), sharding.make_mesh(1), teacher, teacher_vars)
   ts, metrics = exp.trace_train_step()
   if 'crd' in cfg.distill.losses:
     assert ts.state['extras']['memory']['crd']['memory_s'].shape == (1, num_train, cfg.distill.crd.feat_dim)
@@ -279,7 +282,7 @@ def _trace(cfg, teacher_name):
 def _refusals(cfg, teacher_name, student_name, methods) -> dict:
   """{method: its check's one-line refusal} for the methods whose `Method.check` refuses this pair."""
   teacher, teacher_vars = _abstract_teacher(teacher_name, cfg.dtype)
-  student = step_lib.build_student(cfg, 100)
+  student = models.build_student(cfg, 100)
   x = jnp.zeros((cfg.batch_size, 32, 32, 3), jnp.float32)
   s_shapes = jax.eval_shape(lambda: student.apply(student.init(jax.random.key(0), x), x))
   t_shapes = jax.eval_shape(lambda v: teacher.apply(v, x), teacher_vars)

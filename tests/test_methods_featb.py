@@ -9,6 +9,7 @@ import optax
 import pytest
 
 from kdjax import config_lib
+from kdjax import trainer as trainer_lib
 from kdjax import data as data_lib
 from kdjax import distill
 from kdjax import models
@@ -302,7 +303,7 @@ def _tiny_experiment():
   validate.check(cfg)
   teacher = models.create('cnn_small', num_classes=10)
   t_vars = teacher.init(jax.random.key(1), jnp.zeros((1, 8, 8, 1)))
-  return step_lib.Experiment(cfg, ds, sharding.make_mesh(1), teacher, t_vars)
+  return trainer_lib.build(cfg, ds, sharding.make_mesh(1), teacher, t_vars)
 
 
 def _np_tree(tree):

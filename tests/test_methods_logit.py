@@ -221,9 +221,9 @@ def test_new_terms_train_on_digits_with_a_learned_temperature_per_student(tmp_pa
   cfg.distill.logit_standardize = True
   cfg.sweep = 'distill.ctkd.t_end=10,20'
   before = load_digits_model(teacher, 'cnn_small')
-  summary = train.train_and_evaluate(cfg, str(tmp_path / 'run'))
-  jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, summary['experiment'].teacher_vars))
-  global_t = np.asarray(summary['state'].params['extras']['ctkd']['global_t'])
+  summary = train.run(cfg, str(tmp_path / 'run'))
+  jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, summary.trainer.teacher_vars))
+  global_t = np.asarray(summary.state.params['extras']['ctkd']['global_t'])
   assert global_t.shape == (2,) and np.all(np.isfinite(global_t))
   assert np.all(global_t != 1.0) and global_t[0] != global_t[1]
   records = [json.loads(l) for l in open(tmp_path / 'run' / 'metrics.jsonl') if '"epoch"' in l]

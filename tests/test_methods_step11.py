@@ -11,6 +11,8 @@ import optax
 import pytest
 
 from kdjax import config_lib
+from kdjax import teacher as teacher_lib
+from kdjax import trainer as trainer_lib
 from kdjax import data as data_lib
 from kdjax import distill
 from kdjax import losses
@@ -86,7 +88,7 @@ def test_mlkd_loss_matches_numpy(stand, base):
   cfg.logit_standardize = stand
   cfg.mlkd.temperatures = (base, 3.0, 5.0, 2.0, 6.0)
   ctx = distill.Context(student=_out(sw), teacher=_out(tw), labels=jnp.asarray(labels), extras={}, epoch=0.0,
-                        strong_student=_out(ss), strong_teacher=_out(ts))
+                        views={'strong': (_out(ss), _out(ts))})
   got = distill.METHODS['mlkd'].loss(ctx, cfg)
   np.testing.assert_allclose(float(got), _np_mlkd(sw, tw, ss, ts, stand, base), rtol=2e-5)
   # CE(strong), the reference's second CE term.
@@ -186,7 +188,7 @@ def teachers(tmp_path_factory):
   root = tmp_path_factory.mktemp('teachers')
   cfg = digits_config('cnn_small', epochs=2)
   cfg.student.kwargs = SMALL
-  train.train_and_evaluate(cfg, str(root / 't0'))
+  train.run(cfg, str(root / 't0'))
   return str(root / 't0'), random_teacher(str(root / 't1'), 'cnn_small', seed=1, **SMALL)
 
 
@@ -205,12 +207,12 @@ def test_ensemble_and_per_term_teachers_feed_the_right_terms(teachers):
   cfg.distill.teacher_for = {'fitnet': 1}
   ds = data_lib.load(cfg.data)
   mesh = sharding.make_mesh(1)
-  group, variables = train.prepare_teachers(cfg, ds, mesh)
-  exp = train.Experiment(cfg, ds, mesh, group, variables)
+  group, variables = teacher_lib.prepare_all(cfg, ds, mesh, train.train_and_evaluate)
+  exp = trainer_lib.build(cfg, ds, mesh, group, variables)
   ts = step_lib.student(exp.init_state(), 0)
   x = device_data.normalize(ds.train.images[:16], ds.mean, ds.std, jnp.float32)
   y = jnp.asarray(ds.train.labels[:16])
-  ctx, _ = exp._forward(ts.params, ts.state, variables, x, y, y, jax.random.key(0), False, 0.0)
+  ctx, _ = step_lib.forward(exp.parts, ts.params, ts.state, variables, x, y, y, jax.random.key(0), False, 0.0)
   separate = [m.apply(v, x) for m, v in zip(group.modules, variables)]  # each teacher on its own
   np.testing.assert_allclose(ctx.teacher.logits, np.mean([np.asarray(o.logits) for o in separate], 0), rtol=1e-6)
   _, terms = exp.distiller.losses(ctx)
@@ -235,7 +237,7 @@ def test_cached_outputs_of_several_teachers_give_the_uncached_step(teachers):
     cfg.optimizer.name = 'dot'
     ds = data_lib.load(cfg.data)
     mesh = sharding.make_mesh(1)
-    exp = train.Experiment(cfg, ds, mesh, *train.prepare_teachers(cfg, ds, mesh))
+    exp = trainer_lib.build(cfg, ds, mesh, *teacher_lib.prepare_all(cfg, ds, mesh, train.train_and_evaluate))
     assert (exp.teacher_table is not None) == (mode == 'on')
     ts = exp.init_state()
     for i in range(2):
@@ -260,7 +262,7 @@ def test_several_teacher_config_errors(teachers, tmp_path):
   cfg.distill.ensemble = True
   ds = data_lib.load(cfg.data)
   with pytest.raises(CheckpointMismatchError, match='has 5 classes'):
-    train.prepare_teachers(cfg, ds, sharding.make_mesh(1))
+    teacher_lib.prepare_all(cfg, ds, sharding.make_mesh(1), train.train_and_evaluate)
 
 
 # ------------------------------------------------------------------------------------------ composed digits run
@@ -272,7 +274,7 @@ def test_three_families_with_dot_mlkd_and_two_teachers_train_on_digits(teachers,
   cfg.distill.ensemble = True
   cfg.distill.teacher_for = {'at': 1}
   cfg.optimizer.update(name='dot', lr=0.01)  # ten loss parts at lr 0.05 diverge on these tiny networks
-  summary = train.train_and_evaluate(cfg, str(tmp_path))
+  summary = train.run(cfg, str(tmp_path))
   records = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
   records = [r for r in records if 'epoch' in r]
   assert len(records) == 2
@@ -281,7 +283,7 @@ def test_three_families_with_dot_mlkd_and_two_teachers_train_on_digits(teachers,
   assert records[1]['train_loss'] < records[0]['train_loss']
   for name in ('ce', 'kd', 'mlkd'):
     assert records[1][f'loss_{name}'] < records[0][f'loss_{name}'], name
-  exp = summary['experiment']
+  exp = summary.trainer
   from tests.util import load_digits_model
   for path, after in zip(teachers, exp.teacher_vars):
     before = load_digits_model(path, 'cnn_small', **SMALL)

@@ -128,8 +128,8 @@ def reference(tmp_path_factory):
     for part in filter(None, section.split('.')):
       target = target[part]
     target[field] = value
-  summary = train.train_and_evaluate(cfg, str(root / 'run'))
-  assert summary['experiment'].mesh.devices.shape == (1, 1)
+  summary = train.run(cfg, str(root / 'run'))
+  assert summary.trainer.mesh.devices.shape == (1, 1)
   teacher_dir = [os.path.join(root / 'cache', d) for d in os.listdir(root / 'cache')]
   assert len(teacher_dir) == 1
   return {'students': _students(str(root / 'run')), 'teacher': load_digits_model(teacher_dir[0], 'cnn_small'),

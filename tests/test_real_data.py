@@ -22,7 +22,7 @@ def test_mlp_learns_real_fashion_mnist(tmp_path):
   cfg.student.kwargs = {'hidden': (64,)}
   cfg.data.update(name='fashion_mnist', train_examples=6000, test_examples=2000)
   cfg.figures = False
-  summary = train.train_and_evaluate(cfg, str(tmp_path))
-  ds = summary['experiment'].ds
+  summary = train.run(cfg, str(tmp_path))
+  ds = summary.trainer.ds
   assert len(ds.train) == 6000 and len(ds.test) == 2000 and ds.image_shape == (28, 28, 1)
   assert summary['test_accuracy'] >= 0.75

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from kdjax import checkpoint as ckpt_lib
+from kdjax import trainer as trainer_lib
 from kdjax import config_lib
 from kdjax import errors
 from kdjax import train
@@ -45,18 +46,18 @@ def stream_config(root, **overrides) -> ml_collections.ConfigDict:
 
 
 def _params(summary):
-  return jax.tree.map(np.asarray, summary['state'].params)
+  return jax.tree.map(np.asarray, summary.state.params)
 
 
 def _interrupt_at_dispatch(monkeypatch, n, action):
   calls = {'n': 0}
-  original = train.Experiment.train_chunk
+  original = trainer_lib.Trainer.train_chunk
 
-  def chunk(self, ts, epoch, start, loader=None):
+  def chunk(self, ts, epoch, start):
     calls['n'] += 1
     if calls['n'] == n:
       action()
-    return original(self, ts, epoch, start, loader)
+    return original(self, ts, epoch, start)
 
   monkeypatch.setattr(train.Experiment, 'train_chunk', chunk)
 
@@ -66,7 +67,7 @@ def reference_run(jpegs, tmp_path_factory):
   """An uninterrupted streamed run: 2 epochs of 3 steps, random-resized crops, 2 steps per dispatch (the epoch's
   last step dispatched alone)."""
   cfg = stream_config(jpegs, steps_per_dispatch=2)
-  return train.train_and_evaluate(cfg, str(tmp_path_factory.mktemp('ref')))
+  return train.run(cfg, str(tmp_path_factory.mktemp('ref')))
 
 
 def test_resume_mid_epoch_is_bit_exact(jpegs, reference_run, tmp_path, monkeypatch):
@@ -74,7 +75,7 @@ def test_resume_mid_epoch_is_bit_exact(jpegs, reference_run, tmp_path, monkeypat
   # Dispatch 3 is step 3 (the first of epoch 2): SIGTERM there stops after it, at step 5, mid-epoch.
   _interrupt_at_dispatch(monkeypatch, 3, lambda: os.kill(os.getpid(), signal.SIGTERM))
   with pytest.raises(errors.Preempted):
-    train.train_and_evaluate(stream_config(jpegs, steps_per_dispatch=2), work)
+    train.run(stream_config(jpegs, steps_per_dispatch=2), work)
   assert ckpt_lib.read_meta(work)['step'] == 5
   ckpt = ckpt_lib.open_for_reading(work)
   try:
@@ -82,7 +83,7 @@ def test_resume_mid_epoch_is_bit_exact(jpegs, reference_run, tmp_path, monkeypat
   finally:
     ckpt.close()
   monkeypatch.undo()
-  resumed = train.train_and_evaluate(stream_config(jpegs, steps_per_dispatch=2), work)
+  resumed = train.run(stream_config(jpegs, steps_per_dispatch=2), work)
   jax.tree.map(np.testing.assert_array_equal, _params(reference_run), _params(resumed))
   assert resumed['test_count'] == reference_run['test_count'] == CLASSES * VAL_PER_CLASS
 
@@ -94,17 +95,17 @@ def test_resume_mid_epoch_is_bit_exact(jpegs, reference_run, tmp_path, monkeypat
 
   _interrupt_at_dispatch(monkeypatch, 4, crash)
   with pytest.raises(KeyboardInterrupt):
-    train.train_and_evaluate(stream_config(jpegs, steps_per_dispatch=2), work)
+    train.run(stream_config(jpegs, steps_per_dispatch=2), work)
   assert ckpt_lib.read_meta(work)['step'] == 3
   monkeypatch.undo()
-  resumed = train.train_and_evaluate(stream_config(jpegs, steps_per_dispatch=2), work)
+  resumed = train.run(stream_config(jpegs, steps_per_dispatch=2), work)
   jax.tree.map(np.testing.assert_array_equal, _params(reference_run), _params(resumed))
 
 
 def test_rolled_scan_dispatch_matches(jpegs, reference_run, tmp_path):
   # The accelerators' dispatch: K = 2 steps in a rolled lax.scan; the epoch's third step is the first of a
   # dispatch whose second step is masked (its batch zeros), so the stream must not advance past it.
-  summary = train.train_and_evaluate(stream_config(jpegs, steps_per_dispatch=2, steps_loop='scan'), str(tmp_path))
+  summary = train.run(stream_config(jpegs, steps_per_dispatch=2, steps_loop='scan'), str(tmp_path))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), _params(reference_run),
                _params(summary))
 
@@ -190,26 +191,27 @@ def test_stream_and_device_paths_train_alike_on_the_same_batches(jpegs):
   np.testing.assert_array_equal(b['images'], ds_dev.train.images[b['indices']])
   np.testing.assert_array_equal(b['labels'], ds_dev.train.labels[b['indices']])
 
-  exp_dev, exp_str = step_lib.Experiment(dev_cfg, ds_dev), step_lib.Experiment(str_cfg, ds_str)
+  exp_dev, exp_str = trainer_lib.build(dev_cfg, ds_dev), trainer_lib.build(str_cfg, ds_str)
   ts_dev, ts_str = exp_dev.init_state(), exp_str.init_state()
-  perm = np.asarray(device_data.epoch_permutation(exp_dev.data_rng, 0, len(ds_dev.train)))
+  perm = np.asarray(device_data.epoch_permutation(exp_dev.source.data_rng, 0, len(ds_dev.train)))
 
   class Given:  # the device path's batches, handed to the streaming step
     def take(self, steps, pad_to=None):
       idx = perm[self.start * 8:(self.start + steps) * 8].reshape(steps, 8)
       arrays = {'images': ds_dev.train.images[idx], 'labels': ds_dev.train.labels[idx], 'indices': idx}
-      return {k: jax.device_put(np.asarray(v), exp_str.chunk_sharded) for k, v in arrays.items()}
+      return {k: jax.device_put(np.asarray(v), exp_str.source.sharding) for k, v in arrays.items()}
 
   given = Given()
+  exp_str.source.loader = given  # the streaming step reads its batches from the source's loader
   for s in range(exp_dev.steps_per_epoch):
     given.start = s
     ts_dev, m_dev = exp_dev.train_chunk(ts_dev, 0, s)
-    ts_str, m_str = exp_str.train_chunk(ts_str, 0, s, given)
+    ts_str, m_str = exp_str.train_chunk(ts_str, 0, s)
     np.testing.assert_array_equal(m_dev['loss'], m_str['loss'])
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(ts_dev.params), jax.device_get(ts_str.params))
   # A batch in another order is another step: the check can fail.
   given.start, perm = 0, perm[::-1]
-  ts_other, _ = exp_str.train_chunk(exp_str.init_state(), 0, 0, given)
+  ts_other, _ = exp_str.train_chunk(exp_str.init_state(), 0, 0)
   ts_first, _ = exp_dev.train_chunk(exp_dev.init_state(), 0, 0)
   assert not np.array_equal(jax.device_get(ts_other.params['student']['head']['kernel']),
                             jax.device_get(ts_first.params['student']['head']['kernel']))
@@ -236,7 +238,7 @@ def test_corrupt_jpeg_is_skipped_with_a_count(corrupt_jpegs, tmp_path, caplog):
   assert all(len(b['indices']) == 8 for b in batches) and bad not in indices and len(set(indices)) == 24
   assert len(loader.skipped) == 1 and 'zz_bad.jpg' in loader.skipped[0] and loader.position == 25
   with caplog.at_level(logging.WARNING):
-    summary = train.train_and_evaluate(stream_config(corrupt_jpegs, epochs=1, data__on_corrupt='skip'),
+    summary = train.run(stream_config(corrupt_jpegs, epochs=1, data__on_corrupt='skip'),
                                        str(tmp_path / 'skip'))
   assert 'epoch 1: 1 corrupt image(s) skipped (data.on_corrupt=skip)' in caplog.text
   assert summary['test_count'] == CLASSES * VAL_PER_CLASS
@@ -308,7 +310,7 @@ def test_imagenet_mock_config_runs(jpegs, tmp_path):
   # The suite's shapes (8x8 crops of 12x12 images), so that the programs are the ones compiled above.
   cfg.data.update(dir=jpegs, image_size=8, resize=10)
   cfg.teacher.cache_dir = str(tmp_path / 'teachers')
-  summary = train.train_and_evaluate(cfg, str(tmp_path / 'run'))
+  summary = train.run(cfg, str(tmp_path / 'run'))
   assert summary['test_count'] == CLASSES * VAL_PER_CLASS
   assert 0.0 <= summary['test_accuracy'] <= 1.0 and 'test_agreement' in summary
   for name in ('kd', 'dkd', 'dist'):
@@ -334,8 +336,8 @@ def test_imagenet_configs_trace(arg):
                             'random_resized_crop')
   teacher = models.create(cfg.teacher.model, 1000, dtype=jnp.bfloat16)
   teacher_vars = jax.eval_shape(lambda: teacher.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3))))
-  exp = step_lib.Experiment(cfg, ds, None, teacher, teacher_vars)
-  assert exp.streaming and exp.teacher_table is None
+  exp = trainer_lib.build(cfg, ds, None, teacher, teacher_vars)
+  assert exp.source.streaming and exp.teacher_table is None
   ts, metrics = exp.trace_train_step()
   assert ts.params['student'] and set(metrics) >= {'loss', f'loss_{arg.split(",")[0]}'}
 
@@ -347,5 +349,5 @@ def test_tfds_imagenet_streams(tmp_path):
   with tfds.testing.mock_data(num_examples=16, policy=tfds.testing.MockPolicy.USE_CODE):
     ds = stream.load(cfg.data)
     assert ds.num_classes == 1000 and len(ds.train) == 16 and ds.image_shape == (8, 8, 3)
-    summary = train.train_and_evaluate(cfg, str(tmp_path))
+    summary = train.run(cfg, str(tmp_path))
   assert summary['test_count'] == 16

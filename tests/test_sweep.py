@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from kdjax import checkpoint as ckpt_lib
+from kdjax import trainer as trainer_lib
 from kdjax import config_lib
 from kdjax import errors
 from kdjax import step as step_lib
@@ -52,7 +53,7 @@ def _single(cfg, student: sweep_lib.Student, workdir):
   alone = student.cfg
   with alone.unlocked():
     alone.sweep, alone.seeds = '', 1
-  return train.train_and_evaluate(alone, workdir)
+  return train.run(alone, workdir)
 
 
 def test_every_student_trains_exactly_as_alone(teacher_dir, tmp_path):
@@ -60,15 +61,15 @@ def test_every_student_trains_exactly_as_alone(teacher_dir, tmp_path):
   cfg.sweep = 'distill.temperature=2,4; optimizer.lr=0.05,0.1'
   cfg.sweep_mode = 'zip'
   cfg.seeds = 2
-  summary = train.train_and_evaluate(cfg, str(tmp_path / 'sweep'))
-  sweep = summary['experiment'].sweep
+  summary = train.run(cfg, str(tmp_path / 'sweep'))
+  sweep = summary.trainer.sweep
   assert [s.name for s in sweep.students] == [
       'distill.temperature=2 optimizer.lr=0.05 seed=0', 'distill.temperature=2 optimizer.lr=0.05 seed=1',
       'distill.temperature=4 optimizer.lr=0.1 seed=0', 'distill.temperature=4 optimizer.lr=0.1 seed=1']
-  stacked = _host(summary['state'])
+  stacked = _host(summary.state)
   for i in (0, 3):  # the first, and the one differing in every swept value and the seed
     alone = _single(cfg, sweep.students[i], str(tmp_path / f'alone{i}'))
-    one = step_lib.student(_host(alone['state']), 0)
+    one = step_lib.student(_host(alone.state), 0)
     ours = step_lib.student(stacked, i)
     _assert_close(ours.params, one.params)                   # student + CRD heads
     _assert_close(ours.state, one.state)                     # BatchNorm-free MLP: CRD memory banks
@@ -84,9 +85,9 @@ def test_sweep_on_four_devices_matches_one(teacher_dir, tmp_path):
     cfg = _kd_config(teacher_dir, {'ce': 0.5, 'kd': 0.5}, num_devices=num_devices)
     cfg.sweep = 'distill.temperature=2,4; optimizer.lr=0.05,0.1'
     cfg.mesh_students = mesh_students
-    s = train.train_and_evaluate(cfg, str(tmp_path / name))
-    assert s['experiment'].mesh.devices.shape == (mesh_students or 1, num_devices // (mesh_students or 1))
-    return _host(s['state'].params)
+    s = train.run(cfg, str(tmp_path / name))
+    assert s.trainer.mesh.devices.shape == (mesh_students or 1, num_devices // (mesh_students or 1))
+    return _host(s.state.params)
 
   one = run(1, 0, 'one')
   _assert_close(run(4, 4, 'students4'), one)  # every device trains its own student
@@ -97,12 +98,12 @@ def test_teacher_cache_gives_the_same_students(teacher_dir, tmp_path):
   def run(mode):
     cfg = _kd_config(teacher_dir, {'ce': 0.5, 'kd': 0.5})
     cfg.distill.cache_teacher = mode
-    s = train.train_and_evaluate(cfg, str(tmp_path / mode))
-    table = s['experiment'].teacher_table
+    s = train.run(cfg, str(tmp_path / mode))
+    table = s.trainer.teacher_table
     assert (table is not None) == (mode == 'on')
     if table is not None:  # KD reads the logits alone: the feature maps are not kept
       assert [a.shape for a in table if a is not None] == [(1437, 10)]
-    return _host(s['state'].params)
+    return _host(s.state.params)
 
   _assert_close(run('on'), run('off'))
 
@@ -113,9 +114,9 @@ def test_sweep_resumes_exactly(teacher_dir, tmp_path, monkeypatch):
     c.sweep = 'distill.temperature=2,4'
     return c
 
-  reference = _host(train.train_and_evaluate(cfg(), str(tmp_path / 'ref'))['state'].params)
+  reference = _host(train.run(cfg(), str(tmp_path / 'ref')).state.params)
   work = str(tmp_path / 'work')
-  original = step_lib.Experiment.train_chunk
+  original = trainer_lib.Trainer.train_chunk
   calls = {'n': 0}
 
   def interrupted(self, ts, epoch, start):
@@ -126,11 +127,11 @@ def test_sweep_resumes_exactly(teacher_dir, tmp_path, monkeypatch):
 
   monkeypatch.setattr(step_lib.Experiment, 'train_chunk', interrupted)
   with pytest.raises(errors.Preempted):
-    train.train_and_evaluate(cfg(), work)
+    train.run(cfg(), work)
   monkeypatch.setattr(step_lib.Experiment, 'train_chunk', original)
   assert ckpt_lib.read_meta(work)['students'] == 2 and not ckpt_lib.read_meta(work)['complete']
-  resumed = train.train_and_evaluate(cfg(), work)
-  jax.tree.map(np.testing.assert_array_equal, _host(resumed['state'].params), reference)
+  resumed = train.run(cfg(), work)
+  jax.tree.map(np.testing.assert_array_equal, _host(resumed.state.params), reference)
   rows = list(csv.DictReader(open(os.path.join(work, 'results.csv'))))
   assert [r['distill.temperature'] for r in rows] == ['2', '4'] and all(r['epochs'] == '2' for r in rows)
 
@@ -142,8 +143,8 @@ def test_results_files(teacher_dir, tmp_path):
   cfg.seeds = 2
   cfg.figures = True
   work = tmp_path / 'res'
-  summary = train.train_and_evaluate(cfg, str(work))
-  sweep = summary['experiment'].sweep
+  summary = train.run(cfg, str(work))
+  sweep = summary.trainer.sweep
   # alpha is tied to both weights: the step reads them as arrays.
   np.testing.assert_allclose(sweep.traced['distill.losses.kd'], [0.1, 0.1, 0.9, 0.9])
   np.testing.assert_allclose(sweep.traced['distill.losses.ce'], [0.9, 0.9, 0.1, 0.1])
@@ -211,7 +212,7 @@ def test_a_sweep_too_large_for_memory_is_refused_before_training(teacher_dir, tm
   monkeypatch.setattr(step_lib, 'available_memory', lambda n: 1 << 16)  # a 64 KiB device
   with pytest.raises(errors.ConfigError, match=r'^the sweep of 2 students needs about [0-9.]+ GiB per device '
                                                r'\(train state .* but 0.00 GiB are available'):
-    train.train_and_evaluate(cfg, str(tmp_path))
+    train.run(cfg, str(tmp_path))
   assert not os.path.exists(tmp_path / 'checkpoints' / '0') and not os.path.exists(tmp_path / 'metrics.jsonl')
 
 
@@ -235,9 +236,9 @@ def test_vmapped_and_unrolled_students_agree(teacher_dir, tmp_path):
   def run(loop):
     cfg = _kd_config(teacher_dir)
     cfg.sweep, cfg.students_loop = 'distill.temperature=2,4; optimizer.momentum=0.5,0.9', loop
-    s = train.train_and_evaluate(cfg, str(tmp_path / loop))
-    assert s['experiment'].students_loop == loop
-    return _host(s['state'])
+    s = train.run(cfg, str(tmp_path / loop))
+    assert s.trainer.parts.students_loop == loop
+    return _host(s.state)
 
   vmapped, unrolled = run('vmap'), run('unroll')
   _assert_close(vmapped.params, unrolled.params)

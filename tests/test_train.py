@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 
 from kdjax import checkpoint as ckpt_lib
+from kdjax import trainer as trainer_lib
 from kdjax import errors
 from kdjax import train
 from tests.util import digits_config, load_digits_model
 
 
 def _params(summary):
-  return jax.tree.map(np.asarray, jax.device_get(summary['state'].params))
+  return jax.tree.map(np.asarray, jax.device_get(summary.state.params))
 
 
 @pytest.fixture
@@ -27,7 +28,7 @@ def test_teacher_learns_digits(teacher_run):
   workdir, summary = teacher_run
   assert summary['test_accuracy'] >= 0.95
   # Every test example counted exactly once although 360 is not a multiple of the eval batch (100).
-  assert summary['experiment'].evaluate(summary['state'])[0]['test_count'] == 360
+  assert summary.trainer.evaluate(summary.state)[0]['test_count'] == 360
   lines = [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))]
   epochs = [l for l in lines if 'epoch' in l]
   assert [l['epoch'] for l in epochs] == list(range(1, 16))
@@ -43,8 +44,8 @@ def test_kd_keeps_teacher_frozen_and_learns(teacher_run, tmp_path):
   cfg.teacher.model = 'cnn_small'
   cfg.teacher.checkpoint = teacher_dir
   before = load_digits_model(teacher_dir, 'cnn_small')
-  summary = train.train_and_evaluate(cfg, str(tmp_path))
-  exp = summary['experiment']
+  summary = train.run(cfg, str(tmp_path))
+  exp = summary.trainer
   after_in_memory = jax.tree.map(np.asarray, exp.teacher_vars)
   after_on_disk = load_digits_model(teacher_dir, 'cnn_small')
   for after in (after_in_memory, after_on_disk):
@@ -61,13 +62,13 @@ def test_teacher_errors(teacher_run, tmp_path):
   cfg.teacher.model = 'cnn_small'
   cfg.teacher.checkpoint = str(tmp_path / 'nowhere')
   with pytest.raises(errors.CheckpointNotFoundError, match='nowhere.*does not exist'):
-    train.train_and_evaluate(cfg, str(tmp_path / 'a'))
+    train.run(cfg, str(tmp_path / 'a'))
 
   cfg.teacher.checkpoint = teacher_dir
   cfg.teacher.model = 'mlp'
   with pytest.raises(errors.CheckpointMismatchError, match="holds a 'cnn_small' network, but config.teacher.model "
                      "is 'mlp'"):
-    train.train_and_evaluate(cfg, str(tmp_path / 'b'))
+    train.run(cfg, str(tmp_path / 'b'))
 
   # A cnn_small teacher with 5 classes for a 10-class dataset.
   from kdjax import models
@@ -78,16 +79,16 @@ def test_teacher_errors(teacher_run, tmp_path):
   cfg.teacher.model = 'cnn_small'
   cfg.teacher.checkpoint = str(tmp_path / 'five')
   with pytest.raises(errors.CheckpointMismatchError, match='has 5 classes, but the dataset and config need 10'):
-    train.train_and_evaluate(cfg, str(tmp_path / 'c'))
+    train.run(cfg, str(tmp_path / 'c'))
 
 
 def test_kd_without_teacher_is_rejected(tmp_path):
   cfg = digits_config('mlp', {'ce': 0.1, 'kd': 0.9}, epochs=1)
   with pytest.raises(errors.ConfigError, match=r"^config.distill.losses: kd need\(s\) a teacher, but config.teacher.model is empty$"):
-    train.train_and_evaluate(cfg, str(tmp_path))
+    train.run(cfg, str(tmp_path))
   cfg = digits_config('mlp', {'ce': 0.1, 'kdd': 0.9}, epochs=1)
   with pytest.raises(errors.ConfigError, match=r"^config.distill.losses: unknown loss term 'kdd'; known: "):
-    train.train_and_evaluate(cfg, str(tmp_path / 'b'))
+    train.run(cfg, str(tmp_path / 'b'))
 
 
 RESUME_CFG = dict(model='mlp', epochs=4, steps_per_dispatch=5)  # 22 steps/epoch: dispatches of 5, the last short
@@ -95,7 +96,7 @@ RESUME_CFG = dict(model='mlp', epochs=4, steps_per_dispatch=5)  # 22 steps/epoch
 
 def _interrupt_at_dispatch(monkeypatch, n, action):
   calls = {'n': 0}
-  original = train.Experiment.train_chunk
+  original = trainer_lib.Trainer.train_chunk
 
   def chunk(self, ts, epoch, start):
     calls['n'] += 1
@@ -107,17 +108,17 @@ def _interrupt_at_dispatch(monkeypatch, n, action):
 
 
 def test_resume_after_sigterm_and_after_crash_matches_uninterrupted(tmp_path, monkeypatch):
-  reference = _params(train.train_and_evaluate(digits_config(**RESUME_CFG), str(tmp_path / 'ref')))
+  reference = _params(train.run(digits_config(**RESUME_CFG), str(tmp_path / 'ref')))
 
   # SIGTERM in the middle of epoch 2: the handler lets the dispatch finish, saves that step and stops cleanly.
   work = str(tmp_path / 'term')
   _interrupt_at_dispatch(monkeypatch, 7, lambda: os.kill(os.getpid(), signal.SIGTERM))
   with pytest.raises(errors.Preempted, match='rerun the same command to resume'):
-    train.train_and_evaluate(digits_config(**RESUME_CFG), work)
+    train.run(digits_config(**RESUME_CFG), work)
   # Epoch 1 is 5 dispatches (22 steps); dispatch 7 ends at step 10 of epoch 2.
   assert ckpt_lib.read_meta(work)['step'] == 32
   monkeypatch.undo()
-  resumed = _params(train.train_and_evaluate(digits_config(**RESUME_CFG), work))
+  resumed = _params(train.run(digits_config(**RESUME_CFG), work))
   jax.tree.map(np.testing.assert_array_equal, reference, resumed)
 
   # A crash (no handler runs) during epoch 3: the run restarts from the checkpoint at the end of epoch 2.
@@ -128,10 +129,10 @@ def test_resume_after_sigterm_and_after_crash_matches_uninterrupted(tmp_path, mo
 
   _interrupt_at_dispatch(monkeypatch, 12, crash)
   with pytest.raises(KeyboardInterrupt):
-    train.train_and_evaluate(digits_config(**RESUME_CFG), work)
+    train.run(digits_config(**RESUME_CFG), work)
   assert ckpt_lib.read_meta(work)['step'] == 44
   monkeypatch.undo()
-  resumed = _params(train.train_and_evaluate(digits_config(**RESUME_CFG), work))
+  resumed = _params(train.run(digits_config(**RESUME_CFG), work))
   jax.tree.map(np.testing.assert_array_equal, reference, resumed)
 
 
@@ -140,12 +141,12 @@ def test_four_devices_match_one(tmp_path):
   results = {}
   for n in (1, 4):
     cfg = digits_config('cnn_small', epochs=1, num_devices=n)
-    results[n] = train.train_and_evaluate(cfg, str(tmp_path / str(n)))
+    results[n] = train.run(cfg, str(tmp_path / str(n)))
   one, four = (_params(results[n]) for n in (1, 4))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), one, four)
   assert results[1]['test_accuracy'] == pytest.approx(results[4]['test_accuracy'], abs=1 / 360 + 1e-9)
-  stats1 = jax.device_get(results[1]['state'].state)
-  stats4 = jax.device_get(results[4]['state'].state)
+  stats1 = jax.device_get(results[1].state.state)
+  stats4 = jax.device_get(results[4].state.state)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), stats1, stats4)
 
 
@@ -160,7 +161,7 @@ def test_four_devices_match_one_step_by_step_at_8_images_per_device():
   states = {}
   for n in (1, 4):
     cfg = digits_config('cnn_small', epochs=1, num_devices=n, batch_size=32)
-    exp = step_lib.Experiment(cfg, data_lib.load(cfg.data))
+    exp = trainer_lib.build(cfg, data_lib.load(cfg.data))
     ts = exp.init_state()
     init = jax.device_get(ts.params)
     for s in range(2):
@@ -170,7 +171,7 @@ def test_four_devices_match_one_step_by_step_at_8_images_per_device():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), states[1, s], states[4, s])
   # Step 1's BatchNorm_0 running mean (Flax: 0.9 * 0 + 0.1 * batch mean) against the batch mean of the first conv.
   ds = exp.ds
-  idx = np.asarray(device_data.epoch_permutation(exp.data_rng, 0, len(ds.train)))[:32]
+  idx = np.asarray(device_data.epoch_permutation(exp.source.data_rng, 0, len(ds.train)))[:32]
   x = (ds.train.images[idx].astype(np.float64) / 255.0 - np.asarray(ds.mean)) / np.asarray(ds.std)  # [32, 8, 8, 1]
   kernel = np.asarray(init['student']['backbone']['Conv_0']['kernel'][0], np.float64)  # [3, 3, 1, C]
   xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
@@ -191,14 +192,14 @@ def _epoch_records(workdir):
 
 def test_records_are_written_once_per_epoch_whatever_the_interruptions(tmp_path, monkeypatch):
   ref_dir = str(tmp_path / 'ref')
-  train.train_and_evaluate(digits_config(**RESUME_CFG), ref_dir)
+  train.run(digits_config(**RESUME_CFG), ref_dir)
   reference = _epoch_records(ref_dir)
 
   # SIGTERM mid-epoch 2, then a crash after epoch 3's record was written but before its checkpoint was saved.
   work = str(tmp_path / 'work')
   _interrupt_at_dispatch(monkeypatch, 7, lambda: os.kill(os.getpid(), signal.SIGTERM))
   with pytest.raises(errors.Preempted):
-    train.train_and_evaluate(digits_config(**RESUME_CFG), work)
+    train.run(digits_config(**RESUME_CFG), work)
   monkeypatch.undo()
   original_save = ckpt_lib.Checkpointer.save
 
@@ -209,10 +210,10 @@ def test_records_are_written_once_per_epoch_whatever_the_interruptions(tmp_path,
 
   monkeypatch.setattr(ckpt_lib.Checkpointer, 'save', save)
   with pytest.raises(KeyboardInterrupt):
-    train.train_and_evaluate(digits_config(**RESUME_CFG), work)
+    train.run(digits_config(**RESUME_CFG), work)
   monkeypatch.undo()
   assert [r['epoch'] for r in _epoch_records_partial(work)] == [1, 2, 3]  # epoch 3 recorded, not checkpointed
-  train.train_and_evaluate(digits_config(**RESUME_CFG), work)
+  train.run(digits_config(**RESUME_CFG), work)
   records = _epoch_records(work)
   assert [r['epoch'] for r in records] == [1, 2, 3, 4]
   for ours, ref in zip(records, reference):
@@ -230,14 +231,14 @@ def test_nonfinite_loss_stops_a_run_and_saves_nothing_after(tmp_path):
   with pytest.raises(errors.NonFiniteError, match=r'^training diverged: non-finite loss term\(s\) ce at step \d+ '
                                                   r'\(epoch 1\); nothing was saved after the last good checkpoint '
                                                   r'\(step None\)'):
-    train.train_and_evaluate(cfg, str(tmp_path))
+    train.run(cfg, str(tmp_path))
   assert ckpt_lib.Checkpointer(str(tmp_path)).latest_step() is None
 
 
 def test_a_diverging_student_of_a_sweep_is_frozen_and_the_others_train(tmp_path):
   cfg = digits_config('mlp', epochs=2)
   cfg.sweep = 'optimizer.lr=0.05,1e6'
-  summary = train.train_and_evaluate(cfg, str(tmp_path))
+  summary = train.run(cfg, str(tmp_path))
   params = _params(summary)
   assert all(np.isfinite(a).all() for a in jax.tree.leaves(params))
   good, bad = summary['students']
@@ -247,26 +248,26 @@ def test_a_diverging_student_of_a_sweep_is_frozen_and_the_others_train(tmp_path)
 def test_a_second_process_on_the_same_workdir_is_refused(tmp_path):
   with train.workdir_lock(str(tmp_path)):
     with pytest.raises(errors.WorkdirInUse, match=rf'^workdir {tmp_path} is in use by process {os.getpid()} '):
-      train.train_and_evaluate(digits_config('mlp', epochs=1), str(tmp_path))
+      train.run(digits_config('mlp', epochs=1), str(tmp_path))
   assert not os.path.exists(tmp_path / 'config.json')
   with pytest.raises(errors.ConfigError, match='^--workdir is empty'):
-    train.train_and_evaluate(digits_config('mlp', epochs=1), '')
+    train.run(digits_config('mlp', epochs=1), '')
 
 
 def test_resuming_with_another_config_is_refused_by_field(tmp_path):
   work = str(tmp_path / 'run')
-  train.train_and_evaluate(digits_config('mlp', epochs=1), work)
+  train.run(digits_config('mlp', epochs=1), work)
   before = {p: open(os.path.join(work, p), 'rb').read() for p in ('config.json', 'metrics.jsonl')}
   changed = digits_config('mlp', epochs=1, batch_size=32, optimizer__lr=0.1)
   with pytest.raises(errors.ConfigError, match=r"^\S+ holds a run with another config \(batch_size: 64 -> 32; "
                                                r"optimizer.lr: 0.05 -> 0.1\); resume it with its own config"):
-    train.train_and_evaluate(changed, work)
+    train.run(changed, work)
   assert before == {p: open(os.path.join(work, p), 'rb').read() for p in before}  # nothing rewritten
   # More epochs may change: the run goes on from its checkpoint.
-  longer = train.train_and_evaluate(digits_config('mlp', epochs=2), work)
+  longer = train.run(digits_config('mlp', epochs=2), work)
   assert [r['epoch'] for r in _epoch_records(work)] == [1, 2] and longer['test_accuracy'] > 0.8
   # --restart sets the old run aside and starts anew.
-  train.train_and_evaluate(changed, work, restart=True)
+  train.run(changed, work, restart=True)
   aside = [n for n in os.listdir(work) if n.startswith('previous-')]
   assert len(aside) == 1
   old = json.load(open(os.path.join(work, aside[0], 'config.json')))
@@ -276,15 +277,15 @@ def test_resuming_with_another_config_is_refused_by_field(tmp_path):
 
 def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(tmp_path, caplog):
   work = str(tmp_path / 'run')
-  reference = _params(train.train_and_evaluate(digits_config('mlp', epochs=3), str(tmp_path / 'ref')))
-  train.train_and_evaluate(digits_config('mlp', epochs=3), work)
+  reference = _params(train.run(digits_config('mlp', epochs=3), str(tmp_path / 'ref')))
+  train.run(digits_config('mlp', epochs=3), work)
   latest = os.path.join(work, 'checkpoints', '66', 'state')
   files = [os.path.join(d, f) for d, _, fs in os.walk(latest) for f in fs]
   biggest = max(files, key=os.path.getsize)
   with open(biggest, 'r+b') as f:  # a save cut short: the array data truncated
     f.truncate(os.path.getsize(biggest) // 3)
   caplog.set_level('WARNING')
-  resumed = _params(train.train_and_evaluate(digits_config('mlp', epochs=3), work))
+  resumed = _params(train.run(digits_config('mlp', epochs=3), work))
   assert any('checkpoint step 66' in r.getMessage() and 'is damaged' in r.getMessage() for r in caplog.records)
   jax.tree.map(np.testing.assert_array_equal, reference, resumed)  # epoch 3 redone from step 44: the same run
   assert [n for n in os.listdir(os.path.join(work, 'checkpoints')) if n.startswith('damaged-66-')]
@@ -294,7 +295,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(tmp_pat
 def test_a_damaged_cached_teacher_is_set_aside_and_trained_again(tmp_path, caplog):
   cfg = digits_config('mlp', {'ce': 0.1, 'kd': 0.9}, epochs=1)
   cfg.teacher.update(model='mlp', kwargs={'hidden': (16,)}, cache_dir=str(tmp_path / 'cache'), recipe={'epochs': 1})
-  train.train_and_evaluate(cfg, str(tmp_path / 'a'))
+  train.run(cfg, str(tmp_path / 'a'))
   (cached,) = os.listdir(tmp_path / 'cache')
   state = tmp_path / 'cache' / cached / 'checkpoints' / '22' / 'state'
   for d, _, fs in os.walk(state):
@@ -302,7 +303,7 @@ def test_a_damaged_cached_teacher_is_set_aside_and_trained_again(tmp_path, caplo
       if os.path.getsize(os.path.join(d, f)) > 1000:
         open(os.path.join(d, f), 'r+b').truncate(100)
   caplog.set_level('WARNING')
-  summary = train.train_and_evaluate(cfg, str(tmp_path / 'b'))
+  summary = train.run(cfg, str(tmp_path / 'b'))
   assert any('is damaged' in r.getMessage() and 'trained again' in r.getMessage() for r in caplog.records)
   assert sorted(n.split('.damaged-')[0] for n in os.listdir(tmp_path / 'cache')) == [cached, cached]
   assert ckpt_lib.read_meta(str(tmp_path / 'cache' / cached))['complete']  # the new teacher, finished
@@ -313,24 +314,24 @@ def test_an_unfinished_explicit_teacher_is_refused(tmp_path, monkeypatch):
   teacher = str(tmp_path / 'teacher')
   _interrupt_at_dispatch(monkeypatch, 30, lambda: os.kill(os.getpid(), signal.SIGTERM))
   with pytest.raises(errors.Preempted):
-    train.train_and_evaluate(digits_config('mlp', epochs=2), teacher)
+    train.run(digits_config('mlp', epochs=2), teacher)
   monkeypatch.undo()
   cfg = digits_config('mlp', {'ce': 0.1, 'kd': 0.9}, epochs=1)
   cfg.teacher.update(model='mlp', kwargs={'hidden': (32,)}, checkpoint=teacher)
   with pytest.raises(errors.CheckpointMismatchError, match=rf'^teacher checkpoint {teacher} is an unfinished run '
                                                            r'\(step 30 of 44\)'):
-    train.train_and_evaluate(cfg, str(tmp_path / 's'))
+    train.run(cfg, str(tmp_path / 's'))
   cfg.teacher.accept_incomplete = True
-  assert train.train_and_evaluate(cfg, str(tmp_path / 's'))['test_accuracy'] > 0.5
+  assert train.run(cfg, str(tmp_path / 's'))['test_accuracy'] > 0.5
 
 
 def test_a_run_from_before_a_new_config_field_still_resumes(tmp_path):
   work = str(tmp_path / 'run')
-  train.train_and_evaluate(digits_config('mlp', epochs=1), work)
+  train.run(digits_config('mlp', epochs=1), work)
   saved = json.load(open(os.path.join(work, 'config.json')))
   del saved['teacher']['accept_incomplete']  # as written by a kdjax that had no such field
   json.dump(saved, open(os.path.join(work, 'config.json'), 'w'))
-  assert train.train_and_evaluate(digits_config('mlp', epochs=2), work)['test_accuracy'] > 0.8
+  assert train.run(digits_config('mlp', epochs=2), work)['test_accuracy'] > 0.8
 
 
 def test_teacher_cache_key_reads_only_the_teacher_recipe(monkeypatch):

@@ -76,6 +76,6 @@ CASES = [
 @pytest.mark.parametrize('make, message', CASES, ids=[m.split(' ')[0] for _, m in CASES])
 def test_bad_field_is_refused_before_anything_is_written(make, message, tmp_path):
   with pytest.raises(errors.ConfigError) as e:
-    train.train_and_evaluate(make(), str(tmp_path / 'run'))
+    train.run(make(), str(tmp_path / 'run'))
   assert str(e.value).startswith(message) and '\n' not in str(e.value)
   assert not os.path.exists(tmp_path / 'run' / 'config.json')

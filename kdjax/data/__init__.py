@@ -117,6 +117,37 @@ def load(cfg) -> Dataset:
   return Dataset(name, num_classes, train, test, val, tuple(mean), tuple(std), augment, omitted)
 
 
+def from_arrays(train_images, train_labels, test_images=None, test_labels=None, num_classes: int | None = None,
+                name: str = 'arrays', mean=None, std=None, augment: str = 'none') -> Dataset:
+  """A Dataset of arrays the caller made (kdjax/api.py): uint8 images [N, H, W, C] (or [N, H, W]) and integer
+  labels. `num_classes` defaults to the largest label + 1; `mean` / `std` (per channel, of pixels in [0, 1]) to
+  the training images' own."""
+  def split(images, labels, what):
+    images, labels = np.asarray(images), np.asarray(labels)
+    if images.ndim == 3:
+      images = images[..., None]
+    if images.dtype != np.uint8 or images.ndim != 4:
+      raise ConfigError(f'{what} images must be uint8 [N, H, W, C], got {images.dtype} {list(images.shape)}')
+    if labels.shape != images.shape[:1] or not np.issubdtype(labels.dtype, np.integer):
+      raise ConfigError(f'{what} labels must be integers [{images.shape[0]}], got {labels.dtype} {list(labels.shape)}')
+    return Split(images, labels.astype(np.int32))
+  train = split(train_images, train_labels, 'train')
+  test = split(test_images, test_labels, 'test') if test_images is not None else train
+  if test.images.shape[1:] != train.images.shape[1:]:
+    raise ConfigError(f'test images {list(test.images.shape[1:])} differ from the train images '
+                      f'{list(train.images.shape[1:])}')
+  top = int(max(train.labels.max(), test.labels.max())) + 1
+  num_classes = top if num_classes is None else num_classes
+  low = int(min(train.labels.min(), test.labels.min()))
+  if low < 0 or top > num_classes:
+    raise ConfigError(f'labels must lie in [0, {num_classes}), got {low}..{top - 1}')
+  if mean is None or std is None:
+    pixels = train.images.reshape(-1, train.images.shape[-1]).astype(np.float64) / 255.0
+    mean, std = pixels.mean(0), np.maximum(pixels.std(0), 1e-3)
+  return Dataset(name, num_classes, train, test, None, tuple(float(m) for m in mean), tuple(float(s) for s in std),
+                 augment)
+
+
 def _subset(split: Split, n: int, field: str, seed: int) -> Split:
   """`n` examples of `split`, stratified by label and seeded (0 or n >= len(split): all of it)."""
   if not n or n >= len(split):

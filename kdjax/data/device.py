@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kdjax.data import Dataset, Split
+from kdjax.data import Split
 
 
 def put_replicated(split: Split, sharding) -> dict:
@@ -45,14 +45,14 @@ def crop_flip(rng, images, pad: int = 4):
   return jax.vmap(one)(padded, ys, xs, flips)
 
 
-def train_batch(data: dict, perm, step_in_epoch, batch_size: int, rng, ds_info: Dataset, dtype):
-  """The batch at `step_in_epoch` of the epoch whose permutation is `perm`: (images in `dtype`, int32 labels,
-  the examples' indices in the training set)."""
+def gather(data: dict, perm, step_in_epoch, batch_size: int, rng, augment: str):
+  """The batch at `step_in_epoch` of the epoch whose permutation is `perm`: (uint8 images, augmented when `augment`
+  is 'crop_flip', int32 labels, the examples' indices in the training set)."""
   idx = jax.lax.dynamic_slice_in_dim(perm, step_in_epoch * batch_size, batch_size)
   images = data['images'][idx]
-  if ds_info.augment == 'crop_flip':
+  if augment == 'crop_flip':
     images = crop_flip(rng, images)
-  return normalize(images, ds_info.mean, ds_info.std, dtype), data['labels'][idx], idx
+  return images, data['labels'][idx], idx
 
 
 def padded_eval_arrays(split: Split, batch_size: int) -> dict:
@@ -171,11 +171,10 @@ def rand_augment(rng, images, num_ops: int = 2):
   return jax.vmap(one)(images, ops, u, cut)
 
 
-def strong_batch(data: dict, idx, rng, ds_info: Dataset, dtype):
-  """The strongly augmented view of the examples `idx` (MLKD's second view): its own crop and flip (when the
-  dataset is augmented), then `rand_augment`, then normalisation."""
+def strong_view(rng, images, augment: str):
+  """MLKD's strong view of the un-augmented uint8 `images`: its own crop and flip (when the dataset is augmented),
+  then `rand_augment` (uint8 out)."""
   k_crop, k_ra = jax.random.split(rng)
-  images = data['images'][idx]
-  if ds_info.augment == 'crop_flip':
+  if augment == 'crop_flip':
     images = crop_flip(k_crop, images)
-  return normalize(rand_augment(k_ra, images), ds_info.mean, ds_info.std, dtype)
+  return rand_augment(k_ra, images)

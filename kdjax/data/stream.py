@@ -184,8 +184,8 @@ def check_config(cfg, pipeline: str | None = None):
 def device_budget(cfg) -> float:
   if cfg.get('device_budget_gb', 0.0) > 0:
     return cfg.device_budget_gb * 2**30
-  from kdjax import step
-  available = step.available_memory(jax.local_device_count())
+  from kdjax import memory
+  available = memory.available(jax.local_device_count())
   return DEVICE_BUDGET_FRACTION * available if available else 4 * 2**30
 
 

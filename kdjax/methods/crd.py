@@ -86,4 +86,4 @@ def crd_loss(ctx: distill.Context, cfg):
   return losses.crd_nce_loss(out['scores_s'], n_data) + losses.crd_nce_loss(out['scores_t'], n_data)
 
 
-distill.register('crd', distill.Method(crd_loss, module=_module))
+distill.register('crd', distill.Method(crd_loss, module=_module, needs_indices=True))

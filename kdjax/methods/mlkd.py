@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from kdjax import distill
+from kdjax.data import device as device_data
 from kdjax import losses
 
 
@@ -69,7 +70,8 @@ def mlkd_loss(weak, strong, raw_weak, temperatures, num_strong: int):
 
 
 def _strong_context(ctx: distill.Context) -> distill.Context:
-  return ctx.replace(student=ctx.strong_student, teacher=ctx.strong_teacher, extras={})
+  student, teacher = ctx.views['strong']
+  return ctx.replace(student=student, teacher=teacher, extras={})
 
 
 def _mlkd(ctx: distill.Context, cfg):
@@ -80,8 +82,9 @@ def _mlkd(ctx: distill.Context, cfg):
 
 
 def _ce_strong(ctx: distill.Context, cfg):
-  return losses.cross_entropy(ctx.strong_student.logits, ctx.labels, cfg.get('label_smoothing', 0.0))
+  return losses.cross_entropy(ctx.views['strong'][0].logits, ctx.labels, cfg.get('label_smoothing', 0.0))
 
 
-distill.register('mlkd', distill.Method(_mlkd, strong_view=True))
-distill.register('ce_strong', distill.Method(_ce_strong, needs_teacher=False, strong_view=True))
+distill.register_view('strong', distill.View(device_data.strong_view, stream=4))
+distill.register('mlkd', distill.Method(_mlkd, views=('strong',)))
+distill.register('ce_strong', distill.Method(_ce_strong, needs_teacher=False, views=('strong',)))

@@ -136,23 +136,23 @@ def load_deployable(path: str):
   return module, variables
 
 
-def export(exp, ts, path: str) -> dict:
+def export(trainer, ts, path: str) -> dict:
   """Writes `path` (the run's `deploy/`): one inference checkpoint of backbone + projector + teacher head, from one
   student's train state."""
-  cfg = exp.cfg
+  cfg = trainer.cfg
   s_params, s_state = ts.params['student'], ts.state['student']
   e_params = ts.params['extras']['simkd']
   params = {'backbone': s_params['backbone'], 'projector': e_params['projector'],
-            'head': exp.teacher_vars['params']['head']}
+            'head': trainer.teacher_vars['params']['head']}
   variables = {'params': params}
   for col in s_state:
     variables[col] = {'backbone': s_state[col]['backbone'],
                       'projector': ts.state['extras'][col]['simkd']['projector']}
-  x = jnp.zeros((1,) + tuple(exp.ds.image_shape), exp.dtype)
-  t_last = jax.eval_shape(lambda: exp.teacher.apply(exp.teacher_vars, x)).features[-1]
+  x = jnp.zeros((1,) + tuple(trainer.ds.image_shape), trainer.parts.dtype)
+  t_last = jax.eval_shape(lambda: trainer.teacher.apply(trainer.teacher_vars, x)).features[-1]
   meta = {'model': 'simkd_deployable', 'student': cfg.student.model,
           'student_kwargs': dict(cfg.student.get('kwargs', {})), 'teacher': cfg.teacher.model,
-          'num_classes': exp.ds.num_classes, 'dataset': exp.ds.name, 'image_shape': list(exp.ds.image_shape),
+          'num_classes': trainer.ds.num_classes, 'dataset': trainer.ds.name, 'image_shape': list(trainer.ds.image_shape),
           'teacher_channels': int(t_last.shape[-1]), 'teacher_spatial': [int(t_last.shape[1]), int(t_last.shape[2])],
           'factor': int(cfg.distill.simkd.factor)}
   n = sum(int(v.size) for v in jax.tree.leaves(params))

@@ -103,6 +103,25 @@ def create(name: str, num_classes: int, dtype: Any = jnp.float32, subclasses: in
                     head_init=head_init, subclasses=subclasses, dtype=dtype)
 
 
+def compute_dtype(cfg):
+  """The activations' dtype of a run config (`config.dtype`); parameters stay float32."""
+  return {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}[cfg.dtype]
+
+
+def build(section, num_classes: int, dtype: Any = jnp.float32) -> Classifier:
+  """The network of a config's `student` or `teacher` section (model, kwargs, subclasses)."""
+  kwargs = section.kwargs.to_dict() if hasattr(section.kwargs, 'to_dict') else dict(section.kwargs or {})
+  return create(section.model, num_classes=num_classes, dtype=dtype, subclasses=section.subclasses, **kwargs)
+
+
+def build_student(cfg, num_classes: int) -> Classifier:
+  return build(cfg.student, num_classes, compute_dtype(cfg))
+
+
+def build_teacher(cfg, num_classes: int) -> Classifier:
+  return build(cfg.teacher, num_classes, compute_dtype(cfg))
+
+
 def _load_zoo():
   # Importing the zoo modules runs their register() calls; done lazily so `kdjax.models` imports cheaply.
   from kdjax.models import zoo  # noqa: F401
