@@ -20,6 +20,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from kdjax import atomic
 from kdjax import checkpoint as ckpt_lib
 from kdjax import compile_cache
 from kdjax import config_lib
@@ -33,7 +34,7 @@ from kdjax import sweep as sweep_lib
 from kdjax import teacher as teacher_lib
 from kdjax import validate
 from kdjax.data import stream as stream_data
-from kdjax.errors import ConfigError, NonFiniteError, Preempted, WorkdirInUse
+from kdjax.errors import CheckpointMismatchError, ConfigError, KDError, NonFiniteError, Preempted, WorkdirInUse
 
 # Re-exported: the state and the step live in kdjax.step.
 Experiment = step_lib.Experiment
@@ -56,10 +57,10 @@ def _preempted(signum, step) -> Preempted:
 
 def write_config(cfg, workdir: str, sweep: sweep_lib.Sweep | None = None):
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+  with atomic.writing(os.path.join(workdir, 'config.json')) as f:
     f.write(cfg.to_json_best_effort(indent=2, sort_keys=True))
   if sweep is not None:
-    with open(os.path.join(workdir, 'sweep.json'), 'w') as f:
+    with atomic.writing(os.path.join(workdir, 'sweep.json')) as f:
       json.dump(sweep.to_json(), f, indent=2)
 
 
@@ -104,6 +105,10 @@ def prepare_teacher(cfg, ds, mesh):
     return teacher_lib.load(cfg, ds, mesh, path)
   try:
     return teacher_lib.load(cfg, ds, mesh, path)
+  except KDError as e:  # it reads but does not fit (its data changed since it was cached): not damaged, kept
+    raise CheckpointMismatchError(f'{e}: it is the cached teacher of this recipe, kept as it is (not damaged); if '
+                                  f'the data it was trained on changed in place, rename or delete {path} to train '
+                                  'it again, or set --config.teacher.cache_dir') from None
   except Exception as e:  # a cached teacher damaged on disk: kept aside, trained again
     aside = f'{path}.damaged-{int(time.time())}'
     if dist.is_primary():
@@ -167,11 +172,26 @@ RESUMABLE_CHANGES = ('epochs', 'eval_every_epochs', 'checkpoint_every_epochs', '
 def check_resume(cfg, workdir: str):
   """A workdir that holds checkpoints resumes only the run that wrote them: the saved config.json and `cfg` may
   differ in RESUMABLE_CHANGES alone (logged); anything else is refused, naming each field with both values."""
-  saved_path = os.path.join(workdir, 'config.json')
-  if not (os.path.isfile(saved_path) and os.path.isdir(ckpt_lib.directory(workdir))):
+  saved_path, root = os.path.join(workdir, 'config.json'), ckpt_lib.directory(workdir)
+  if not os.path.isdir(root):
     return
-  with open(saved_path) as f:
-    saved = sweep_lib.flatten(json.load(f))
+  if not os.path.isfile(saved_path):
+    # Saved steps ('<step>', or an Orbax temporary '<step>.orbax-checkpoint-tmp-...') with nothing to check them by.
+    if any(n[:1].isdigit() for n in os.listdir(root)):
+      raise ConfigError(f'{workdir} holds checkpoints but no config.json, so this config cannot be checked against '
+                        'the run that wrote them; put that run\'s config.json back, choose another --workdir, or '
+                        'pass --restart to set that run aside and start anew')
+    return
+  try:
+    with open(saved_path) as f:
+      saved = json.load(f)
+    if not isinstance(saved, dict):
+      raise ValueError(f'a JSON {type(saved).__name__}, not an object')
+  except (OSError, ValueError) as e:  # ValueError: JSON and UTF-8 decoding errors too
+    raise ConfigError(f'{saved_path} cannot be read ({(str(e).strip().splitlines() or [type(e).__name__])[0]}), so '
+                      'this config cannot be checked against the run in that workdir; repair it, choose another '
+                      '--workdir, or pass --restart to set that run aside and start anew') from None
+  saved = sweep_lib.flatten(saved)
   new = sweep_lib.flatten(json.loads(cfg.to_json_best_effort()))
   # A field the saved run did not know (added to kdjax since) counts as unchanged while it holds its default.
   defaults = sweep_lib.flatten(json.loads(config_lib.base().to_json_best_effort()))
@@ -207,9 +227,9 @@ def _train(cfg, sweep: sweep_lib.Sweep, workdir: str, restart: bool = False) -> 
     set_aside(workdir)
   dist.barrier('kdjax-set-aside')
   check_resume(cfg, workdir)
-  dist.barrier('kdjax-resume-checked')  # every process has read the saved config before process 0 rewrites it
-  if dist.is_primary():
-    write_config(cfg, workdir, sweep)
+  # Every process has read the saved config before process 0 rewrites it (below, once the checkpoint is known to
+  # fit: a refused resume leaves the workdir as it was).
+  dist.barrier('kdjax-resume-checked')
   pipeline = stream_data.choose(base.data)
   if pipeline == 'stream':
     stream_data.check_config(base, pipeline)  # 'auto' chose it from the folder's size
@@ -239,7 +259,9 @@ def _train(cfg, sweep: sweep_lib.Sweep, workdir: str, restart: bool = False) -> 
   n_params = sum(x.size for x in jax.tree.leaves(abstract.params['student'])) // sweep.size
   logging.info('student %s: %s parameters; %d steps/epoch, %d epochs, %d steps per dispatch, %d device(s)',
                base.student.model, f'{n_params:,}', exp.steps_per_epoch, base.epochs, exp.k, mesh.devices.size)
-  latest, ts, meta = _restore_newest_intact(ckpt, abstract)
+  latest, ts, meta = _restore_newest_intact(ckpt, abstract, ds)
+  if dist.is_primary():  # before the first checkpoint of a fresh run: a workdir with checkpoints has its config
+    write_config(cfg, workdir, sweep)
   partial = None  # the train metrics' sums of an epoch that a preemption cut
   if latest is not None:
     partial = meta.get('partial_sums')
@@ -373,15 +395,19 @@ def _train(cfg, sweep: sweep_lib.Sweep, workdir: str, restart: bool = False) -> 
     ckpt.close()
 
 
-def _restore_newest_intact(ckpt, abstract):
+def _restore_newest_intact(ckpt, abstract, ds=None):
   """(step, state, meta) of the newest checkpoint that restores, or (None, None, None) without any: a step
   damaged on disk (a truncated file, a half-written save) is skipped with one warning naming it, and moved aside to
-  `checkpoints/damaged-<step>` (kept, not deleted) so that the step can be saved again."""
+  `checkpoints/damaged-<step>` (kept, not deleted) so that the step can be saved again. A step that reads but does
+  not fit this config's state (another class count, image size or network) is not damaged: the resume is refused
+  with one line naming the difference, and nothing is moved."""
   found, damaged = (None, None, None), []
   for step in sorted(ckpt.manager.all_steps(), reverse=True):
     try:
       found = step, ckpt.restore(step, abstract), ckpt.read_meta(step)
       break
+    except CheckpointMismatchError as e:
+      raise CheckpointMismatchError(f'{e}; {_mismatch_hint(ckpt, step, ds)}') from None
     except Exception as e:  # Orbax and TensorStore report damage under many types
       reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
       logging.warning('checkpoint step %d in %s is damaged (%s); trying the previous one', step,
@@ -398,6 +424,21 @@ def _restore_newest_intact(ckpt, abstract):
                     f'step {found[0]}' if found[0] is not None else 'the start',
                     ', '.join(map(str, damaged)), ckpt_lib.directory(ckpt.workdir))
   return found
+
+
+def _mismatch_hint(ckpt, step: int, ds) -> str:
+  """Why a saved step may not fit: its data (from its meta, when readable) against the data this run loaded."""
+  try:
+    meta = ckpt.read_meta(step)
+    was = f"{meta['num_classes']} classes of {'x'.join(map(str, meta['image_shape']))} images"
+  except Exception:  # the meta item is damaged or older: the shapes above say what differs
+    was = None
+  now = None if ds is None else f"{ds.num_classes} classes of {'x'.join(map(str, ds.image_shape))} images"
+  why = (f'the run was trained on {was}, the data read now (data.dir, data.data_dir) has {now}' if was and now
+         and was != now else 'a field a resume may change (data.dir, data.data_dir) points at other data, or this '
+         'kdjax builds the network differently')
+  return (f'{why}; the run is kept as it is: resume it with the data it was trained on, choose another --workdir, '
+          'or pass --restart to set it aside and start anew')
 
 
 def _fetch(item, exp: Experiment, ckpt, diverged: dict) -> dict:
@@ -451,6 +492,6 @@ def _summary(workdir, exp: Experiment, ts, select, last_eval, wall, ckpt) -> dic
   if exp.num_students == 1:
     summary.update({k: v for k, v in students[0].items() if k not in ('index', 'name', 'values')})
   if dist.is_primary():
-    with open(os.path.join(workdir, 'summary.json'), 'w') as f:
+    with atomic.writing(os.path.join(workdir, 'summary.json')) as f:
       json.dump(summary, f, indent=2)
   return summary
