@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import os
 
+from etils import epath
 import flax
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as cm
 
-from kdjax.errors import CheckpointNotFoundError
+from kdjax.errors import CheckpointMismatchError, CheckpointNotFoundError
 
 SELECT_METRIC = 'select_accuracy'
 
@@ -68,18 +69,59 @@ class Checkpointer:
     return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
 
   def restore(self, step: int, target, partial: bool = False):
-    """Restores `step` into the structure (and shardings) of `target`, a pytree of arrays or ShapeDtypeStructs."""
+    """Restores `step` into the structure (and shardings) of `target`, a pytree of arrays or ShapeDtypeStructs.
+
+    A step that does not fit `target` raises `CheckpointMismatchError` before anything is read (`check_fits`);
+    any other exception means the step could not be read: it is damaged."""
+    self.check_fits(step, target, partial)
     target_dict = flax.serialization.to_state_dict(target)
     restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
         item=target_dict, restore_args=ocp.checkpoint_utils.construct_restore_args(target_dict),
         partial_restore=partial)))['state']
     return flax.serialization.from_state_dict(target, restored)
 
+  def check_fits(self, step: int, target, partial: bool = False):
+    """Compares the tree and the array shapes saved at `step` (Orbax's metadata, no array read) with `target`'s,
+    and raises `CheckpointMismatchError` naming the first difference: a step that does not fit the config is not a
+    damaged one. With `partial`, the step may hold more than `target`. Unreadable metadata raises what Orbax
+    raises (damage). Dtypes may differ: the restore casts them, as it always has."""
+    handler = ocp.PyTreeCheckpointHandler()
+    try:
+      saved = _leaves(handler.metadata(epath.Path(directory(self.workdir)) / str(step) / 'state').tree)
+    finally:
+      handler.close()
+    wanted = _leaves(flax.serialization.to_state_dict(target))
+    where = f'checkpoint step {step} in {directory(self.workdir)}'
+
+    def first(paths, what):  # the parameters first: they name the layer (its optimizer state differs with it)
+      path = min(paths, key=lambda p: p[0] != 'params')
+      more = f' (and {len(paths) - 1} more)' if len(paths) > 1 else ''
+      raise CheckpointMismatchError(f'{where} does not fit this config: {what(path)}{more}')
+
+    if missing := [p for p in wanted if p not in saved]:
+      first(missing, lambda p: f'it holds no {"/".join(p)}, which this config builds')
+    if extra := [] if partial else [p for p in saved if p not in wanted]:
+      first(extra, lambda p: f'it holds {"/".join(p)}, which this config does not build')
+    if reshaped := [p for p in wanted if _shape(saved[p]) != _shape(wanted[p])]:
+      first(reshaped, lambda p: f'{"/".join(p)} is saved with shape {_shape(saved[p])}, this config builds '
+                                f'{_shape(wanted[p])}')
+
   def wait(self):
     self.manager.wait_until_finished()
 
   def close(self):
     self.manager.close()
+
+
+def _leaves(tree) -> dict:
+  """{path as a tuple of key names: leaf} of a nested state dict (its empty containers hold nothing to restore)."""
+  name = lambda k: str(getattr(k, 'key', getattr(k, 'idx', getattr(k, 'name', k))))
+  return {tuple(name(k) for k in path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _shape(leaf) -> tuple | None:
+  shape = getattr(leaf, 'shape', None)
+  return None if shape is None else tuple(int(n) for n in shape)
 
 
 def load_model(workdir: str, target_variables, which: str = 'latest', index: int = 0):

@@ -22,7 +22,6 @@ import json
 import os
 import pickle
 import sys
-import tempfile
 import threading
 import uuid
 
@@ -30,6 +29,8 @@ from absl import logging
 import jax
 from jax.experimental import serialize_executable
 import numpy as np
+
+from kdjax import atomic
 
 OFF = ('off', 'none', 'false', '0', 'no')
 ENV = 'KDJAX_COMPILATION_CACHE'
@@ -361,18 +362,12 @@ def cached_shapes(name: str, ingredients, fn):
 
 def _write(path: str, key: str, entry: dict) -> bool:
   """Writes a cache entry atomically (a reader never sees half a file); False when not written."""
-  tmp = None
   try:
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f'.{key}.')
-    with os.fdopen(fd, 'wb') as f:
+    with atomic.writing(path, 'wb') as f:
       pickle.dump({'format': FORMAT, 'key': key, **entry}, f, protocol=pickle.HIGHEST_PROTOCOL)
-    os.replace(tmp, path)
     return True
   except Exception as e:  # a full disk, an unpicklable tree: only costs the next start
     _warn_once('store', 'compiled-executable cache: cannot write %s (%s)', path,
                (str(e).strip().splitlines() or [type(e).__name__])[0][:200])
-    if tmp is not None:
-      with contextlib.suppress(OSError):
-        os.remove(tmp)
     return False

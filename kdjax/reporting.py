@@ -10,6 +10,8 @@ import time
 
 from absl import logging
 
+from kdjax import atomic
+
 
 class _QuietLibraries(logging_std.Filter):
   """Orbax logs every save and restore at INFO; keep only its warnings so the progress lines stay readable, less
@@ -50,10 +52,8 @@ def _truncate(path: str, step: int):
         continue
       if 'summary' not in record and record.get('step', 0) <= step:
         kept.append(line if line.endswith('\n') else line + '\n')
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
+  with atomic.writing(path) as f:
     f.writelines(kept)
-  os.replace(tmp, path)
 
 
 class Reporter:

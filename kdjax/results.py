@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from kdjax import atomic
 from kdjax.errors import ConfigError
 
 SPLITS = ('train', 'val', 'test')
@@ -174,7 +175,7 @@ def write_csv(run: Run, path: str | None = None) -> str:
   rows = student_rows(run)
   columns = list(dict.fromkeys(k for row in rows for k in row))
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, 'w', newline='') as f:
+  with atomic.writing(path, newline='') as f:
     writer = csv.DictWriter(f, fieldnames=columns, restval='')
     writer.writeheader()
     writer.writerows(rows)
@@ -377,6 +378,11 @@ def _new_figure(size):
   return Figure(figsize=size, layout='constrained')
 
 
+def _save_figure(fig, path: str):
+  with atomic.writing(path, 'wb') as f:  # the format named by the extension, as savefig(path) would choose it
+    fig.savefig(f, format=os.path.splitext(path)[1][1:] or 'png', dpi=120)
+
+
 def _colors(n: int):
   from matplotlib import colormaps
   cmap = colormaps['tab10' if n <= 10 else 'viridis']
@@ -408,7 +414,7 @@ def _heatmap(run: Run, path: str) -> bool:
   ax.set_xlabel(run.label(f1))
   ax.set_ylabel(run.label(f0))
   ax.set_title('mean last test accuracy (%)')
-  fig.savefig(path, dpi=120)
+  _save_figure(fig, path)
   return True
 
 
@@ -434,7 +440,7 @@ def _sweep_plot(run: Run, path: str) -> bool:
   ax.set_ylabel('last test accuracy (%)')
   ax.set_title('mean ± std over seeds' if any(len(acc) > 1 for _, acc in points) else 'last test accuracy')
   ax.grid(alpha=0.3)
-  fig.savefig(path, dpi=120)
+  _save_figure(fig, path)
   return True
 
 
@@ -466,7 +472,7 @@ def _curves(run: Run, path: str):
     acc_ax.legend(handles=split_handles, loc='lower right', fontsize=8)
   if len(groups) <= _MAX_CURVES_WITH_LEGEND and loss_ax.get_legend_handles_labels()[0]:
     fig.legend(loc='outside lower center', ncols=min(len(groups), 3), fontsize=8)
-  fig.savefig(path, dpi=120)
+  _save_figure(fig, path)
 
 
 def figures(run: Run, outdir: str | None = None) -> list[str]:

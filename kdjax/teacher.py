@@ -21,7 +21,7 @@ from kdjax import checkpoint as ckpt_lib
 from kdjax import compile_cache
 from kdjax import config_lib
 from kdjax.config_lib import as_dict
-from kdjax.errors import CheckpointMismatchError, CheckpointNotFoundError, ConfigError
+from kdjax.errors import CheckpointMismatchError, CheckpointNotFoundError, ConfigError, KDError
 
 
 class TeacherGroup:
@@ -294,6 +294,10 @@ def prepare(cfg, ds, mesh, train_fn):
     return load(cfg, ds, mesh, path)
   try:
     return load(cfg, ds, mesh, path)
+  except KDError as e:  # it reads but does not fit (its data changed since it was cached): not damaged, kept
+    raise CheckpointMismatchError(f'{e}: it is the cached teacher of this recipe, kept as it is (not damaged); if '
+                                  f'the data it was trained on changed in place, rename or delete {path} to train '
+                                  'it again, or set --config.teacher.cache_dir') from None
   except Exception as e:  # a cached teacher damaged on disk: kept aside, trained again
     aside = f'{path}.damaged-{int(time.time())}'
     if dist.is_primary():

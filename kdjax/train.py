@@ -22,6 +22,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from kdjax import atomic
 from kdjax import checkpoint as ckpt_lib
 from kdjax import compile_cache
 from kdjax import config_lib
@@ -37,7 +38,7 @@ from kdjax import teacher as teacher_lib
 from kdjax import trainer as trainer_lib
 from kdjax import validate
 from kdjax.data import stream as stream_data
-from kdjax.errors import ConfigError, NonFiniteError, Preempted, WorkdirInUse
+from kdjax.errors import CheckpointMismatchError, ConfigError, NonFiniteError, Preempted, WorkdirInUse
 
 def _meta(cfg, trainer: trainer_lib.Trainer, step: int, complete: bool) -> dict:
   ds = trainer.ds
@@ -49,10 +50,10 @@ def _meta(cfg, trainer: trainer_lib.Trainer, step: int, complete: bool) -> dict:
 
 def write_config(cfg, workdir: str, sweep: sweep_lib.Sweep | None = None):
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+  with atomic.writing(os.path.join(workdir, 'config.json')) as f:
     f.write(cfg.to_json_best_effort(indent=2, sort_keys=True))
   if sweep is not None:
-    with open(os.path.join(workdir, 'sweep.json'), 'w') as f:
+    with atomic.writing(os.path.join(workdir, 'sweep.json')) as f:
       json.dump(sweep.to_json(), f, indent=2)
 
 
@@ -116,11 +117,26 @@ RESUMABLE_CHANGES = ('epochs', 'eval_every_epochs', 'checkpoint_every_epochs', '
 def check_resume(cfg, workdir: str):
   """A workdir that holds checkpoints resumes only the run that wrote them: the saved config.json and `cfg` may
   differ in RESUMABLE_CHANGES alone (logged); anything else is refused, naming each field with both values."""
-  saved_path = os.path.join(workdir, 'config.json')
-  if not (os.path.isfile(saved_path) and os.path.isdir(ckpt_lib.directory(workdir))):
+  saved_path, root = os.path.join(workdir, 'config.json'), ckpt_lib.directory(workdir)
+  if not os.path.isdir(root):
     return
-  with open(saved_path) as f:
-    saved = sweep_lib.flatten(json.load(f))
+  if not os.path.isfile(saved_path):
+    # Saved steps ('<step>', or an Orbax temporary '<step>.orbax-checkpoint-tmp-...') with nothing to check them by.
+    if any(n[:1].isdigit() for n in os.listdir(root)):
+      raise ConfigError(f'{workdir} holds checkpoints but no config.json, so this config cannot be checked against '
+                        'the run that wrote them; put that run\'s config.json back, choose another --workdir, or '
+                        'pass --restart to set that run aside and start anew')
+    return
+  try:
+    with open(saved_path) as f:
+      saved = json.load(f)
+    if not isinstance(saved, dict):
+      raise ValueError(f'a JSON {type(saved).__name__}, not an object')
+  except (OSError, ValueError) as e:  # ValueError: JSON and UTF-8 decoding errors too
+    raise ConfigError(f'{saved_path} cannot be read ({(str(e).strip().splitlines() or [type(e).__name__])[0]}), so '
+                      'this config cannot be checked against the run in that workdir; repair it, choose another '
+                      '--workdir, or pass --restart to set that run aside and start anew') from None
+  saved = sweep_lib.flatten(saved)
   new = sweep_lib.flatten(json.loads(cfg.to_json_best_effort()))
   # A field the saved run did not know (added to kdjax since) counts as unchanged while it holds its default.
   defaults = sweep_lib.flatten(json.loads(config_lib.base().to_json_best_effort()))
@@ -253,9 +269,9 @@ def _setup(cfg, sweep: sweep_lib.Sweep, workdir: str, restart: bool) -> _Run:
     set_aside(workdir)
   dist.barrier('kdjax-set-aside')
   check_resume(cfg, workdir)
-  dist.barrier('kdjax-resume-checked')  # every process has read the saved config before process 0 rewrites it
-  if dist.is_primary():
-    write_config(cfg, workdir, sweep)
+  # Every process has read the saved config before process 0 rewrites it (below, once the checkpoint is known to
+  # fit: a refused resume leaves the workdir as it was).
+  dist.barrier('kdjax-resume-checked')
   ds = _load_data(base)
   mesh = sharding.make_mesh(base.num_devices, sweep.size, base.mesh_students, base.batch_size)
   teacher, teacher_vars = teacher_lib.prepare_all(base, ds, mesh, train_and_evaluate)
@@ -277,8 +293,10 @@ def _setup(cfg, sweep: sweep_lib.Sweep, workdir: str, restart: bool) -> _Run:
   logging.info('student %s: %s parameters; %d steps/epoch, %d epochs, %d steps per dispatch, %d device(s)',
                base.student.model, f'{n_params:,}', trainer.steps_per_epoch, base.epochs, trainer.k,
                mesh.devices.size)
-  latest, ts, meta = _restore_newest_intact(ckpt, abstract)
-  partial = None
+  latest, ts, meta = _restore_newest_intact(ckpt, abstract, ds)
+  if dist.is_primary():  # before the first checkpoint of a fresh run: a workdir with checkpoints has its config
+    write_config(cfg, workdir, sweep)
+  partial = None  # the train metrics' sums of an epoch that a preemption cut
   if latest is not None:
     partial = meta.get('partial_sums')
     logging.info('resuming from the checkpoint at step %d (epoch %d)', latest, latest // trainer.steps_per_epoch)
@@ -390,15 +408,19 @@ def _finish(r: _Run) -> Outcome:
   return Outcome(summary, r.state, trainer)
 
 
-def _restore_newest_intact(ckpt, abstract):
+def _restore_newest_intact(ckpt, abstract, ds=None):
   """(step, state, meta) of the newest checkpoint that restores, or (None, None, None) without any: a step
   damaged on disk (a truncated file, a half-written save) is skipped with one warning naming it, and moved aside to
-  `checkpoints/damaged-<step>` (kept, not deleted) so that the step can be saved again."""
+  `checkpoints/damaged-<step>` (kept, not deleted) so that the step can be saved again. A step that reads but does
+  not fit this config's state (another class count, image size or network) is not damaged: the resume is refused
+  with one line naming the difference, and nothing is moved."""
   found, damaged = (None, None, None), []
   for step in sorted(ckpt.manager.all_steps(), reverse=True):
     try:
       found = step, ckpt.restore(step, abstract), ckpt.read_meta(step)
       break
+    except CheckpointMismatchError as e:
+      raise CheckpointMismatchError(f'{e}; {_mismatch_hint(ckpt, step, ds)}') from None
     except Exception as e:  # Orbax and TensorStore report damage under many types
       reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
       logging.warning('checkpoint step %d in %s is damaged (%s); trying the previous one', step,
@@ -415,6 +437,21 @@ def _restore_newest_intact(ckpt, abstract):
                     f'step {found[0]}' if found[0] is not None else 'the start',
                     ', '.join(map(str, damaged)), ckpt_lib.directory(ckpt.workdir))
   return found
+
+
+def _mismatch_hint(ckpt, step: int, ds) -> str:
+  """Why a saved step may not fit: its data (from its meta, when readable) against the data this run loaded."""
+  try:
+    meta = ckpt.read_meta(step)
+    was = f"{meta['num_classes']} classes of {'x'.join(map(str, meta['image_shape']))} images"
+  except Exception:  # the meta item is damaged or older: the shapes above say what differs
+    was = None
+  now = None if ds is None else f"{ds.num_classes} classes of {'x'.join(map(str, ds.image_shape))} images"
+  why = (f'the run was trained on {was}, the data read now (data.dir, data.data_dir) has {now}' if was and now
+         and was != now else 'a field a resume may change (data.dir, data.data_dir) points at other data, or this '
+         'kdjax builds the network differently')
+  return (f'{why}; the run is kept as it is: resume it with the data it was trained on, choose another --workdir, '
+          'or pass --restart to set it aside and start anew')
 
 
 def _fetch(item, trainer: trainer_lib.Trainer, ckpt, diverged: dict) -> dict:
@@ -468,6 +505,6 @@ def _summary(workdir, trainer: trainer_lib.Trainer, ts, select, last_eval, wall,
   if trainer.num_students == 1:
     summary.update({k: v for k, v in students[0].items() if k not in ('index', 'name', 'values')})
   if dist.is_primary():
-    with open(os.path.join(workdir, 'summary.json'), 'w') as f:
+    with atomic.writing(os.path.join(workdir, 'summary.json')) as f:
       json.dump(summary, f, indent=2)
   return summary
