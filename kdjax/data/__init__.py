@@ -16,6 +16,7 @@ import time
 from absl import logging
 import numpy as np
 
+from kdjax import atomic
 from kdjax.errors import ConfigError, DatasetNotFoundError
 
 # Per-channel statistics of the training sets, as the reference codebases normalise (RepDistiller for CIFAR-100).
@@ -221,9 +222,8 @@ def cached(path: str | None, read, expected_len: int | None) -> Split:
   split = read()
   if path:
     try:
-      tmp = path + '.tmp.npz'
-      np.savez(tmp, images=split.images, labels=split.labels, sha256=np.array(_digest(split.images, split.labels)))
-      os.replace(tmp, path)
+      with atomic.writing(path, 'wb') as f:
+        np.savez(f, images=split.images, labels=split.labels, sha256=np.array(_digest(split.images, split.labels)))
     except OSError as e:
       logging.warning('could not cache the decoded dataset at %s: %s', path, e)
   return split
