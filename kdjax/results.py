@@ -54,17 +54,25 @@ class Run:
     return self.labels.get(field) or field
 
 
+def _read_text(path: str) -> str:
+  try:
+    with open(path, encoding='utf-8') as f:
+      return f.read()
+  except UnicodeDecodeError as e:
+    raise ConfigError(f'{path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start:,})') from None
+  except OSError as e:
+    raise ConfigError(f'cannot read {path}: {e.strerror or e}') from None
+
+
 def _read_json(path: str):
   try:
-    with open(path) as f:
-      return json.load(f)
+    return json.loads(_read_text(path))
   except json.JSONDecodeError as e:
     raise ConfigError(f'{path} is not valid JSON ({e})') from None
 
 
 def _read_history(path: str) -> list[dict]:
-  with open(path) as f:
-    lines = [l for l in f.read().splitlines() if l.strip()]
+  lines = [l for l in _read_text(path).splitlines() if l.strip()]
   latest = {}
   for n, line in enumerate(lines):
     try:
@@ -75,9 +83,53 @@ def _read_history(path: str) -> list[dict]:
       raise ConfigError(f'{path}:{n + 1} is not valid JSON ({e})') from None
     if not isinstance(record, dict) or 'epoch' not in record:
       continue  # the {"summary": ...} line, or anything else that is not an epoch record
-    record = dict(record, student=int(record.get('student', 0)), epoch=int(record['epoch']))
+    try:
+      record = dict(record, student=_count(record.get('student', 0)), epoch=_count(record['epoch']))
+    except ValueError:
+      raise ConfigError(f'{path}:{n + 1} is not an epoch record: epoch {record["epoch"]!r}, student '
+                        f'{record.get("student", 0)!r} (whole numbers >= 0 expected)') from None
+    bad = [k for k, v in record.items() if k.endswith(_NUMERIC_SUFFIXES) and v is not None and not _number(v)]
+    if bad:
+      raise ConfigError(f'{path}:{n + 1}: {bad[0]} is {record[bad[0]]!r}, not a number')
     latest[(record['epoch'], record['student'])] = record  # after a resume an epoch comes again: the last wins
   return [latest[k] for k in sorted(latest)]
+
+
+_NUMERIC_SUFFIXES = ('accuracy', 'agreement', 'loss')
+
+
+def _number(value) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _count(value) -> int:
+  """A whole number >= 0 (an epoch, a student index) from JSON (3, 3.0 or '3'), or ValueError."""
+  try:
+    n = int(value)
+  except (TypeError, ValueError, OverflowError):
+    raise ValueError(value) from None
+  if isinstance(value, bool) or n < 0 or (isinstance(value, float) and value != n):
+    raise ValueError(value)
+  return n
+
+
+def _sweep_fields(sweep, path: str) -> tuple:
+  """(axes, students, mode, labels, seeds) of sweep.json, each of the type the results need, or one line."""
+  fields = {'axes': dict, 'students': list, 'mode': str, 'labels': dict, 'seeds': list}
+  for key, kind in fields.items():
+    value = sweep.get(key)
+    if value is not None and not isinstance(value, kind):
+      raise ConfigError(f'{path}: {key!r} holds a {type(value).__name__}, not a {kind.__name__}')
+  for field, values in (sweep.get('axes') or {}).items():
+    if not isinstance(values, list):
+      raise ConfigError(f'{path}: the axis {field!r} holds a {type(values).__name__}, not a list of values')
+  for i, student in enumerate(sweep.get('students') or []):
+    if not isinstance(student, dict) or not isinstance(student.get('values') or {}, dict):
+      raise ConfigError(f'{path}: student {i} is not an object with a "values" object')
+    if 'index' in student and (isinstance(student['index'], bool) or not isinstance(student['index'], int)):
+      raise ConfigError(f'{path}: student {i} has the index {student["index"]!r}, not a whole number')
+  return (dict(sweep.get('axes') or {}), [dict(s) for s in sweep.get('students') or []], sweep.get('mode') or 'grid',
+          dict(sweep.get('labels') or {}), list(sweep.get('seeds') or []))
 
 
 def load_run(workdir: str) -> Run:
@@ -96,11 +148,7 @@ def load_run(workdir: str) -> Run:
     sweep = _read_json(sweep_path)
     if not isinstance(sweep, dict):
       raise ConfigError(f'{sweep_path} does not hold an object')
-    axes = dict(sweep.get('axes') or {})
-    students = [dict(s) for s in sweep.get('students') or []]
-    mode = sweep.get('mode', 'grid')
-    labels = dict(sweep.get('labels') or {})
-    seeds = list(sweep.get('seeds') or [])
+    axes, students, mode, labels, seeds = _sweep_fields(sweep, sweep_path)
   else:  # an older single run: its seed, if anywhere, is in config.json
     config_path = os.path.join(workdir, 'config.json')
     seed = None
@@ -124,6 +172,10 @@ def load_run(workdir: str) -> Run:
   summary = _read_json(summary_path) if os.path.exists(summary_path) else {}
   summary = summary if isinstance(summary, dict) else {}
   select = summary.get('select_split') or ('val' if any('val_accuracy' in r for r in history) else 'test')
+  if select not in SPLITS:
+    raise ConfigError(f'{summary_path}: select_split is {select!r}, not one of {", ".join(SPLITS)}')
+  if summary.get('wall_seconds') is not None and not _number(summary['wall_seconds']):
+    raise ConfigError(f'{summary_path}: wall_seconds is {summary["wall_seconds"]!r}, not a number')
   return Run(workdir=workdir, axes=axes, mode=mode, seeds=seeds, labels=labels, students=students,
              history=history, select_split=select, wall_seconds=summary.get('wall_seconds'))
 

@@ -67,7 +67,7 @@ def randomize(net: nn.Module, seed: int, size: int = 32) -> nn.Module:
 
 
 def save(sd: dict, path, wrap: str):
-  if wrap == 'model':  # RepDistiller / SimKD: {'model': sd, ...}; the Namespace forces the weights_only fallback
+  if wrap == 'model':  # RepDistiller / SimKD: {'model': sd, ...}; the Namespace needs --trust_file
     obj = {'model': sd, 'epoch': 240, 'best_acc': 79.4, 'opt': argparse.Namespace(model='x', lr=0.05)}
   elif wrap == 'net':  # {'net': sd}, saved from a DataParallel model
     obj = {'net': {f'module.{k}': v for k, v in sd.items()}, 'acc': 0.7}
@@ -109,13 +109,13 @@ def test_imported_logits_match_torch(name, tmp_path):
                        timeout=120)
     assert r.returncode == 0, r.stderr
     assert 'imported' in r.stdout
-  elif via == 'main':  # num_classes inferred from the classifier
+  elif via == 'main':  # num_classes inferred from the classifier; the file pickles a Namespace: --trust_file
     with pytest.warns(UserWarning, match='weights_only=False'):
-      assert import_torch.main(['--model', name, str(pth), str(out)]) == 0
+      assert import_torch.main(['--model', name, '--trust_file', str(pth), str(out)]) == 0
   else:
     ctx = pytest.warns(UserWarning, match='weights_only=False') if wrap == 'model' else contextlib.nullcontext()
     with ctx:
-      meta = import_torch.import_checkpoint(str(pth), str(out), name, num_classes)
+      meta = import_torch.import_checkpoint(str(pth), str(out), name, num_classes, trust_file=wrap == 'model')
     assert meta['model'] == name and meta['num_classes'] == num_classes
   x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
   with torch.no_grad():

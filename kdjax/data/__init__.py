@@ -9,11 +9,14 @@ scikit-learn's shipped `digits`.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
+import time
 
 from absl import logging
 import numpy as np
 
+from kdjax import atomic
 from kdjax.errors import ConfigError, DatasetNotFoundError
 
 # Per-channel statistics of the training sets, as the reference codebases normalise (RepDistiller for CIFAR-100).
@@ -105,6 +108,7 @@ def load(cfg) -> Dataset:
     if omitted >= num_classes:
       raise ConfigError(f'data.omit_class={omitted} but {name} has {num_classes} classes')
     train = train.take(train.labels != omitted)
+  _check_classes(train, num_classes, f'{name} ({root})' if root else name)
 
   if name in _STATS:
     mean, std = _STATS[name]
@@ -144,8 +148,41 @@ def from_arrays(train_images, train_labels, test_images=None, test_labels=None, 
   if mean is None or std is None:
     pixels = train.images.reshape(-1, train.images.shape[-1]).astype(np.float64) / 255.0
     mean, std = pixels.mean(0), np.maximum(pixels.std(0), 1e-3)
+  _check_classes(train, num_classes, name)
   return Dataset(name, num_classes, train, test, None, tuple(float(m) for m in mean), tuple(float(s) for s in std),
                  augment)
+
+
+def _check_classes(train: Split, num_classes: int, what: str):
+  """Distillation (and any classifier) needs two classes to tell apart: a one-class dataset, or a training set left
+  with one class by a subset or an omitted class, would train to accuracy 1.0 and mean nothing."""
+  if num_classes < 2:
+    raise ConfigError(f'dataset {what} has {num_classes} class; knowledge distillation needs at least 2')
+  present = np.unique(train.labels)
+  if len(present) < 2:
+    raise ConfigError(f'the training set of dataset {what} holds {len(present)} class (label '
+                      f'{", ".join(map(str, present)) or "none"}) in its {len(train):,} examples, after '
+                      'data.train_examples, data.val_fraction and data.omit_class; knowledge distillation needs at '
+                      'least 2')
+
+
+def stratified_split(labels: np.ndarray, seed: int, what: str, names=None, **size) -> tuple[np.ndarray, np.ndarray]:
+  """scikit-learn's seeded stratified `train_test_split(indices, **size)` of the indices of `labels` (`size`:
+  train_size= or test_size=), the two parts sorted, its refusals as one line naming `what` (and the class, by
+  `names` if given)."""
+  from sklearn.model_selection import train_test_split
+  counts = np.bincount(labels) if len(labels) else np.zeros(0, int)
+  single = np.flatnonzero(counts == 1)
+  if single.size:
+    k = int(single[0])
+    more = f' (and {single.size - 1} more class(es))' if single.size > 1 else ''
+    raise ConfigError(f'{what}: class {names[k] if names else k} has a single example{more}; a stratified split '
+                      'needs at least 2 of each class')
+  try:
+    first, second = train_test_split(np.arange(len(labels)), random_state=seed, stratify=labels, **size)
+  except ValueError as e:  # e.g. fewer examples in a part than classes
+    raise ConfigError(f'{what}: {" ".join(str(e).split())}') from None
+  return np.sort(first), np.sort(second)
 
 
 def _subset(split: Split, n: int, field: str, seed: int) -> Split:
@@ -154,19 +191,17 @@ def _subset(split: Split, n: int, field: str, seed: int) -> Split:
     return split
   if n < 0:
     raise ConfigError(f'config.{field} must be >= 0, got {n}')
-  from sklearn.model_selection import train_test_split
-  idx, _ = train_test_split(np.arange(len(split)), train_size=n, random_state=seed, stratify=split.labels)
-  return split.take(np.sort(idx))
+  idx, _ = stratified_split(split.labels, seed, f'config.{field}={n}', train_size=n)
+  return split.take(idx)
 
 
 def _split(train: Split, fraction: float, seed: int) -> tuple[Split, Split]:
   """A seeded stratified split of `train` into (train, val)."""
-  from sklearn.model_selection import train_test_split
   if not 0.0 < fraction < 1.0:
     raise ConfigError(f'data.val_fraction must be in [0, 1), got {fraction}')
-  idx_train, idx_val = train_test_split(np.arange(len(train)), test_size=fraction, random_state=seed,
-                                        stratify=train.labels)
-  return train.take(np.sort(idx_train)), train.take(np.sort(idx_val))
+  idx_train, idx_val = stratified_split(train.labels, seed, f'config.data.val_fraction={fraction}',
+                                        test_size=fraction)
+  return train.take(idx_train), train.take(idx_val)
 
 
 def _load_digits() -> tuple[Split, Split, int]:
@@ -210,20 +245,52 @@ def _load_tfds(name: str, data_dir: str | None, label_set: str = 'fine') -> tupl
 def cached(path: str | None, read, expected_len: int | None) -> Split:
   """`read()` once, then the decoded uint8 arrays from `path`: decoding 60,000 PNGs costs far more than loading one
   array file. A cache of another length than `expected_len` is stale (None: the path's name says what it holds).
-  An unwritable location only costs the cache."""
+  Each entry holds the SHA-256 of its arrays: a damaged one (cut short, a flipped bit, not an npz) is set aside as
+  `<path>.damaged-<time>`, with a warning, and decoded again. An unwritable location only costs the cache."""
   if path and os.path.exists(path):
-    with np.load(path) as f:
-      if expected_len is None or len(f['labels']) == expected_len:
-        return Split(f['images'], f['labels'])
+    split = _read_cache(path)
+    if split is not None and (expected_len is None or len(split) == expected_len):
+      return split
   split = read()
   if path:
     try:
-      tmp = path + '.tmp.npz'
-      np.savez(tmp, images=split.images, labels=split.labels)
-      os.replace(tmp, path)
+      with atomic.writing(path, 'wb') as f:
+        np.savez(f, images=split.images, labels=split.labels, sha256=np.array(_digest(split.images, split.labels)))
     except OSError as e:
       logging.warning('could not cache the decoded dataset at %s: %s', path, e)
   return split
+
+
+def _digest(images: np.ndarray, labels: np.ndarray) -> str:
+  h = hashlib.sha256()
+  for a in (images, labels):
+    a = np.ascontiguousarray(a)
+    h.update(f'{a.dtype.str}{a.shape};'.encode())
+    h.update(a.reshape(-1).view(np.uint8))
+  return h.hexdigest()
+
+
+def _read_cache(path: str) -> Split | None:
+  """The cached split at `path`, or None when it is damaged (then set aside, with a warning)."""
+  try:
+    with np.load(path) as f:  # allow_pickle=False: an npz holds arrays only
+      images, labels, digest = f['images'], f['labels'], str(f['sha256']) if 'sha256' in f else None
+    damage = None if digest in (None, _digest(images, labels)) else 'its arrays do not match their SHA-256'
+  except Exception as e:  # pylint: disable=broad-except  (a cut or garbled zip raises almost anything)
+    damage = f'{type(e).__name__}: {" ".join(str(e).split())[:200]}'
+  if damage is None and digest is None:
+    logging.info('the cached dataset %s has no checksum (an older kdjax wrote it); decoding again', path)
+    return None
+  if damage is None:
+    return Split(images, labels)
+  aside = f'{path}.damaged-{int(time.time())}'
+  try:
+    os.rename(path, aside)
+    logging.warning('the cached dataset %s is damaged (%s); moved to %s and decoded again', path, damage, aside)
+  except OSError as e:  # another process set it aside first, or a read-only cache: decoded again all the same
+    logging.warning('the cached dataset %s is damaged (%s); decoding again (could not move it aside: %s)', path,
+                    damage, e)
+  return None
 
 
 def _read_all(source, what: str, label_key: str = 'label') -> Split:

@@ -4,14 +4,21 @@
 files (raw or gzipped), or a folder of images (`kdjax.data.folder`). The dataset's own files win when a torchvision
 root holds several. Every reader returns `Split`s of uint8 [N, H, W, C] images and int32 labels, or refuses the
 input in one line naming the file. The decoded arrays are cached under `~/.cache/kdjax/data` (`data.cache_dir`),
-never beside the data, keyed by the directory and the sizes and times of the files read.
+never beside the data, keyed by the directory and the sizes and times of the files read, each entry with the
+SHA-256 of its arrays (`kdjax.data.cached`: a damaged entry is set aside and decoded again).
+
+CIFAR's pickles are read by an unpickler that builds only what the format holds (dicts, lists, bytes, str, numbers
+and NumPy arrays): a file that names any other global (a crafted `data_batch_1` whose reduce calls os.system) is
+refused in one line naming the file and the global, and none of its code runs.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import json
+import math
 import os
 import pickle
 import pickletools
@@ -58,10 +65,11 @@ def load(cfg, root: str) -> tuple[Split, Split, int]:
     where = found[name]
     files, read = _cifar_files(name, where), functools.partial(_read_cifar, name, where, label_set)
     num_classes = len(_cifar_label_names(name, where, label_set))
-    options = {'label_set': label_set}
+    options, counts = {'label_set': label_set}, (None, None)
   elif name in IDX_FOLDERS and (name in found or 'idx' in found):
     where = found.get(name) or found['idx']
     files, read, num_classes, options = _idx_files(where), functools.partial(_read_idx_dir, where), _IDX_CLASSES, {}
+    counts = (None, None)
   elif 'folder' in found:
     if label_set != 'fine':
       raise ConfigError(f"data.label_set={label_set!r} needs CIFAR-100's python files (cifar-100-python), not the "
@@ -69,6 +77,7 @@ def load(cfg, root: str) -> tuple[Split, Split, int]:
     lst = folder.listing(root, cfg.folder)
     files, num_classes = lst.files, len(lst.classes)
     read = lambda: [(split, root) for split in folder.read(lst, cfg.folder)]
+    counts = (int((~lst.is_test).sum()), int(lst.is_test.sum()))
     options = {k: cfg.folder.get(k) for k in ('image_size', 'test_fraction', 'seed', 'label_column', 'file_column')}
   elif found:
     other, where = next(iter(found.items()))
@@ -81,8 +90,9 @@ def load(cfg, root: str) -> tuple[Split, Split, int]:
 
   cache = _cache_dir(cfg, root, files, options)
   read_once = functools.cache(lambda: _checked(read(), cache))
-  train = cached(os.path.join(cache, 'train.npz'), lambda: read_once()[0], expected_len=None)
-  test = cached(os.path.join(cache, 'test.npz'), lambda: read_once()[1], expected_len=None)
+  # A cached split of another length than the folder's listing counts (None: not known before reading) is stale.
+  train = cached(os.path.join(cache, 'train.npz'), lambda: read_once()[0], expected_len=counts[0])
+  test = cached(os.path.join(cache, 'test.npz'), lambda: read_once()[1], expected_len=counts[1])
   return train, test, num_classes
 
 
@@ -139,7 +149,10 @@ def _cache_dir(cfg, root: str, files: list[str], options: dict) -> str:
   change the arrays, so a changed file is decoded again."""
   stats = []
   for path in files:
-    st = os.stat(path)
+    try:
+      st = os.stat(path)
+    except OSError as e:  # listed a moment ago: removed since, or a link that leads nowhere
+      raise ConfigError(f'cannot read {path}: {e.strerror or e}') from None
     stats.append((os.path.relpath(path, root), st.st_size, st.st_mtime_ns))
   key = json.dumps([root, stats, options], sort_keys=True, default=str)
   digest = hashlib.sha1(key.encode()).hexdigest()[:12]
@@ -161,12 +174,55 @@ def _cifar_files(name: str, where: str) -> list[str]:
   return paths
 
 
+@functools.cache
+def _numpy_globals() -> dict:
+  """The NumPy callables an array's pickle names, under NumPy 1's and NumPy 2's module paths (torchvision's files
+  were written by NumPy 1: numpy.core.multiarray._reconstruct, numpy.ndarray, numpy.dtype)."""
+  core = getattr(np, '_core', None) or np.core
+  out = {}
+  for module in ('numpy.core', 'numpy._core'):
+    out[(f'{module}.multiarray', '_reconstruct')] = core.multiarray._reconstruct
+    out[(f'{module}.multiarray', 'scalar')] = core.multiarray.scalar
+    if hasattr(core.numeric, '_frombuffer'):  # protocol 5 pickles of arrays
+      out[(f'{module}.numeric', '_frombuffer')] = core.numeric._frombuffer
+  out[('numpy', 'ndarray')], out[('numpy', 'dtype')] = np.ndarray, np.dtype
+  return out
+
+
+def _latin1_encode(text: str, encoding: str = 'utf-8') -> bytes:
+  """`_codecs.encode` as Python 3 pickles bytes at protocol 2 (`encode(str, 'latin1')`), and nothing else."""
+  if encoding not in ('latin1', 'latin-1') or not isinstance(text, str):
+    raise pickle.UnpicklingError(f'_codecs.encode with {encoding!r} is not how a CIFAR file holds bytes')
+  return text.encode('latin1')
+
+
+class _CifarUnpickler(pickle.Unpickler):
+  """Loads only what CIFAR's pickles hold: dicts, lists, tuples, bytes, str, numbers and NumPy arrays. Any other
+  global (a class, a function such as os.system that a crafted file's reduce would call) is refused, so no code
+  from the file runs."""
+
+  def find_class(self, module, name):
+    if (module, name) == ('_codecs', 'encode'):
+      return _latin1_encode
+    found = _numpy_globals().get((module, name))
+    if found is not None:
+      return found
+    raise _ForbiddenGlobal(f'{module}.{name}')
+
+
+class _ForbiddenGlobal(pickle.UnpicklingError):
+  """A pickle names a global that CIFAR's files never hold."""
+
+
 def _unpickle(path: str) -> dict:
   """torchvision's files were written by Python 2: str keys and values load as bytes."""
   with open(path, 'rb') as f:
     raw = f.read()
   try:
-    d = pickle.loads(raw, encoding='bytes')
+    d = _CifarUnpickler(io.BytesIO(raw), encoding='bytes').load()
+  except _ForbiddenGlobal as e:
+    raise ConfigError(f'refused {path}: it names {e}, which a CIFAR file never holds (loading it could run code from '
+                      'the file); replace it with the original download') from None
   except Exception as e:  # pylint: disable=broad-except  (unpickling garbage raises almost anything)
     raise ConfigError(_pickle_damage(path, raw, e)) from None
   if not isinstance(d, dict):
@@ -194,7 +250,18 @@ def _cifar_label_names(name: str, where: str, label_set: str) -> list:
   key = keys[label_set][1]
   if key not in d:
     raise ConfigError(f'corrupt file {path}: no {key!r} among its keys {sorted(d)}')
-  return list(d[key])
+  names = d[key]
+  if isinstance(names, np.ndarray):
+    names = names.tolist()
+  if not isinstance(names, (list, tuple)):
+    raise ConfigError(f'corrupt file {path}: {key!r} is of type {type(names).__name__}, not a list of class names')
+  bad = [n for n in names if not isinstance(n, (bytes, str))]
+  if bad:
+    raise ConfigError(f'corrupt file {path}: {key!r} holds {str(bad[0])[:40]} (of type {type(bad[0]).__name__}) '
+                      'among its class names, which are strings')
+  if len(names) < 2:
+    raise ConfigError(f'corrupt file {path}: {key!r} names {len(names)} class(es); a dataset needs at least 2')
+  return list(names)
 
 
 def _read_cifar_file(path: str, labels_key: bytes, num_classes: int) -> Split:
@@ -290,7 +357,10 @@ def read_idx(path: str, ndim: int) -> np.ndarray:
     raise ConfigError(f'corrupt file {path}: IDX magic number 0x{magic:08x}, expected 0x{_IDX_MAGIC[ndim]:08x} '
                       f'({"images" if ndim == 3 else "labels"})')
   dims = tuple(int(d) for d in np.frombuffer(raw, '>i4', ndim, 4)) if len(raw) >= header else None
-  expected = header + int(np.prod(dims)) if dims else None
+  if dims and (min(dims) < 0 or (ndim == 3 and min(dims[1:]) < 1)):
+    raise ConfigError(f'corrupt file {path}: its IDX header gives the sizes {" x ".join(map(str, dims))}'
+                      f'{" (negative)" if min(dims) < 0 else " (an empty image)"}')
+  expected = header + math.prod(dims) if dims else None
   shape = f' (a {header}-byte header and {" x ".join(map(str, dims))} bytes)' if dims else ' (the IDX header)'
   if error:
     raise ConfigError(f'corrupt file {path}: its gzip data is damaged ({error})' +

@@ -7,6 +7,11 @@
 - torchvision's ImageFolder: one subfolder of images per class, either under `root/train/` and `root/test/` (or
   `root/val/`) or directly in `root`.
 
+Class folders are walked as torchvision does (symlinks followed), except that a symlinked folder that leads back
+into the dataset's folder (or to one walked already) is not followed, with a warning: such a link would count
+images again, and a loop of links without end. A symlinked image that leads nowhere, a CSV that is not UTF-8, a
+dataset of one class and a class too small for the stratified split are refused in one line.
+
 Without a given partition the test split is a seeded stratified `test_fraction`. Labels are indexed in sorted order
 of the class names, as torchvision does (those of train/ for both splits). Images are decoded as RGB, as
 torchvision's default loader does.
@@ -28,6 +33,7 @@ from kdjax.errors import ConfigError, DatasetNotFoundError
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
 LAYOUTS = ('images/ and annotations.csv (MHIST), or one subfolder of images per class (ImageFolder), optionally '
            'under train/ and test/')
+_WARNED_LINKS = set()  # the symlinks not followed that a warning named already (a folder is listed more than once)
 
 
 @dataclasses.dataclass
@@ -49,13 +55,46 @@ def _subdirs(path: str) -> list[str]:
   return sorted(e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith('.'))
 
 
-def _images_under(path: str) -> list[str]:
+def _images_under(path: str, tree: str) -> list[str]:
   """The image files under `path`, recursively, in sorted order (as torchvision's make_dataset walks them)."""
-  out = []
-  for parent, dirs, names in os.walk(path, followlinks=True):
-    dirs.sort()
-    out.extend(os.path.join(parent, n) for n in sorted(names) if _is_image(n))
-  return out
+  return [f for _, files in _walk(path, tree) for f in files if _is_image(os.path.basename(f))]
+
+
+def _walk(top: str, tree: str):
+  """(directory, its files) under `top`, top-down in sorted order (os.walk with followlinks=True, dirs sorted),
+  except that a symlinked directory is followed only when it leads out of `tree` (the dataset's folder) to a
+  directory not walked yet: a link back into the tree (`cat/up -> ..`) would count the images it reaches again, a
+  loop of links without end. A symlinked image that leads nowhere is refused in one line."""
+  tree, seen, stack = os.path.realpath(tree), set(), [top]
+  while stack:
+    where = stack.pop()
+    real = os.path.realpath(where)
+    if real in seen:
+      continue
+    seen.add(real)
+    files, dirs = [], []
+    try:
+      entries = sorted(os.scandir(where), key=lambda e: e.name)
+    except OSError as e:
+      raise ConfigError(f'cannot list the folder {where}: {e.strerror or e}') from None
+    for e in entries:
+      if not e.is_dir():  # follows a symlink
+        if e.is_symlink() and not os.path.exists(e.path) and _is_image(e.name):
+          raise ConfigError(f'dangling symlink {e.path} -> {os.readlink(e.path)}: the image it names does not exist')
+        files.append(e.path)
+      elif not e.is_symlink():
+        dirs.append(e.path)
+      else:
+        target = os.path.realpath(e.path)
+        if target == tree or target.startswith(tree + os.sep) or target in seen:
+          if e.path not in _WARNED_LINKS:
+            _WARNED_LINKS.add(e.path)
+            logging.warning('not following the symlink %s -> %s: it leads back into %s or to a folder already '
+                            'walked', e.path, target, tree)
+        else:
+          dirs.append(e.path)
+    yield where, files
+    stack.extend(reversed(dirs))
 
 
 def layout(root: str) -> str | None:
@@ -68,14 +107,15 @@ def layout(root: str) -> str | None:
   if 'train' in subdirs:
     return 'classes'
   for d in subdirs:
-    for _, _, names in os.walk(os.path.join(root, d), followlinks=True):
-      if any(_is_image(n) for n in names):
+    for _, files in _walk(os.path.join(root, d), root):
+      if any(_is_image(os.path.basename(f)) for f in files):
         return 'classes'
   return None
 
 
 def listing(root: str, cfg) -> Listing:
   """The images of the folder at `root` (a `config.data.folder` section gives the options), their labels and split."""
+  _check_options(cfg)
   kind = layout(root)
   if kind == 'csv':
     return _csv_listing(root, cfg)
@@ -93,15 +133,23 @@ def read(lst: Listing, cfg) -> tuple[Split, Split]:
 
 
 def load_image(path: str, size: int) -> np.ndarray:
+  """The image at `path` as uint8 [H, W, 3] RGB (resized to size x size, bilinear, if `size`): decoded by the
+  streaming path's `transforms.open_image`, so an unreadable, truncated or decompression-bomb file is refused the
+  same way, here in one line naming it."""
   from PIL import Image
+  from kdjax.data import transforms
   try:
-    with Image.open(path) as img:
-      img = img.convert('RGB')
-      if size:
-        img = img.resize((size, size), Image.BILINEAR)
-      return np.asarray(img, np.uint8)
-  except OSError as e:  # PIL's UnidentifiedImageError and 'image file is truncated' are OSErrors
-    raise ConfigError(f'corrupt file {path}: {" ".join(str(e).split())}') from None
+    with open(path, 'rb') as f:
+      data = f.read()
+  except OSError as e:
+    raise ConfigError(f'cannot read the image {path}: {e.strerror or e}') from None
+  try:
+    img = transforms.open_image(data)
+  except transforms.CorruptImage as e:
+    raise ConfigError(f'corrupt file {path}: {e}') from None
+  if size:
+    img = img.resize((size, size), Image.BILINEAR)
+  return np.asarray(img, np.uint8)
 
 
 def decode_all(paths: list[str], size: int) -> np.ndarray:
@@ -117,11 +165,24 @@ def decode_all(paths: list[str], size: int) -> np.ndarray:
   return np.stack(images)
 
 
-def _stratified_test_mask(labels: np.ndarray, cfg) -> np.ndarray:
-  from sklearn.model_selection import train_test_split
-  _, test_idx = train_test_split(np.arange(len(labels)), test_size=cfg.get('test_fraction', 0.2),
-                                 random_state=cfg.get('seed', 0), stratify=labels)
+def _stratified_test_mask(labels: np.ndarray, cfg, root: str, classes: list[str]) -> np.ndarray:
+  from kdjax.data import stratified_split
+  fraction = cfg.get('test_fraction', 0.2)
+  _, test_idx = stratified_split(labels, cfg.get('seed', 0), f'the data.folder.test_fraction={fraction} split of '
+                                 f'{root}', names=[repr(c) for c in classes], test_size=fraction)
   return np.isin(np.arange(len(labels)), test_idx)
+
+
+def _check_options(cfg):
+  fraction = cfg.get('test_fraction', 0.2)
+  if not isinstance(fraction, (int, float)) or not 0.0 < fraction < 1.0:
+    raise ConfigError(f'config.data.folder.test_fraction must be in (0, 1), got {fraction!r}')
+
+
+def _check_classes(root: str, classes: list[str]):
+  if len(classes) < 2:
+    raise ConfigError(f'the folder dataset {root} has {len(classes)} class ({", ".join(map(repr, classes))}); '
+                      'knowledge distillation needs at least 2')
 
 
 def _class_listing(root: str, cfg) -> Listing:
@@ -137,32 +198,40 @@ def _class_listing(root: str, cfg) -> Listing:
       raise ConfigError(f'{parts["test"]} has class folders that {parts["train"]} lacks: {", ".join(extra)}')
   else:
     parts, classes = {'all': root}, _subdirs(root)
+  _check_classes(root, classes)
   paths, labels, is_test = [], [], []
   for part, part_dir in parts.items():
     for label, name in enumerate(classes):
       class_dir = os.path.join(part_dir, name)
-      found = _images_under(class_dir) if os.path.isdir(class_dir) else []
+      found = _images_under(class_dir, root) if os.path.isdir(class_dir) else []
       if not found and part != 'test':
         raise DatasetNotFoundError(f'class folder {class_dir} holds no images ({", ".join(IMAGE_EXTENSIONS)})')
       paths += found
       labels += [label] * len(found)
       is_test += [part == 'test'] * len(found)
   labels = np.array(labels, np.int32)
-  is_test = _stratified_test_mask(labels, cfg) if 'all' in parts else np.array(is_test, bool)
+  is_test = _stratified_test_mask(labels, cfg, root, classes) if 'all' in parts else np.array(is_test, bool)
   logging.info('image folder %s: %d classes, %d train / %d test images', root, len(classes),
                int((~is_test).sum()), int(is_test.sum()))
   return Listing(paths, labels, is_test, classes, list(paths))
 
 
 def _read_csv(path: str) -> list[dict]:
-  with open(path, newline='') as f:
-    return list(csv.DictReader(f))
+  try:
+    with open(path, newline='', encoding='utf-8-sig') as f:  # -sig: the byte-order mark spreadsheets write
+      return list(csv.DictReader(f))
+  except UnicodeDecodeError as e:
+    raise ConfigError(f'{path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start:,}); save it '
+                      'as UTF-8') from None
+  except csv.Error as e:
+    raise ConfigError(f'{path} is not a readable CSV file: {e}') from None
 
 
 def _pick_columns(rows: list[dict], images_dir: str, cfg) -> tuple[str, str]:
   columns = list(rows[0])
   file_col = cfg.get('file_column') or next(
-      (c for c in columns if os.path.exists(os.path.join(images_dir, rows[0][c]))), None)
+      (c for c in columns if isinstance(rows[0][c], str) and os.path.isfile(os.path.join(images_dir, rows[0][c]))),
+      None)
   if file_col is None or file_col not in columns:
     raise ConfigError(f'cannot find the image-file column in {columns}; set data.folder.file_column')
   label_col = cfg.get('label_column') or ('Majority Vote Label' if 'Majority Vote Label' in columns else next(
@@ -178,13 +247,19 @@ def _csv_listing(root: str, cfg) -> Listing:
   if not rows:
     raise DatasetNotFoundError(f'{csv_path} lists no images')
   file_col, label_col = _pick_columns(rows, images_dir, cfg)
+  for n, r in enumerate(rows):
+    if r[file_col] is None or r[label_col] is None:  # csv leaves the fields a short row lacks as None
+      raise ConfigError(f'{csv_path}: row {n + 2} has no {file_col if r[file_col] is None else label_col!r} field')
+    if not os.path.isfile(os.path.join(images_dir, r[file_col])):
+      raise ConfigError(f'{csv_path}: row {n + 2} names {r[file_col]!r}, which is not a file in {images_dir}')
   classes = sorted({r[label_col] for r in rows})
+  _check_classes(root, classes)
   paths = [os.path.join(images_dir, r[file_col]) for r in rows]
   labels = np.array([classes.index(r[label_col]) for r in rows], np.int32)
   if 'Partition' in rows[0]:
     is_test = np.array([r['Partition'].strip().lower() == 'test' for r in rows])
   else:
-    is_test = _stratified_test_mask(labels, cfg)
+    is_test = _stratified_test_mask(labels, cfg, root, classes)
   logging.info('folder dataset %s: classes %s, %d train / %d test images', root, dict(enumerate(classes)),
                int((~is_test).sum()), int(is_test.sum()))
   return Listing(paths, labels, is_test, classes, paths + [csv_path])

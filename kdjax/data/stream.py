@@ -16,7 +16,9 @@ process's position in its shard (elements consumed) is the loader's whole state:
 Corrupt images (`data.on_corrupt`): 'stop' ends the run with one line naming the file, when the batch that holds it
 is taken; 'skip' leaves the example out: the batch is filled with the next elements of the stream, so batches stay
 full and stay a function of the position (the stream runs on into the next epoch's order by as many elements as
-were skipped); the skipped files are counted per epoch in the log. Evaluation streams the eval split in order, each
+were skipped); the skipped files are counted per epoch in the log. A stream that yields no readable image (every
+image corrupt) stops with one line after MAX_CONSECUTIVE_SKIPS corrupt elements in a row (or two epochs' worth of
+the training set, if fewer), instead of looking for ever. Evaluation streams the eval split in order, each
 process its strided shard, padded to whole batches with a mask (a skipped eval image is masked out and counted in
 the log).
 """
@@ -41,6 +43,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 STREAM_NAMES = ('imagenet2012', 'folder')
 PIPELINES = ('auto', 'device', 'stream')
 ON_CORRUPT = ('stop', 'skip')
+# data.on_corrupt='skip' stops after this many corrupt images in a row (or two epochs' worth of the training set, if
+# fewer): a stream with no readable image would otherwise never fill a batch, and say nothing.
+MAX_CONSECUTIVE_SKIPS = 1000
 # Evaluation splits smaller than this are read in this process: starting worker processes costs more than they save.
 EVAL_WORKERS_MIN_RECORDS = 1024
 # data.pipeline = 'auto' keeps a training set on the devices when its decoded uint8 arrays take at most this fraction
@@ -324,6 +329,10 @@ class TrainLoader:
     self._elements = _iterate(stream.map(_TrainElement(ds.train.source, seed, ds.image_size, ds.resize,
                                                        ds.augment != 'none')), ds.workers)
     self.position = position
+    # Two epochs' worth: with one readable record, the longest run of corrupt ones across an epoch boundary is
+    # shorter than that (on one process).
+    self.max_skips = min(MAX_CONSECUTIVE_SKIPS, 2 * n)
+    self._in_a_row = 0
     self.skipped = []  # (path and reason) of the corrupt images skipped in the batches taken, since last read
     self._queue = queue.Queue(maxsize=max(1, ds.prefetch))
     self._stop = threading.Event()
@@ -349,7 +358,8 @@ class TrainLoader:
         continue
 
   def _next_local(self):
-    """('batch', arrays, elements consumed, corrupt ones skipped), or ('corrupt', what) under on_corrupt='stop'."""
+    """('batch', arrays, elements consumed, corrupt ones skipped), ('corrupt', what) under on_corrupt='stop', or
+    ('unreadable', count, the last) after `max_skips` corrupt elements in a row under 'skip'."""
     images, labels, indices, corrupt, consumed = [], [], [], [], 0
     while len(images) < self.local_batch:
       el = next(self._elements)
@@ -358,7 +368,11 @@ class TrainLoader:
         corrupt.append(el['corrupt'])
         if self.ds.on_corrupt == 'stop':
           return ('corrupt', el['corrupt'])
+        self._in_a_row += 1
+        if self._in_a_row >= self.max_skips:
+          return ('unreadable', self._in_a_row, el['corrupt'])
         continue
+      self._in_a_row = 0
       images.append(el['image'])
       labels.append(el['label'])
       indices.append(el['index'])
@@ -373,6 +387,10 @@ class TrainLoader:
       raise item[1]
     if item[0] == 'corrupt':
       raise ConfigError(f'corrupt image {item[1]}; set --config.data.on_corrupt=skip to leave such files out')
+    if item[0] == 'unreadable':
+      raise ConfigError(f'{item[1]:,} corrupt training images in a row in {self.ds.train.what} (of '
+                        f'{len(self.ds.train):,}), none readable: data.on_corrupt=skip stops here rather than look '
+                        f'for ever; the last: {item[2]}')
     _, batch, consumed, corrupt = item
     self.position += consumed
     for what in corrupt:

@@ -45,7 +45,9 @@ def _open(data: bytes, min_side: int | None) -> Image.Image:
     img = Image.open(io.BytesIO(data))
   except UnidentifiedImageError:
     raise CorruptImage(f'not an image PIL can identify ({len(data)} bytes, starting {data[:8]!r})') from None
-  except Image.DecompressionBombError as e:  # more than 2 x Image.MAX_IMAGE_PIXELS, checked when opened
+  except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    # More than 2 x Image.MAX_IMAGE_PIXELS (checked when opened), or more than MAX_IMAGE_PIXELS where warnings are
+    # errors: a bomb that would take the host's memory.
     raise CorruptImage(_reason(e)) from None
   except (OSError, ValueError, SyntaxError, EOFError) as e:
     raise CorruptImage(f'unreadable image header: {_reason(e)}') from None
@@ -59,6 +61,12 @@ def _open(data: bytes, min_side: int | None) -> Image.Image:
     return img if img.mode == 'RGB' else img.convert('RGB')
   except (OSError, ValueError, SyntaxError, EOFError) as e:  # 'image file is truncated', broken data streams
     raise CorruptImage(f'cannot decode {img.format or "image"} data: {_reason(e)}') from None
+
+
+def open_image(data: bytes) -> Image.Image:
+  """The image in `data` as a decoded PIL image in RGB mode (torchvision's loader, as `decode`); CorruptImage if the
+  bytes are unreadable, truncated or a decompression bomb. The device path's folder reader decodes with it too."""
+  return _open(data, None)
 
 
 def decode(data: bytes, min_side: int | None = None) -> np.ndarray:

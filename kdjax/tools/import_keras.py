@@ -128,7 +128,16 @@ def read_weights(path: str, model: str) -> dict[str, list[np.ndarray]]:
   if not os.path.isfile(path):
     raise CheckpointNotFoundError(f'no Keras weight file at {path}')
   layers = keras_layers(model)
-  with h5py.File(path, 'r') as f:
+  if not h5py.is_hdf5(path):
+    with open(path, 'rb') as f:
+      head = f.read(8)
+    raise ConfigError(f'{path} is not an HDF5 file (Keras weight files, .h5 or .weights.h5, are): it starts with '
+                      f'{head!r}')
+  try:
+    f = h5py.File(path, 'r')
+  except OSError as e:  # a cut or damaged HDF5 file
+    raise ConfigError(f'cannot read the HDF5 file {path}: {" ".join(str(e).split())}') from None
+  with f:
     root = f['model_weights'] if 'model_weights' in f else f
     if 'layer_names' in root.attrs:  # legacy HDF5: names as Keras gave them
       out = {}
@@ -204,6 +213,7 @@ def convert(weights: dict[str, list[np.ndarray]], model: str, num_classes: int |
 def import_checkpoint(path: str, out_dir: str, model: str, num_classes: int | None = None,
                       dataset: str = 'imagenet2012', image_size: int = 224, overwrite: bool = False) -> dict:
   """Reads a Keras weight file, converts it for `model` and writes a model-only kdjax checkpoint to `out_dir`."""
+  import_torch.check_sizes(image_size, num_classes)
   import_torch.prepare_output(out_dir, overwrite)
   image_shape = [image_size, image_size, 3]
   variables = convert(read_weights(path, model), model, num_classes, image_shape)

@@ -11,9 +11,10 @@ Accepted files: the state_dicts of the CIFAR models of RepDistiller (HobbitLong/
 with `--image_size 224 --dataset imagenet2012`. Saved as
 `{'model': state_dict, ...}` (RepDistiller, SimKD, mdistiller teachers), `{'net': state_dict, ...}`,
 `{'state_dict': state_dict, ...}` or a bare state_dict; a `module.` prefix (DataParallel) is stripped. The file is
-read with `torch.load(weights_only=True)` first; only if that refuses the pickle (e.g. a checkpoint that also
-stores an argparse Namespace) is it re-read with `weights_only=False`, which runs arbitrary pickled code: import only
-files you trust.
+read with `torch.load(weights_only=True)`, which runs no code from it; a file that this refuses (e.g. a checkpoint
+that also pickles an argparse Namespace) is refused in one line, unless `--trust_file` is given: then it is read
+with `weights_only=False`, which runs whatever code the pickle names, so pass it only for files you trust. A file
+that is not torch.save's output (text, a .npy, an HDF5 file) or is cut short is refused in one line.
 
 The mapping is derived, not tabulated: for every leaf of our variable tree the PyTorch key is computed from its path
 (`layer1_0/conv1/kernel` -> `layer1.0.conv1.weight`: every `_<digits>` becomes `.<digits>`, `/` becomes `.`, the
@@ -280,10 +281,61 @@ def _to_numpy(t) -> np.ndarray:
   return np.asarray(t)
 
 
-def load_state_dict(path: str) -> dict[str, np.ndarray]:
-  """Reads a .pth/.pt/.tar file of any of the accepted layouts into {key: numpy array}. Imports torch."""
+# What a file that torch.save wrote starts with: a zip archive (torch >= 1.6), or a pickle (the legacy format).
+_TORCH_MAGICS = (b'PK\x03\x04', b'\x80')
+# What other files a user may pass start with, for the refusal's wording.
+_OTHER_MAGICS = ((b'\x93NUMPY', 'a NumPy .npy file'), (b'\x89HDF\r\n\x1a\n', 'an HDF5 file (Keras weights: use '
+                 'kdjax.tools.import_keras)'), (b'\x1f\x8b', 'a gzip file'))
+
+
+def _kind_of_file(path: str) -> str | None:
+  """None for a file that may be torch.save's output, else what it is instead (for a one-line refusal)."""
+  with open(path, 'rb') as f:
+    head = f.read(8)
+  if head.startswith(_TORCH_MAGICS):
+    return None
+  for magic, what in _OTHER_MAGICS:
+    if head.startswith(magic):
+      return what
+  if not head:
+    return 'empty'
+  return f'not a file torch.save writes (a zip archive or a pickle): it starts with {head!r}'
+
+
+def _torch_reason(e: Exception) -> tuple[str, bool]:
+  """The line of torch.load's many-line message that says what is wrong, and whether weights_only=False might read
+  the file (it refused a pickle as unsafe, rather than failing on damaged bytes)."""
+  text = re.sub(r'\x1b\[[0-9;]*m', '', str(e))
+  m = re.search(r'unsupported (?:global: )?GLOBAL (\S+)', text, re.I)
+  if m:
+    module, _, name = m[1].rpartition('.')
+    if module in sys.modules and not hasattr(sys.modules[module], name):  # nothing is imported to find out
+      return f'it names {m[1]}, which does not exist: the file is damaged or truncated', False
+    return f'it pickles {m[1]}, not only tensors', True
+  m = re.search(r'WeightsUnpickler error:\s*(.+?)(?:\n\n|$)', text, re.S)
+  # Else the first paragraph that is not torch's advice (which suggests weights_only=False).
+  paragraphs = [p for p in re.split(r'\n\s*\n', text.strip())
+                if p.strip() and not p.lstrip().startswith(('Weights only load failed', 'Check the documentation'))]
+  line = m[1] if m else (paragraphs or [text.strip() or type(e).__name__])[0]
+  line = re.split(r'(?<=\.) ', ' '.join(line.split()))[0]  # the first sentence
+  unsafe = isinstance(e, pickle.UnpicklingError)
+  line = line[:300].rstrip('.')
+  return f'{type(e).__name__}: {line}{"" if unsafe else "; the file is damaged or truncated"}', unsafe
+
+
+def load_state_dict(path: str, trust_file: bool = False) -> dict[str, np.ndarray]:
+  """Reads a .pth/.pt/.tar file of any of the accepted layouts into {key: numpy array}. Imports torch.
+
+  The file is read with `torch.load(weights_only=True)`, which builds tensors and plain containers only and runs no
+  code from the file. A file it refuses (e.g. a RepDistiller checkpoint that also pickles an argparse.Namespace) is
+  refused in one line; with `trust_file=True` (the CLI's --trust_file) such a file is read again with
+  `weights_only=False`, with a warning: that runs any code the file's pickle names, so only for files from a source
+  you trust. A damaged or truncated file is refused either way."""
   if not os.path.isfile(path):
     raise CheckpointNotFoundError(f'PyTorch checkpoint {path} does not exist')
+  kind = _kind_of_file(path)
+  if kind is not None:
+    raise ConfigError(f'{path} is not a PyTorch checkpoint: {kind}')
   try:
     import torch
   except ImportError as e:
@@ -291,11 +343,20 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
                       '--index-url https://download.pytorch.org/whl/cpu') from e
   try:
     obj = torch.load(path, map_location='cpu', weights_only=True)
-  except pickle.UnpicklingError as e:
-    # e.g. RepDistiller-style files that also pickle an argparse.Namespace of options
-    warnings.warn(f'{path}: weights_only=True refused the file ({str(e).splitlines()[0]}); re-reading it with '
-                  'weights_only=False, which executes pickled code: only import files you trust', stacklevel=2)
-    obj = torch.load(path, map_location='cpu', weights_only=False)
+  except Exception as e:  # pylint: disable=broad-except  (a cut or damaged file raises almost anything)
+    reason, unsafe = _torch_reason(e)
+    if not unsafe:
+      raise ConfigError(f'cannot read {path}: {reason}') from None
+    if not trust_file:
+      raise ConfigError(f'refused {path}: torch.load(weights_only=True) cannot read it ({reason}); if you trust the '
+                        'file, pass --trust_file, which reads it with weights_only=False and runs any code it '
+                        'holds') from None
+    warnings.warn(f'{path}: weights_only=True refused the file ({reason}); --trust_file: reading it with '
+                  'weights_only=False, which runs the code its pickle names', stacklevel=2)
+    try:
+      obj = torch.load(path, map_location='cpu', weights_only=False)
+    except Exception as e2:  # pylint: disable=broad-except
+      raise ConfigError(f'cannot read {path} (--trust_file): {_torch_reason(e2)[0]}') from None
   return {k: _to_numpy(v) for k, v in extract_state_dict(obj).items()}
 
 
@@ -303,7 +364,11 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
 
 
 def prepare_output(out_dir: str, overwrite: bool):
-  """Refuses an `out_dir` that already holds a checkpoint (or clears it with `overwrite`), before anything is read."""
+  """Refuses an `out_dir` that already holds a checkpoint (or clears it with `overwrite`), or that is not a folder,
+  before anything is read."""
+  for where in (out_dir, ckpt_lib.directory(out_dir)):
+    if os.path.exists(where) and not os.path.isdir(where):
+      raise ConfigError(f'output directory {out_dir}: {where} exists and is not a directory')
   target = ckpt_lib.directory(out_dir)
   if os.path.isdir(target) and os.listdir(target):
     if not overwrite:
@@ -328,15 +393,25 @@ def save_import(out_dir: str, variables: dict, model: str, model_kwargs: dict, d
   return dict(meta, step=0, complete=True)
 
 
+def check_sizes(image_size: int, num_classes: int | None):
+  """The importers' size arguments, before anything is read or written."""
+  if image_size < 1:
+    raise ConfigError(f'--image_size must be >= 1, got {image_size}')
+  if num_classes is not None and num_classes < 1:
+    raise ConfigError(f'--num_classes must be >= 1, got {num_classes}')
+
+
 def import_checkpoint(torch_path: str, out_dir: str, model: str, num_classes: int | None = None,
-                      dataset: str = 'cifar100', image_size: int = 32, overwrite: bool = False) -> dict:
+                      dataset: str = 'cifar100', image_size: int = 32, overwrite: bool = False,
+                      trust_file: bool = False) -> dict:
   """Reads `torch_path`, converts it for `model` and writes a model-only kdjax checkpoint to `out_dir`.
 
-  Returns the meta written next to the variables.
+  `trust_file`: see `load_state_dict`. Returns the meta written next to the variables.
   """
+  check_sizes(image_size, num_classes)
   prepare_output(out_dir, overwrite)
   image_shape = [image_size, image_size, 3]
-  variables = convert(load_state_dict(torch_path), model, num_classes, image_shape)
+  variables = convert(load_state_dict(torch_path, trust_file), model, num_classes, image_shape)
   return save_import(out_dir, variables, model, {}, dataset, image_shape, torch_path)
 
 
@@ -358,13 +433,17 @@ def main(argv=None) -> int:
   parser.add_argument('--dataset', default='cifar100', help='dataset the teacher was trained on (recorded in meta)')
   parser.add_argument('--image_size', type=int, default=32, help='input height = width (default 32)')
   parser.add_argument('--overwrite', action='store_true', help='replace a checkpoint already in OUT_DIR')
+  parser.add_argument('--trust_file', action='store_true',
+                      help='read a file that torch.load(weights_only=True) refuses (one that pickles other objects '
+                           'than tensors, e.g. an argparse.Namespace) with weights_only=False: this RUNS CODE FROM THE '
+                           'FILE; pass it only for a file from a source you trust')
   args = parser.parse_args(argv)
   logger = logging.getLogger('absl')
   if _quiet_orbax not in logger.filters:
     logger.addFilter(_quiet_orbax)
   try:
     meta = import_checkpoint(args.checkpoint, args.out_dir, args.model, args.num_classes, args.dataset,
-                             args.image_size, args.overwrite)
+                             args.image_size, args.overwrite, args.trust_file)
   except KDError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

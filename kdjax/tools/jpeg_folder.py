@@ -8,11 +8,19 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 import numpy as np
 
+from kdjax.errors import ConfigError
+
 
 def write(root: str, classes: int = 3, train: int = 8, val: int = 4, side: int = 40, seed: int = 0) -> str:
+  for name, value, least in (('classes', classes, 2), ('train', train, 1), ('val', val, 1), ('side', side, 1)):
+    if value < least:
+      raise ConfigError(f'--{name} must be >= {least}, got {value}')
+  if os.path.exists(root) and not os.path.isdir(root):
+    raise ConfigError(f'{root} exists and is not a directory')
   from PIL import Image
   rng = np.random.default_rng(seed)
   colours = rng.integers(40, 216, (classes, 3))
@@ -27,7 +35,7 @@ def write(root: str, classes: int = 3, train: int = 8, val: int = 4, side: int =
   return root
 
 
-def main(argv=None):
+def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument('root')
   p.add_argument('--classes', type=int, default=3)
@@ -36,9 +44,14 @@ def main(argv=None):
   p.add_argument('--side', type=int, default=40)
   p.add_argument('--seed', type=int, default=0)
   a = p.parse_args(argv)
-  write(a.root, a.classes, a.train, a.val, a.side, a.seed)
+  try:
+    write(a.root, a.classes, a.train, a.val, a.side, a.seed)
+  except (ConfigError, OSError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
   print(f'{a.root}: {a.classes} classes, {a.train} train and {a.val} val JPEGs each, {a.side}x{a.side}')
+  return 0
 
 
 if __name__ == '__main__':
-  main()
+  sys.exit(main())

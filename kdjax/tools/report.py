@@ -28,6 +28,10 @@ def main(argv=None) -> int:
   try:
     # Every workdir is read before anything is written, so a typo in the last one leaves no half-done output.
     runs = [results.load_run(w) for w in args.workdirs]
+    for run in runs:
+      if not run.history and not os.path.exists(os.path.join(run.workdir, 'sweep.json')):
+        raise KDError(f'{run.workdir} holds no complete epoch record yet (metrics.jsonl has none, and there is no '
+                      'sweep.json): nothing to report')
     names = [os.path.basename(r.workdir) for r in runs]
     if args.out and len(set(names)) < len(names):
       raise KDError(f'--out {args.out}: several workdirs are named {next(n for n in names if names.count(n) > 1)!r}; '
