@@ -1,6 +1,6 @@
 r"""A/B of kdjax train-step variants in ONE process, interleaved: the way to compare on a shared, noisy machine.
 
-Every variant is an Experiment built from `step_speed.py`'s pair (same synthetic data, teacher pass every step) with
+Every variant is a Trainer built from `step_speed.py`'s pair (same synthetic data, teacher pass every step) with
 its own config overrides and XLA compile options; all are compiled first, then timed round after round (A, B, C,
 A, B, C, ...), each round a block of at least `--steps` steps per variant, and the table gives each variant's
 median ms/step and its ratio to the first variant's median over the same rounds, with the load average. The CPU
@@ -12,7 +12,7 @@ load than the wall time (it omits the time spent waiting for a core).
 
 A variant is `name: field=value field=value @xla_option=value %attribute=value ...`: `field` a config field
 (Python literal values), `@option` an XLA debug option passed to this variant's compile only (the others keep the
-defaults), `%attribute` an attribute of the Experiment set before compiling (e.g. `%k=2`).
+defaults), `%attribute` an attribute of the Trainer set before compiling (e.g. `%k=2`).
 """
 
 import os
@@ -64,7 +64,7 @@ def main(argv):
   from kdjax import data as data_lib
   from kdjax import models
   from kdjax import sharding
-  from kdjax import train
+  from kdjax import trainer as trainer_lib
 
   pair = FLAGS.pair or 'resnet20-resnet8'
   teacher_name, student_name, shape, classes, batch, method = step_speed.PAIRS[pair]
@@ -95,17 +95,15 @@ def main(argv):
       for h in head:
         node = node[h]
       node[last] = value
-    exp = train.Experiment(c, ds, mesh, teacher, teacher_vars)
+    exp = trainer_lib.build(c, ds, mesh, teacher, teacher_vars)
     for key, value in attrs.items():
       setattr(exp, key, value)
     t0 = time.perf_counter()
     abstract = exp.init_state(abstract=True)
-    if options:  # this variant's own XLA options: its dispatch compiled as Experiment.compile does, with them
-      args = (abstract, exp.teacher_vars, exp.teacher_table, exp.hparams, jnp.int32(0), jnp.int32(0),
-              exp.batches_spec())
-      exp._train_chunk = jax.jit(exp._train_chunk_fn, donate_argnums=(0,),
-                                 out_shardings=(exp.state_shardings(abstract), exp.replicated))
-      exp._compiled_chunk = exp._train_chunk.lower(*args).compile(options)
+    if options:  # this variant's own XLA options: its dispatch compiled as Trainer.compile does, with them
+      args = (abstract, *exp._args(0, 0, exp.source.dispatch_spec(exp.k)))
+      exp._compiled_chunk = jax.jit(exp._dispatch_fn, donate_argnums=(0,), out_shardings=(
+          exp.state_shardings(abstract), exp.replicated)).lower(*args).compile(options)
     else:
       exp.compile(abstract)
     compile_s = time.perf_counter() - t0

@@ -16,13 +16,14 @@ loader, no augmentation). Columns:
 
   img/s               steady training throughput (the median of timed blocks of steps, after the first dispatch)
   first step          time to first step after the imports: build (teacher variables placed as a checkpoint
-                      restore places them, Experiment, initial state) + compile + the first dispatch; PyTorch: the
+                      restore places them, Trainer, initial state) + compile + the first dispatch; PyTorch: the
                       modules, optimizer and the first step (torch.compile compiles there)
   kdjax cold / warm   the persistent compilation cache (kdjax.compile_cache) empty, then filled by the cold process
 
   python benchmarks/step_speed.py                                  # every pair, 3 repeats
   python benchmarks/step_speed.py --pairs=resnet20-resnet8 --repeats=5 --seconds=20
   python benchmarks/step_speed.py --pairs=resnet20-resnet8 --ks=1,4,8 --loops=unroll,scan   # dispatch settings
+  python benchmarks/step_speed.py --trees=before=/tmp/kdjax_before --no-torch --no-torch_compile   # a code change
 """
 
 import os
@@ -62,6 +63,9 @@ flags.DEFINE_list('xla_flags', [], 'Extra kdjax contenders: XLA_FLAGS settings (
                   'against the default, e.g. --xla_flags="--xla_cpu_use_onednn=true".')
 flags.DEFINE_bool('ynn_conv', False, 'Also time kdjax with XLA:CPU\'s default convolutions (YNNPACK), which '
                   'kdjax.platform switches off by default.')
+flags.DEFINE_list('trees', [], 'Extra kdjax contenders from other checkouts, NAME=PATH each (e.g. '
+                  'before=/tmp/kdjax_main): that tree\'s own benchmarks/step_speed.py times its kdjax at the auto '
+                  'setting, interleaved with this one (a change measured before and after in one run).')
 flags.DEFINE_bool('first_step_only', False, 'With --worker=kdjax: time the start-up phases only, no steady state.')
 flags.DEFINE_bool('warm', True, 'Time kdjax a second time with the compilation cache the first process filled.')
 # A worker process: one contender, one JSON line.
@@ -99,7 +103,7 @@ def kdjax_worker(pair: str) -> dict:
   from kdjax import models
   from kdjax import sharding
   from kdjax import teacher as teacher_lib
-  from kdjax import train
+  from kdjax import trainer as trainer_lib
   t_imported = time.perf_counter()
   teacher_name, student_name, shape, classes, batch, method = PAIRS[pair]
   rng = np.random.default_rng(0)
@@ -126,7 +130,7 @@ def kdjax_worker(pair: str) -> dict:
   teacher, teacher_vars = teacher_lib.load(c, ds, mesh, teacher_dir)
   jax.block_until_ready(teacher_vars)
   t1 = time.perf_counter()
-  exp = train.Experiment(c, ds, mesh, teacher, teacher_vars)
+  exp = trainer_lib.build(c, ds, mesh, teacher, teacher_vars)
   t2 = time.perf_counter()
   abstract = exp.init_state(abstract=True)
   exp.start_init_compile()  # as kdjax.train does on a fresh run: beside the step's compilation
@@ -264,16 +268,18 @@ def torch_worker(pair: str, compiled: bool) -> dict:
 
 # ---------------------------------------------------------------------------------------------------- the table
 def _run(args: list[str]) -> dict | None:
-  env, worker_args = dict(os.environ), []
-  for a in args:  # --env=FLAGS: more XLA_FLAGS; --setenv=NAME=VALUE: one variable; the rest go to the worker
-    if a.startswith('--env='):
+  env, worker_args, script = dict(os.environ), [], os.path.abspath(__file__)
+  for a in args:  # --env=FLAGS: more XLA_FLAGS; --setenv=NAME=VALUE: one variable; --script=PATH: another tree's
+    if a.startswith('--script='):  # worker; the rest go to the worker
+      script = a[len('--script='):]
+    elif a.startswith('--env='):
       env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') + ' ' + a[len('--env='):]).strip()
     elif a.startswith('--setenv='):
       name, _, value = a[len('--setenv='):].partition('=')
       env[name] = value
     else:
       worker_args.append(a)
-  cmd = [sys.executable, os.path.abspath(__file__)] + worker_args + [f'--seconds={FLAGS.seconds}']
+  cmd = [sys.executable, script] + worker_args + [f'--seconds={FLAGS.seconds}']
   proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
   for line in proc.stdout.splitlines():
     if line.startswith('RESULT '):
@@ -294,6 +300,10 @@ def _contenders(pair: str):
   if FLAGS.ynn_conv:
     out.append(('kdjax K=0 auto, YNNPACK convolutions (KDJAX_CPU_CONV=ynn)',
                 ['--worker=kdjax', '--k=0', '--loop=auto', '--setenv=KDJAX_CPU_CONV=ynn']))
+  for tree in FLAGS.trees:
+    name, _, path = tree.partition('=')
+    script = os.path.join(os.path.abspath(path), 'benchmarks', 'step_speed.py')
+    out.append((f'kdjax K=0 auto [{name}]', [f'--script={script}', '--worker=kdjax', '--k=0', '--loop=auto']))
   for extra in FLAGS.xla_flags:
     out.append((f'kdjax K=0 auto, XLA_FLAGS={extra}', ['--worker=kdjax', '--k=0', '--loop=auto', f'--env={extra}']))
   return out

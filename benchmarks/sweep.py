@@ -38,7 +38,7 @@ def measure(scenario: str, students: int, steps: int) -> dict:
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from kdjax import config_lib, data as data_lib, models, sharding, step as step_lib
+  from kdjax import config_lib, data as data_lib, models, sharding, trainer as trainer_lib
   from absl import logging
   logging.set_verbosity(logging.WARNING)
   spec = SCENARIOS[scenario]
@@ -64,7 +64,7 @@ def measure(scenario: str, students: int, steps: int) -> dict:
     ds = data_lib.Dataset('synthetic_cifar', 10, split, test, None, (0.5,) * 3, (0.25,) * 3, 'crop_flip')
   teacher = models.create(spec['teacher'], num_classes=10)
   teacher_vars = teacher.init(jax.random.key(0), jnp.zeros((1,) + ds.image_shape))
-  exp = step_lib.Experiment(c, ds, None, teacher, teacher_vars)
+  exp = trainer_lib.build(c, ds, None, teacher, teacher_vars)
   memory = exp.compile(exp.init_state(abstract=True))
   ts = exp.init_state()
   ts, m = exp.train_chunk(ts, 0, 0)

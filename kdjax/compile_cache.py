@@ -169,16 +169,6 @@ def environment() -> dict:
           'process_count': jax.process_count()}
 
 
-def array_digest(*arrays) -> str:
-  """A hash of host arrays' contents (data a program closes over is compiled into it)."""
-  h = hashlib.sha256()
-  for a in arrays:
-    a = np.ascontiguousarray(a)
-    h.update(f'{a.dtype}{a.shape}'.encode())
-    h.update(hashlib.sha256(memoryview(a).cast('B')).digest())  # SHA-NI: the fastest of hashlib's here
-  return h.hexdigest()
-
-
 def signature(tree) -> list:
   """A pytree's structure and its leaves' shapes, dtypes and shardings (what a program is compiled for)."""
   leaves, treedef = jax.tree.flatten(tree)

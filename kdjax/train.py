@@ -38,7 +38,7 @@ from kdjax import teacher as teacher_lib
 from kdjax import trainer as trainer_lib
 from kdjax import validate
 from kdjax.data import stream as stream_data
-from kdjax.errors import CheckpointMismatchError, ConfigError, NonFiniteError, Preempted, WorkdirInUse
+from kdjax.errors import CheckpointMismatchError, ConfigError, KDError, NonFiniteError, Preempted, WorkdirInUse
 
 def _meta(cfg, trainer: trainer_lib.Trainer, step: int, complete: bool) -> dict:
   ds = trainer.ds
@@ -60,7 +60,9 @@ def write_config(cfg, workdir: str, sweep: sweep_lib.Sweep | None = None):
 @contextlib.contextmanager
 def workdir_lock(workdir: str):
   """Holds `workdir/kdjax.lock` for the run: a second live process on the same workdir is refused with the holder's
-  pid. The kernel releases the lock of a killed process, so a stale lock file is simply taken over."""
+  pid. The kernel releases the lock of a killed process, so a stale lock file is simply taken over. A run refused
+  before it wrote anything (bad data, a bad teacher) leaves no workdir behind when it made it."""
+  created = not os.path.exists(workdir)
   try:
     os.makedirs(workdir, exist_ok=True)
     f = open(os.path.join(workdir, 'kdjax.lock'), 'a+')
@@ -80,6 +82,11 @@ def workdir_lock(workdir: str):
   f.flush()
   try:
     yield
+  except KDError:
+    if created and os.listdir(workdir) == ['kdjax.lock']:
+      os.remove(f.name)
+      os.rmdir(workdir)
+    raise
   finally:
     fcntl.flock(f, fcntl.LOCK_UN)
     f.close()

@@ -292,6 +292,7 @@ class Trainer:
                    'omitted': ds.omitted, 'image_shape': ds.image_shape,
                    'sizes': [len(x) if x is not None else None for x in (ds.train, ds.val, ds.test)],
                    **self.source.key_ingredients(),
+                   'arrays': compile_cache.signature(self.source.arrays()),
                    'batches': compile_cache.signature(self.source.dispatch_spec(self.k))},
           'mesh': [self.mesh.axis_names, self.mesh.devices.shape, [d.id for d in self.mesh.devices.flat]],
           'modules': [compile_cache.describe(m) for m in (parts.student,) + teachers],
