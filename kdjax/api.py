@@ -32,6 +32,7 @@ from kdjax import sharding
 from kdjax import step as step_lib
 from kdjax import sweep as sweep_lib
 from kdjax import teacher as teacher_lib
+from kdjax import trainer as trainer_lib
 from kdjax import validate
 from kdjax.errors import ConfigError
 
@@ -224,7 +225,9 @@ def init(cfg, data, teacher_vars=None, mesh=None, batch_size: int | None = None)
   init_keys = jax.vmap(lambda s: step_lib.seed_key(s, 2))(seeds)
   keys = jax.vmap(lambda s: step_lib.seed_key(s, 3))(seeds)
   hparams = {k: jnp.asarray(v) for k, v in sweep.traced.items()}
-  state = jax.jit(functools.partial(step_lib.init_state, parts))(init_keys, hparams, teacher_vars)
+  # Compiled as the run loop compiles it (trainer.INIT_COMPILER_OPTIONS): the same initial state, bit for bit.
+  state = jax.jit(functools.partial(step_lib.init_state, parts)).lower(init_keys, hparams, teacher_vars).compile(
+      trainer_lib.INIT_COMPILER_OPTIONS.get(jax.default_backend()))(init_keys, hparams, teacher_vars)
   steps_loop = base.steps_loop
   if steps_loop == 'auto':
     steps_loop = 'unroll' if jax.default_backend() == 'cpu' else 'scan'

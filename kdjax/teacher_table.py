@@ -6,6 +6,7 @@ its rows by the examples' indices instead of running the teacher. Only the outpu
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 from absl import logging
 import jax
@@ -43,8 +44,8 @@ def leaves_read(parts: step_lib.Parts, teacher_vars, hparams) -> list[bool]:
   t_leaves, treedef = jax.tree.flatten(t_out)
   init_keys = jax.ShapeDtypeStruct((1,), jax.eval_shape(lambda: jax.random.key(0)).dtype)
   ts = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype), jax.eval_shape(
-      lambda k, h: step_lib.init_state(parts, k, h, teacher_vars), init_keys,
-      {k: jax.ShapeDtypeStruct((1,), v.dtype) for k, v in hp.items()}))
+      functools.partial(step_lib.init_state, parts), init_keys,
+      {k: jax.ShapeDtypeStruct((1,), v.dtype) for k, v in hp.items()}, teacher_vars))
   y = jnp.zeros((x.shape[0],), jnp.int32)
   views = parts.distiller.views
 

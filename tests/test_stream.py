@@ -59,7 +59,7 @@ def _interrupt_at_dispatch(monkeypatch, n, action):
       action()
     return original(self, ts, epoch, start)
 
-  monkeypatch.setattr(train.Experiment, 'train_chunk', chunk)
+  monkeypatch.setattr(trainer_lib.Trainer, 'train_chunk', chunk)
 
 
 @pytest.fixture(scope='module')

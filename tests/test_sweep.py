@@ -16,6 +16,7 @@ from kdjax import trainer as trainer_lib
 from kdjax import config_lib
 from kdjax import errors
 from kdjax import step as step_lib
+from kdjax import memory
 from kdjax import sweep as sweep_lib
 from kdjax import train
 from tests.util import digits_config, random_teacher
@@ -125,10 +126,10 @@ def test_sweep_resumes_exactly(teacher_dir, tmp_path, monkeypatch):
       os.kill(os.getpid(), 15)
     return original(self, ts, epoch, start)
 
-  monkeypatch.setattr(step_lib.Experiment, 'train_chunk', interrupted)
+  monkeypatch.setattr(trainer_lib.Trainer, 'train_chunk', interrupted)
   with pytest.raises(errors.Preempted):
     train.run(cfg(), work)
-  monkeypatch.setattr(step_lib.Experiment, 'train_chunk', original)
+  monkeypatch.setattr(trainer_lib.Trainer, 'train_chunk', original)
   assert ckpt_lib.read_meta(work)['students'] == 2 and not ckpt_lib.read_meta(work)['complete']
   resumed = train.run(cfg(), work)
   jax.tree.map(np.testing.assert_array_equal, _host(resumed.state.params), reference)
@@ -209,7 +210,7 @@ def test_other_sweep_refusals():
 def test_a_sweep_too_large_for_memory_is_refused_before_training(teacher_dir, tmp_path, monkeypatch):
   cfg = _kd_config(teacher_dir, {'ce': 0.5, 'kd': 0.5})
   cfg.sweep = 'distill.temperature=2,4'
-  monkeypatch.setattr(step_lib, 'available_memory', lambda n: 1 << 16)  # a 64 KiB device
+  monkeypatch.setattr(memory, 'available', lambda n: 1 << 16)  # a 64 KiB device
   with pytest.raises(errors.ConfigError, match=r'^the sweep of 2 students needs about [0-9.]+ GiB per device '
                                                r'\(train state .* but 0.00 GiB are available'):
     train.run(cfg, str(tmp_path))

@@ -104,7 +104,7 @@ def _interrupt_at_dispatch(monkeypatch, n, action):
       action()
     return original(self, ts, epoch, start)
 
-  monkeypatch.setattr(train.Experiment, 'train_chunk', chunk)
+  monkeypatch.setattr(trainer_lib.Trainer, 'train_chunk', chunk)
 
 
 def test_resume_after_sigterm_and_after_crash_matches_uninterrupted(tmp_path, monkeypatch):
