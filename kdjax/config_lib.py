@@ -1,11 +1,44 @@
 """The run config's schema and defaults; each file in configs/ starts from `base()` and overrides what it needs.
 
-Every field a run reads exists here, so a locked config rejects a misspelt override by name.
+Every field a run reads exists here, so a locked config rejects a misspelt override by name, and the code reads each
+as an attribute (no second copy of its default). The methods' sections come from the registry (`distill.Options`).
 """
 
 from __future__ import annotations
 
+import copy
+
 import ml_collections
+
+from kdjax import distill
+from kdjax import stages
+
+
+def _distill() -> dict:
+  """`config.distill`: the loss terms, the options every term shares and each registered method's section."""
+  return dict(
+      losses={'ce': 1.0},   # term -> weight; total loss = sum(weight * term)
+      temperature=4.0,      # Hinton KD (and the KD-style terms that use a temperature)
+      # Logit standardization (Sun et al., CVPR 2024) of student and teacher logits in every logit-based term.
+      logit_standardize=False,
+      kd_scale='T2',        # the kd term's factor: T2 (x T^2, Hinton and the anchors) | 1 (no T^2, as some studies)
+      # Teacher outputs computed once for the whole training set and reused every epoch: auto (when the training
+      # images are not augmented and the outputs fit in 2 GiB) | on | off.
+      cache_teacher='auto',
+      label_smoothing=0.0,  # for 'ce'
+      # Omitted-class runs also report accuracy with this added to the omitted class's logit (Hinton et al. 2015
+      # raised that bias by 3.5 on MNIST); 0 reports only the plain accuracy.
+      omitted=dict(bias=3.5),
+      # Several teachers: the logit terms read the mean of all the teachers' logits (ensemble), and a term may read
+      # its own teacher, {term: index} (0 = config.teacher, i = config.teachers[i - 1]).
+      ensemble=False,
+      teacher_for={},
+      # The pre-training stage of two-stage methods (AB, FT, FSP), counted in config.epochs: see kdjax/stages.py.
+      init=copy.deepcopy(stages.DEFAULTS),
+      # Each registered method's options section, `config.distill.<section>` (its `distill.Options`: kdjax/methods/
+      # and any method registered before this call); a method reads only its own section.
+      **distill.sections(),
+  )
 
 
 def base() -> ml_collections.ConfigDict:
@@ -67,53 +100,7 @@ def base() -> ml_collections.ConfigDict:
   # More teachers (teacher 1, 2, ...; `config.teacher` is teacher 0): each a dict of teacher-section fields, e.g.
   # [dict(model='resnet56', checkpoint='runs/r56')], loaded (or trained first and cached) like `config.teacher`.
   c.teachers = []
-  c.distill = dict(
-      losses={'ce': 1.0},   # term -> weight; total loss = sum(weight * term)
-      temperature=4.0,      # Hinton KD (and the KD-style terms that use a temperature)
-      # Logit standardization (Sun et al., CVPR 2024) of student and teacher logits in every logit-based term.
-      logit_standardize=False,
-      kd_scale='T2',        # the kd term's factor: T2 (x T^2, Hinton and the anchors) | 1 (no T^2, as some studies)
-      # Teacher outputs computed once for the whole training set and reused every epoch: auto (when the training
-      # images are not augmented and the outputs fit in 2 GiB) | on | off.
-      cache_teacher='auto',
-      label_smoothing=0.0,  # for 'ce'
-      # Per-method options; a method reads only its own section.
-      simkd=dict(factor=2, loss='l2', use_labels=False, projectors='last'),  # projectors: last | multi | all
-      subclass=dict(temperature=1.0, normalize_over='example'),
-      # Omitted-class runs also report accuracy with this added to the omitted class's logit (Hinton et al. 2015
-      # raised that bias by 3.5 on MNIST); 0 reports only the plain accuracy.
-      omitted=dict(bias=3.5),
-      fitnet=dict(hint_layer=2),
-      at=dict(p=2),
-      rkd=dict(distance_weight=25.0, angle_weight=50.0),
-      vid=dict(init_pred_var=5.0, eps=1e-5),
-      crd=dict(feat_dim=128, nce_k=16384, nce_t=0.07, nce_m=0.5),
-      dkd=dict(alpha=1.0, beta=8.0, temperature=4.0, warmup_epochs=20),
-      # DIST (image_classification_sota dist_kd.py), NKD (cls_KD nkd.py), CTKD (zhengli97/CTKD): kdjax/methods/logit.py
-      dist=dict(beta=1.0, gamma=1.0, tau=4.0),
-      nkd=dict(temperature=3.0, gamma=3.5),
-      # CTKD: T = t_start + t_end * sigmoid(learned scalar); gradient reversal of strength 0 -> lambda_max (cosine)
-      # over the first `loops` epochs.
-      ctkd=dict(t_start=1.0, t_end=20.0, lambda_max=1.0, loops=10.0),
-      # mdistiller REVIEWKD: WARMUP_EPOCHS, STU_PREACT, the 512 cap on the ABF width (mid = min(cap, student emb.)).
-      reviewkd=dict(warmup_epochs=20, stu_preact=False, max_mid_channels=512),
-      ofd=dict(connector_kernel_size=1),  # mdistiller OFD.CONNECTOR.KERNEL_SIZE
-      cat_kd=dict(cam_resolution=2, normalize=False),  # CAT-KD CAM_RESOLUTION, IF_NORMALIZE (res32x4_res8x4.yaml)
-      # Several teachers: the logit terms read the mean of all the teachers' logits (ensemble), and a term may read
-      # its own teacher, {term: index} (0 = config.teacher, i = config.teachers[i - 1]).
-      ensemble=False,
-      teacher_for={},
-      # MLKD: KD / class / batch alignment at each temperature; the strong-side KD of the first num_strong
-      # temperatures reads the strong view, the others' the weak view (as the reference code does).
-      mlkd=dict(temperatures=(4.0, 3.0, 5.0, 2.0, 6.0), num_strong=3),
-      # NST/CC/FSP/AB/FT/KDSVD (kdjax/methods/repdistiller_zoo.py)
-      cc=dict(feat_dim=128),        # RepDistiller's LinearEmbed width
-      ab=dict(margin=1.0),
-      ft=dict(factor=0.5),          # the paraphraser's factor channels: factor x the teacher's channels
-      kdsvd=dict(k=1, layout='mdistiller'),  # layout: mdistiller ([C*H, W] matrices) | repdistiller ([H*W, C])
-      # The pre-training stage of two-stage methods (AB, FT, FSP), counted in config.epochs: see kdjax/stages.py.
-      init=dict(epochs=0, losses={}, train=(), lr=0.0, freeze_after=()),
-  )
+  c.distill = _distill()
   # name: sgd | adam | adamw | dot (DOT: task momentum momentum - dot_delta, distillation momentum + dot_delta)
   c.optimizer = dict(name='sgd', lr=0.05, momentum=0.9, nesterov=False, weight_decay=5e-4, dot_delta=0.075)
   c.schedule = dict(name='step', decay_epochs=(150, 180, 210), decay_factor=0.1, warmup_epochs=0,

@@ -5,14 +5,22 @@ is sum(weight * term). Weight convention: every term's weight multiplies exactly
 returns (the references' -r/-a/-b or -c/-d/-b flags map to weights of 'ce', 'kd' and the method's term; see
 `PRESETS`).
 
-A method is a `Method` registry entry: a pure loss of a `Context`, whether it needs the teacher, and optionally a
-factory for an extra trainable Linen module (projectors, regressors, embedding heads). The extra modules are
-applied to the student's and teacher's outputs in the same jitted step; their outputs land in `ctx.extras[name]`.
+A method is a `Method` registry entry, declared in one file: a pure loss of a `Context`, whether it needs the
+teacher, optionally a factory for an extra trainable Linen module (projectors, regressors, embedding heads), its
+options (`Options`: the section `config.distill.<section>` with its defaults, ranges and choices, from which
+`config_lib.base()` and kdjax/validate.py are built), the numbers a sweep may vary (`hparams`), the extra views or
+inputs it reads, and the references' recipe (`Recipe`: loss weights, a pre-training stage, per-pair settings, read by
+configs/cifar100.py). The extra modules are applied to the student's and teacher's outputs in the same jitted step;
+their outputs land in `ctx.extras[name]`. A method registered from outside kdjax (`register` before
+`config_lib.base()` is called) is a method like kdjax's own: its section is in the schema, its options validated and
+sweepable, its recipe a `configs/cifar100.py:METHOD,TEACHER,STUDENT` config.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import numbers
 from typing import Any, Callable
 
 import flax
@@ -59,6 +67,61 @@ class DataInfo:
 
 
 @dataclasses.dataclass(frozen=True)
+class Range:
+  """The values a numeric option may take: from `low` to `high` (None: unbounded), each bound allowed unless `low_ok`
+  / `high_ok` is False. An int `low` asks for an integer. On a tuple option (MLKD's temperatures) every element is
+  checked."""
+  low: float
+  high: float | None = None
+  low_ok: bool = True
+  high_ok: bool = True
+
+  def refusal(self, value) -> str | None:
+    """Why `value` is out of this range ('must be >= 1, got 0'), or None when it is in it."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+      return f'must be a number, got {value!r}'
+    if isinstance(self.low, int) and not isinstance(value, int):
+      return f'must be an integer, got {value!r}'
+    if value < self.low or (value == self.low and not self.low_ok):
+      return f'must be {">=" if self.low_ok else ">"} {self.low}, got {value!r}'
+    if self.high is not None and (value > self.high or (value == self.high and not self.high_ok)):
+      return f'must be {"<=" if self.high_ok else "<"} {self.high}, got {value!r}'
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """A method's options: the section `config.distill.<section>` ('' = the method's own name) with its `defaults`,
+  the `ranges` ({field: Range}) of its numeric fields and the `choices` ({field: allowed values}) of its others.
+  Several terms may share one section (FT's 'ft' and 'ft_rec' pass the same Options)."""
+  defaults: dict
+  ranges: dict = dataclasses.field(default_factory=dict)
+  choices: dict = dataclasses.field(default_factory=dict)
+  section: str = ''
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+  """How the reference code runs a method on CIFAR-100: what `configs/cifar100.py:METHOD,TEACHER,STUDENT` builds.
+
+  Settings are dotted paths under `config.distill` ('dkd.beta', 'losses.cat_kd'). An option setting of `pairs` or
+  `digits` applies to every config of that pair (options are inert for the other methods' terms, so one pair's
+  configs differ in their losses only); a 'losses.<term>' setting to the configs whose losses have that term.
+  """
+  weights: dict                 # config.distill.losses: the references' -r/-a/-b (or -c/-d/-b) flags as weights
+  init: dict | None = None      # config.distill.init: the pre-training stage (kdjax/stages.py), its epochs included
+  init_lr: dict = dataclasses.field(default_factory=dict)  # student model -> the stage's lr (absent: the main lr)
+  pairs: dict = dataclasses.field(default_factory=dict)    # (teacher, student) -> settings: the per-pair files
+  digits: dict = dataclasses.field(default_factory=dict)   # settings of the CPU-sized stand-in (the item `digits`)
+  # (teacher, student) -> settings of the config itself ('optimizer.lr', 'epochs'): the reference's own training
+  # recipe per pair, opt-in by the config-string item '<method>_recipe', for any method.
+  training: dict = dataclasses.field(default_factory=dict)
+  # config-string item -> function(config) -> None that turns this method's config into a variant (e.g. 'ls',
+  # logit standardization with its authors' settings).
+  variants: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
 class Method:
   loss: Callable[[Context, Any], jax.Array]
   needs_teacher: bool = True
@@ -88,6 +151,10 @@ class Method:
   # True when the method reads the examples' rows in the training set (`indices`: CRD's memory banks): a batch given
   # through kdjax/api.py must carry them.
   needs_indices: bool = False
+  # Its options section (`Options`), shared or its own; None when it reads none.
+  options: Options | None = None
+  # The references' recipe (`Recipe`): a method with one is a `configs/cifar100.py:METHOD,...` config.
+  recipe: Recipe | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,12 +176,76 @@ def register_view(name: str, view: View):
 
 
 METHODS: dict[str, Method] = {}
+# The options sections of the registered methods, by section name: `config.distill.<section>`.
+SECTIONS: dict[str, Options] = {}
+# `config.distill`'s own fields (and the omitted-class report's), which no method section may take.
+CORE_FIELDS = ('losses', 'temperature', 'logit_standardize', 'kd_scale', 'cache_teacher', 'label_smoothing',
+               'omitted', 'ensemble', 'teacher_for', 'init')
 
 
 def register(name: str, method: Method):
+  """Adds the loss term `name`; its options section (`method.options`) joins the schema of the configs built after
+  this (`config_lib.base()`). Refuses a name or section taken by another."""
   if name in METHODS:
     raise ValueError(f'method {name!r} registered twice')
+  options = method.options
+  if options is not None:
+    section = options.section or name
+    options = dataclasses.replace(options, section=section)
+    if section in CORE_FIELDS or (section in SECTIONS and SECTIONS[section] != options):
+      raise ValueError(f'method {name!r}: the options section {section!r} is taken (config.distill.{section})')
+    for field in set(options.ranges) | set(options.choices):
+      if field not in options.defaults:
+        raise ValueError(f'method {name!r}: a range or choices for {section}.{field}, which has no default')
+    method = dataclasses.replace(method, options=options)
+  for path in method.hparams:
+    section, _, field = path.partition('.')
+    known = {**SECTIONS, **({options.section: options} if options is not None else {})}
+    if section not in known or field not in known[section].defaults:
+      raise ValueError(f'method {name!r}: hparam {path!r} names no option (config.distill.{path})')
+  if options is not None:
+    SECTIONS[options.section] = options
   METHODS[name] = method
+
+
+def sections() -> dict:
+  """{section: a copy of its defaults} of every registered method: `config.distill`'s method sections."""
+  load_methods()
+  return {name: copy.deepcopy(options.defaults) for name, options in SECTIONS.items()}
+
+
+def recipes() -> dict:
+  """{method: Recipe} of the registered methods that have one, in registration order."""
+  load_methods()
+  return {name: m.recipe for name, m in METHODS.items() if m.recipe is not None}
+
+
+def reference_weights(method: str) -> dict:
+  """`config.distill.losses` for `method` as the reference codebases run it on CIFAR-100."""
+  known = recipes()
+  if method not in known:
+    raise ConfigError(f'no reference weights for {method!r}; known: {", ".join(known)}')
+  return dict(known[method].weights)
+
+
+def reference_init(method: str, student: str = '') -> dict | None:
+  """`config.distill.init` for `method` (its pre-training stage, with the stage lr of `student`), or None."""
+  recipe = recipes().get(method)
+  if recipe is None or recipe.init is None:
+    return None
+  return {**recipe.init, 'lr': recipe.init_lr.get(student, recipe.init.get('lr', 0.0))}
+
+
+def recipe_settings(table: str, losses, key=None) -> dict:
+  """The settings under `config.distill` that every recipe's `table` ('pairs' by (teacher, student) `key`, or
+  'digits') gives a config whose loss terms are `losses`: the options of every method, the weights of its terms."""
+  out = {}
+  for recipe in recipes().values():
+    settings = getattr(recipe, table)
+    for path, value in (settings.get(key, {}) if key is not None else settings).items():
+      if not path.startswith('losses.') or path[len('losses.'):] in losses:
+        out[path] = value
+  return out
 
 
 def _student_logits(ctx: Context):
@@ -137,19 +268,20 @@ def logit_pair(ctx: Context, cfg):
   """(student logits, teacher logits) as every logit-based term reads them: standardized first when
   `distill.logit_standardize` is set."""
   s, t = _student_logits(ctx), ctx.teacher.logits
-  if cfg.get('logit_standardize', False):
+  if cfg.logit_standardize:
     s, t = standardize(s), standardize(t)
   return s, t
 
 
-register('ce', Method(lambda ctx, cfg: losses.cross_entropy(_student_logits(ctx), ctx.labels,
-                                                            cfg.get('label_smoothing', 0.0)),
+register('ce', Method(lambda ctx, cfg: losses.cross_entropy(_student_logits(ctx), ctx.labels, cfg.label_smoothing),
                       needs_teacher=False))
+
+
 def soft_scale(cfg, temperature):
   """The factor on a temperature-softened term, relative to `losses.kd_loss` (which multiplies by T^2 as Hinton et
   al. and the anchors do): `distill.kd_scale = 'T2'` keeps it, `'1'` divides it out, the form
   (1 - a) CE + a CE(softmax(z_t / T), softmax(z_s / T)) of studies that write the soft term without T^2."""
-  scale = cfg.get('kd_scale', 'T2')
+  scale = cfg.kd_scale
   if scale == 'T2':
     return 1.0
   if scale == '1':
@@ -163,57 +295,22 @@ def _kd(ctx: Context, cfg):
   return soft_scale(cfg, t) * losses.kd_loss(s_logits, t_logits, t)
 
 
-register('kd', Method(_kd))
+# Logit standardization (Sun et al., CVPR 2024), the config-string item `ls` of kd, dkd and ctkd:
+# sunshangquan/logit-standardization-KD tools/train.py with `--logit-stand --base-temp 2 --kd-weight 9` (its README's
+# CIFAR-100 commands) sets, for KD, the KD weight 9 and T 2 (CE keeps mdistiller/engine/cfg.py's KD.LOSS.CE_WEIGHT
+# 0.1); for DKD, alpha and beta x 9 and T 2; CTKD+LS is that repo's CTKD/scripts/run_cifar_distill.sh (-r 0.1 -a 9).
+LS_KD_WEIGHT = 9.0
+LS_BASE_TEMPERATURE = 2.0
 
-# The references' loss weights per method, as our weights: RepDistiller's -r (CE) -a (KD) -b (the method's term)
-# in scripts/run_cifar_distill.sh; mdistiller's configs/cifar100/dkd/*.yaml (CE 1, DKD 1 with alpha/beta inside);
-# the SimKD repo's -c 0 -d 0 -b 1.
-REFERENCE_WEIGHTS = {
-    'kd': {'ce': 0.1, 'kd': 0.9},
-    'fitnet': {'ce': 1.0, 'fitnet': 100.0},
-    'at': {'ce': 1.0, 'at': 1000.0},
-    'sp': {'ce': 1.0, 'sp': 3000.0},
-    'rkd': {'ce': 1.0, 'rkd': 1.0},
-    'pkt': {'ce': 1.0, 'pkt': 30000.0},
-    'vid': {'ce': 1.0, 'vid': 1.0},
-    'crd': {'ce': 1.0, 'crd': 0.8},
-    'dkd': {'ce': 1.0, 'dkd': 1.0},
-    'simkd': {'simkd': 1.0},
-    # mdistiller configs/cifar100/reviewkd.yaml (REVIEWKD_WEIGHT 5) and engine/cfg.py (OFD FEAT_WEIGHT 0.001);
-    # GzyAftermath/CAT-KD configs/cifar100/CAT_KD/res32x4_res8x4.yaml (CAT_loss_weight 15).
-    'reviewkd': {'ce': 1.0, 'reviewkd': 5.0},
-    'ofd': {'ce': 1.0, 'ofd': 0.001},
-    'cat_kd': {'ce': 1.0, 'cat_kd': 15.0},
-}
-# The logit frontier (kdjax/methods/logit.py): DIST, image_classification_sota configs/strategies/distill/
-# dist_cifar.yaml (ori_loss_weight 1, kd_loss_weight 2); NKD, cls_KD's CIFAR-100 config (NKD added to the student's
-# CE, weight 1); CTKD, zhengli97/CTKD scripts/run_cifar_distill.sh (-r 0.1 -a 0.9).
-REFERENCE_WEIGHTS['dist'] = {'ce': 1.0, 'dist': 2.0}
-REFERENCE_WEIGHTS['nkd'] = {'ce': 1.0, 'nkd': 1.0}
-REFERENCE_WEIGHTS['ctkd'] = {'ce': 0.1, 'ctkd': 0.9}
-# MLKD: Multi-Level-Logit-Distillation's mdistiller/engine/cfg.py KD.LOSS (CE_WEIGHT 0.1 on CE(weak) + CE(strong),
-# KD_WEIGHT 0.9 on every distillation part); configs/cifar100/ours/*.yaml (lr 0.025 for resnet32x4 -> resnet8x4).
-REFERENCE_WEIGHTS['mlkd'] = {'ce': 0.1, 'ce_strong': 0.1, 'mlkd': 0.9}
-# RepDistiller scripts/run_cifar_distill.sh (-a 0 -b: NST 50, CC 0.02, AB 1, FT 200, FSP 50): helper/loops.py sets
-# AB's and FSP's main-stage term to 0 (they act in the pre-training stage only), hence their weight 0 here. KDSVD:
-# mdistiller engine/cfg.py KDSVD.LOSS (CE 1, FEAT 1).
-REFERENCE_WEIGHTS.update({
-    'nst': {'ce': 1.0, 'nst': 50.0},
-    'cc': {'ce': 1.0, 'cc': 0.02},
-    'ab': {'ce': 1.0, 'ab': 0.0},
-    'ft': {'ce': 1.0, 'ft': 200.0},
-    'fsp': {'ce': 1.0, 'fsp': 0.0},
-    'kdsvd': {'ce': 1.0, 'kdsvd': 1.0},
-})
-# Their pre-training stages (`config.distill.init`, kdjax/stages.py): RepDistiller train_student.py's init_epochs 30
-# and init_trainable_list (AB: connectors + the student's feature modules; FT: the paraphraser, on nn.MSELoss
-# reconstruction; FSP: the student's feature modules), with the stage loss at weight 1 (helper/pretrain.py).
-REFERENCE_INIT = {
-    'ab': dict(epochs=30, losses={'ab': 1.0}, train=('student/backbone', 'extras/ab'), freeze_after=('extras/ab',)),
-    'ft': dict(epochs=30, losses={'ft_rec': 1.0}, train=('extras/ft/paraphraser',),
-               freeze_after=('extras/ft/paraphraser',)),
-    'fsp': dict(epochs=30, losses={'fsp': 1.0}, train=('student/backbone',)),
-}
+
+def _kd_ls(c):
+  c.distill.logit_standardize = True
+  c.distill.losses = {'ce': 0.1, 'kd': LS_KD_WEIGHT}
+  c.distill.temperature = LS_BASE_TEMPERATURE
+
+
+# RepDistiller scripts/run_cifar_distill.sh: -r 0.1 -a 0.9 -b 0 (T = 4).
+register('kd', Method(_kd, recipe=Recipe(weights={'ce': 0.1, 'kd': 0.9}, variants={'ls': _kd_ls})))
 
 
 def repdistiller_weights(method: str, r: float, a: float, b: float) -> dict:
@@ -227,13 +324,6 @@ def repdistiller_weights(method: str, r: float, a: float, b: float) -> dict:
 def simkd_repo_weights(method: str, c: float, d: float, b: float) -> dict:
   """The SimKD repo's `-c -d -b` (CE, KD, the method's term) as `config.distill.losses`; the same convention."""
   return repdistiller_weights(method, c, d, b)
-
-
-def reference_weights(method: str) -> dict:
-  """`config.distill.losses` for `method` as the reference codebases run it on CIFAR-100."""
-  if method not in REFERENCE_WEIGHTS:
-    raise ConfigError(f'no reference weights for {method!r}; known: {", ".join(REFERENCE_WEIGHTS)}')
-  return dict(REFERENCE_WEIGHTS[method])
 
 
 class Extras(nn.Module):
@@ -280,7 +370,7 @@ class Distiller:
     self.extras = None
     self.exports = [m.export for _, m in self.terms.values() if m.export is not None]
     self.views = tuple(sorted({v for _, m in self.terms.values() for v in m.views}))
-    self.teacher_for = {k: int(v) for k, v in dict(cfg.get('teacher_for', {}) or {}).items()}
+    self.teacher_for = {k: int(v) for k, v in dict(cfg.teacher_for or {}).items()}
     for name, index in self.teacher_for.items():
       if name not in self.terms:
         raise ConfigError(f'config.distill.teacher_for names {name!r}, which is not a term of config.distill.losses')

@@ -13,13 +13,13 @@ def schedule(cfg, steps_per_epoch: int) -> optax.Schedule:
   """`cfg.schedule.name`: 'step' (x decay_factor at each of decay_epochs), 'cosine' or 'constant'; optional linear
   warmup over `warmup_epochs`. Boundaries are epoch ends, as torch's MultiStepLR stepped once per epoch."""
   s, lr = cfg.schedule, cfg.optimizer.lr
-  warmup = int(s.get('warmup_epochs', 0) * steps_per_epoch)
+  warmup = int(s.warmup_epochs * steps_per_epoch)
   total = (cfg.epochs - stages.epochs(cfg)) * steps_per_epoch  # the main stage's (kdjax/stages.py)
   if s.name == 'step':
     main = optax.piecewise_constant_schedule(
         lr, {int(e * steps_per_epoch) - warmup: s.decay_factor for e in s.decay_epochs})
   elif s.name == 'cosine':
-    main = optax.cosine_decay_schedule(lr, max(total - warmup, 1), alpha=s.get('final_fraction', 0.0))
+    main = optax.cosine_decay_schedule(lr, max(total - warmup, 1), alpha=s.final_fraction)
   elif s.name == 'constant':
     main = optax.constant_schedule(lr)
   else:
@@ -33,11 +33,11 @@ def optimizer(cfg, steps_per_epoch: int) -> optax.GradientTransformation:
   """The optimizer over {'student': ..., 'extras': ...}; with `student.freeze_backbone` only the student's head and
   the methods' extra modules are trained (fine-tuning)."""
   if cfg.optimizer.name == 'dot':
-    if cfg.student.get('freeze_backbone', False):
+    if cfg.student.freeze_backbone:
       raise ConfigError("config.optimizer.name='dot' cannot train a frozen backbone (student.freeze_backbone)")
     return dot(cfg, steps_per_epoch)
   tx = _base_optimizer(cfg, steps_per_epoch)
-  if not cfg.student.get('freeze_backbone', False):
+  if not cfg.student.freeze_backbone:
     return tx
 
   def labels(params):
@@ -57,7 +57,7 @@ def _base_optimizer(cfg, steps_per_epoch: int) -> optax.GradientTransformation:
     # A swept momentum is an array: keep the momentum buffer then (momentum 0 through it is plain SGD).
     momentum = o.momentum if not isinstance(o.momentum, (int, float)) or o.momentum else None
     return optax.chain(optax.add_decayed_weights(o.weight_decay),
-                       optax.sgd(lr, momentum=momentum, nesterov=o.get('nesterov', False)))
+                       optax.sgd(lr, momentum=momentum, nesterov=o.nesterov))
   if o.name == 'adam':
     return optax.chain(optax.add_decayed_weights(o.weight_decay), optax.adam(lr))
   if o.name == 'adamw':
@@ -79,7 +79,7 @@ def dot(cfg, steps_per_epoch: int) -> optax.GradientTransformation:
   `update` takes the pair (task gradient, distillation gradient) as its updates. Built from optax pieces: two
   `optax.trace` buffers (torch's first step, buf = g, is trace's m * 0 + g) and the learning-rate schedule."""
   o = cfg.optimizer
-  delta = o.get('dot_delta', 0.075)
+  delta = o.dot_delta
   task = optax.chain(optax.add_decayed_weights(o.weight_decay), optax.trace(decay=o.momentum - delta))
   distill = optax.trace(decay=o.momentum + delta)
   lr = optax.scale_by_learning_rate(schedule(cfg, steps_per_epoch))

@@ -26,7 +26,7 @@ def run(cfg, workdir: str, restart: bool = False) -> dict:
     sub = cfg.suite[name]
     with sub.unlocked():
       for section, key in (('teacher', 'checkpoint'), ('student', 'init_checkpoint')):
-        if sub[section].get(key):
+        if sub[section][key]:
           sub[section][key] = sub[section][key].replace('{workdir}', workdir)
     logging.info('=== suite run %r ===', name)
     results[name] = train.train_and_evaluate(sub, os.path.join(workdir, name), restart)

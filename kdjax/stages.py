@@ -29,13 +29,20 @@ import optax
 from kdjax.errors import ConfigError
 
 
-def _init(cfg_distill):
-  return cfg_distill.get('init', None)
+# `config.distill.init`'s fields and defaults: config_lib.base() builds the section from them. A config file may set
+# the section whole, naming only the fields it sets (configs/cifar100.py: FSP's stage has no `freeze_after`), so the
+# readers below take an absent field's default from here (`field`).
+DEFAULTS = dict(epochs=0, losses={}, train=(), lr=0.0, freeze_after=())
+
+
+def field(cfg_distill, name: str):
+  """`config.distill.init.<name>`, its default when the config's init section leaves it out."""
+  init = cfg_distill.init
+  return init[name] if name in init else DEFAULTS[name]
 
 
 def epochs(cfg) -> int:
-  init = _init(cfg.distill)
-  return int(init.get('epochs', 0)) if init is not None else 0
+  return int(field(cfg.distill, 'epochs'))
 
 
 def steps(cfg, steps_per_epoch: int) -> int:
@@ -44,10 +51,9 @@ def steps(cfg, steps_per_epoch: int) -> int:
 
 
 def stage_losses(cfg_distill) -> dict:
-  init = _init(cfg_distill)
-  if init is None or int(init.get('epochs', 0)) <= 0:
+  if int(field(cfg_distill, 'epochs')) <= 0:
     return {}
-  return dict(init.get('losses', {}))
+  return dict(field(cfg_distill, 'losses'))
 
 
 def loss_weights(cfg_distill, names, in_stage) -> dict:
@@ -63,7 +69,7 @@ def schedule(cfg, steps_per_epoch: int, main: optax.Schedule) -> optax.Schedule:
   n = steps(cfg, steps_per_epoch)
   if not n:
     return main
-  lr = float(_init(cfg.distill).get('lr', 0.0)) or cfg.optimizer.lr
+  lr = float(field(cfg.distill, 'lr')) or cfg.optimizer.lr
   return optax.join_schedules([optax.constant_schedule(lr), main], [n])
 
 
@@ -97,9 +103,8 @@ class Masks:
   """Which leaves of the parameters and of the non-trained state each stage updates (static, from the config)."""
 
   def __init__(self, cfg, params, terms=()):
-    init = _init(cfg.distill)
-    self.stage = _prefixes(init.get('train', ()), 'train', params, terms) if epochs(cfg) else []
-    self.frozen = _prefixes(init.get('freeze_after', ()), 'freeze_after', params, terms)
+    self.stage = _prefixes(field(cfg.distill, 'train'), 'train', params, terms) if epochs(cfg) else []
+    self.frozen = _prefixes(field(cfg.distill, 'freeze_after'), 'freeze_after', params, terms)
     if epochs(cfg) and not self.stage:
       raise ConfigError('config.distill.init.train is empty: name what the pre-training stage trains, e.g. '
                         "('student/backbone',)")
@@ -125,8 +130,7 @@ class Masks:
 
 def needed(cfg) -> bool:
   """Whether the step masks anything: a stage, or parameters the main stage keeps fixed."""
-  init = _init(cfg.distill)
-  return bool(epochs(cfg) or (init is not None and tuple(init.get('freeze_after', ()))))
+  return bool(epochs(cfg) or tuple(field(cfg.distill, 'freeze_after')))
 
 
 def restart_moments(opt_state, fresh, at_start):

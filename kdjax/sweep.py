@@ -73,7 +73,7 @@ def sweepable(cfg) -> set:
   from kdjax import distill
   distill.load_methods()
   paths = set(STEP_NUMBERS)
-  if cfg.optimizer.get('name') == 'dot':
+  if cfg.optimizer.name == 'dot':
     paths.add('optimizer.dot_delta')
   for term in cfg.distill.losses:
     paths.add(f'distill.losses.{term}')
@@ -167,9 +167,9 @@ def _is_numeric_text(text: str) -> bool:
 def expand(cfg) -> Sweep:
   """The students of `cfg`'s sweep, each with its full config; refuses (one line naming the field) what the
   step cannot vary."""
-  axes = parse(cfg.get('sweep') or '')
-  mode = cfg.get('sweep_mode', 'grid')
-  n_seeds = cfg.get('seeds', 1)
+  axes = parse(cfg.sweep or '')
+  mode = cfg.sweep_mode
+  n_seeds = cfg.seeds
   if mode not in ('grid', 'zip'):
     raise ConfigError(f"config.sweep_mode must be 'grid' or 'zip', got {mode!r}")
   if not isinstance(n_seeds, int) or isinstance(n_seeds, bool) or n_seeds < 1:
@@ -204,7 +204,7 @@ def expand(cfg) -> Sweep:
     raise ConfigError(f"config.sweep_mode='zip' needs axes of one length, got {lengths}")
 
   # Everyone shares the data order and augmentation of the base config's seed.
-  if base.data.get('seed', -1) < 0:
+  if base.data.seed < 0:
     with base.unlocked():
       base.data.seed = base.seed
   # A swept `seed` is the seed axis: grid points x seeds, the seeds innermost.
@@ -238,7 +238,7 @@ def expand(cfg) -> Sweep:
       raise ConfigError(f'config.sweep: sweeping {", ".join(axes)} changes {path!r}, which changes shapes or code '
                         'and cannot be swept')
   return Sweep(axes=axes, mode=mode, seeds=list(seeds), students=students, traced=traced,
-               labels=parse(cfg.get('sweep_labels') or '', 'config.sweep_labels', numbers=False))
+               labels=parse(cfg.sweep_labels or '', 'config.sweep_labels', numbers=False))
 
 
 class View:

@@ -87,14 +87,14 @@ def cache_dir(cfg, dataset: str) -> str:
   for where in ('data_dir', 'cache_dir'):  # where the data lies, not what it is (data.dir stays: a folder is its data)
     recipe['data'].pop(where, None)
   for key, default in (('dir', ''), ('label_set', 'fine')):  # later fields: at their defaults, the keys cached before
-    if recipe['data'].get(key) == default:
+    if recipe['data'][key] == default:
       recipe['data'].pop(key)
   # Teachers cached before BatchNorm kept PyTorch's unbiased running variance (layers.BatchNorm) hold other
   # statistics: this entry gives every teacher trained since a new key, so an old entry is never read.
   recipe['batch_norm'] = 'running variance unbiased'
   digest = hashlib.sha1(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:8]
-  root = os.path.expanduser(cfg.teacher.get('cache_dir') or '~/.cache/kdjax/teachers')
-  return os.path.join(root, f"{dataset}-{cfg.teacher.model}-seed{cfg.teacher.get('seed', 0)}-{digest}")
+  root = os.path.expanduser(cfg.teacher.cache_dir or '~/.cache/kdjax/teachers')
+  return os.path.join(root, f"{dataset}-{cfg.teacher.model}-seed{cfg.teacher.seed}-{digest}")
 
 
 # What a teacher's supervised run takes over from the run that needs it (the data, the length and the optimizer);
@@ -109,15 +109,15 @@ def teacher_run_config(cfg) -> ml_collections.ConfigDict:
   t = config_lib.base()
   for key in _INHERITED:
     t[key] = ml_collections.ConfigDict(cfg[key].to_dict()) if hasattr(cfg[key], 'to_dict') else cfg[key]
-  for key, value in as_dict(cfg.teacher.get('recipe')).items():
+  for key, value in as_dict(cfg.teacher.recipe).items():
     if isinstance(value, dict) and isinstance(t[key], ml_collections.ConfigDict):
       t[key].update(value)
     else:
       t[key] = value
-  t.seed = cfg.teacher.get('seed', 0)
-  t.student.update(model=cfg.teacher.model, kwargs=as_dict(cfg.teacher.get('kwargs')),
-                   init_checkpoint=cfg.teacher.get('init_checkpoint', ''), subclasses=cfg.teacher.get('subclasses', 1))
-  t.distill.losses = as_dict(cfg.teacher.get('losses')) or {'ce': 1.0}
+  t.seed = cfg.teacher.seed
+  t.student.update(model=cfg.teacher.model, kwargs=as_dict(cfg.teacher.kwargs),
+                   init_checkpoint=cfg.teacher.init_checkpoint, subclasses=cfg.teacher.subclasses)
+  t.distill.losses = as_dict(cfg.teacher.losses) or {'ce': 1.0}
   t.distill.subclass = ml_collections.ConfigDict(cfg.distill.subclass.to_dict())
   t.data.omit_class = -1  # the omitted-class experiment hides a class from the student's transfer set only
   return t
@@ -164,11 +164,10 @@ def check_meta(meta: dict, path: str, model: str, num_classes: int | None, subcl
 def checkpoint_path(cfg, ds) -> tuple[str, bool]:
   """(the teacher's checkpoint directory, whether it must be trained first): `teacher.checkpoint`, or the cache
   entry of its recipe, complete or not yet. The loop trains a missing one (`teacher_run_config`) before `load`."""
-  path = cfg.teacher.get('checkpoint') or ''
+  path = cfg.teacher.checkpoint or ''
   if path:
     meta = ckpt_lib.read_meta(path)
-    if not meta.get('complete', True) and cfg.teacher.get('which', 'latest') == 'latest' \
-        and not cfg.teacher.get('accept_incomplete', False):
+    if not meta.get('complete', True) and cfg.teacher.which == 'latest' and not cfg.teacher.accept_incomplete:
       raise CheckpointMismatchError(
           f"teacher checkpoint {path} is an unfinished run (step {meta.get('step')} of {meta.get('total_steps')}); "
           'finish it, or accept it with --config.teacher.accept_incomplete=true (or --config.teacher.which=best)')
@@ -192,11 +191,11 @@ def load(cfg, ds, mesh, path: str):
   from kdjax import models, sharding
   num_classes, subclasses = ds.num_classes, cfg.teacher.subclasses
   teacher = models.build_teacher(cfg, num_classes)
-  which = cfg.teacher.get('which', 'latest')
+  which = cfg.teacher.which
   # The metadata of the step that will be restored: a mismatch is reported by name, not as a shape error.
   meta = ckpt_lib.read_meta(path, which)
-  check_meta(meta, path, cfg.teacher.model, num_classes, subclasses, kwargs=as_dict(cfg.teacher.get('kwargs')))
-  index, students = cfg.teacher.get('index', 0), meta.get('students', 1)
+  check_meta(meta, path, cfg.teacher.model, num_classes, subclasses, kwargs=as_dict(cfg.teacher.kwargs))
+  index, students = cfg.teacher.index, meta.get('students', 1)
   if not 0 <= index < students:
     raise CheckpointMismatchError(f'config.teacher.index={index}, but teacher checkpoint {path} holds '
                                   f'{students} network(s)')
@@ -222,7 +221,7 @@ def init_from_checkpoint(cfg, ds, trainer, ts):
   target = {'params': one.params['student'], **one.state['student']}
   if path.endswith('.h5'):  # a Keras weight file (kdjax.tools.import_keras), converted on the fly
     from kdjax.tools import import_keras
-    layout = as_dict(cfg.student.get('kwargs')).get('layout', 'torch')
+    layout = as_dict(cfg.student.kwargs).get('layout', 'torch')
     if layout != 'keras':
       raise ConfigError(f"student.init_checkpoint {path} is a Keras weight file, but config.student.kwargs gives "
                         f"layout {layout!r}; set --config.student.kwargs=\"{{'layout': 'keras'}}\"")
@@ -234,8 +233,8 @@ def init_from_checkpoint(cfg, ds, trainer, ts):
   else:
     meta = ckpt_lib.read_meta(path)
     # The class count may differ (a new head is trained), the architecture may not.
-    check_meta(meta, path, cfg.student.model, None, cfg.student.get('subclasses', 1), role='student',
-               kwargs=as_dict(cfg.student.get('kwargs')))
+    check_meta(meta, path, cfg.student.model, None, cfg.student.subclasses, role='student',
+               kwargs=as_dict(cfg.student.kwargs))
     if meta.get('num_classes') != ds.num_classes:
       target['params'] = {k: v for k, v in target['params'].items() if k != 'head'}
     restored, _ = ckpt_lib.load_model(path, ckpt_lib.abstract(target))

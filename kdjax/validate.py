@@ -9,18 +9,19 @@ from __future__ import annotations
 
 import numbers
 
+from kdjax import distill
+from kdjax import stages
 from kdjax import sweep
+from kdjax.distill import Range
 from kdjax.errors import ConfigError
 
+# The choices and ranges of the fields outside the methods' sections; each method's (`config.distill.<section>`) come
+# from its `distill.Options` (`choices()`, `ranges()`).
 CHOICES = {
     'data.augment': ('auto', 'crop_flip', 'none'),
     'teacher.which': ('latest', 'best'),
     'distill.kd_scale': ('T2', '1'),
     'distill.cache_teacher': ('auto', 'on', 'off'),
-    'distill.simkd.loss': ('l2', 'kl'),
-    'distill.simkd.projectors': ('last', 'multi', 'all'),
-    'distill.subclass.normalize_over': ('example', 'batch'),
-    'distill.kdsvd.layout': ('mdistiller', 'repdistiller'),
     'optimizer.name': ('sgd', 'adam', 'adamw', 'dot'),
     'schedule.name': ('step', 'cosine', 'constant'),
     'dtype': ('float32', 'bfloat16'),
@@ -31,70 +32,69 @@ CHOICES = {
     'data.on_corrupt': ('stop', 'skip'),
 }
 
-# field -> (lowest, highest, whether the lowest is allowed); None = unbounded.
+R = Range
+# An int lower bound asks for an integer; on a tuple field every element is checked. Upper bounds that are excluded:
+# a fraction of 1 leaves nothing to train on (or test on), momentum 1 never forgets.
 RANGES = {
-    'epochs': (1, None, True),
-    'batch_size': (1, None, True),
-    'eval_batch_size': (1, None, True),
-    'steps_per_dispatch': (0, None, True),
-    'eval_every_epochs': (1, None, True),
-    'checkpoint_every_epochs': (1, None, True),
-    'keep_checkpoints': (1, None, True),
-    'num_devices': (0, None, True),
-    'mesh_students': (0, None, True),
-    'seeds': (1, None, True),
-    'seed': (0, None, True),
-    'data.val_fraction': (0.0, 1.0, True),
-    'data.omit_class': (-1, None, True),
-    'student.subclasses': (1, None, True),
-    'teacher.subclasses': (1, None, True),
-    'distill.temperature': (0.0, None, False),
-    'distill.label_smoothing': (0.0, 1.0, True),
-    'distill.simkd.factor': (1, None, True),
-    'distill.dkd.alpha': (0.0, None, True),
-    'distill.dkd.beta': (0.0, None, True),
-    'distill.dkd.temperature': (0.0, None, False),
-    'distill.dkd.warmup_epochs': (0.0, None, True),
-    'distill.subclass.temperature': (0.0, None, False),
-    'distill.crd.nce_k': (1, None, True),
-    'distill.crd.nce_t': (0.0, None, False),
-    'distill.crd.nce_m': (0.0, 1.0, True),
-    'distill.crd.feat_dim': (1, None, True),
-    'distill.dist.beta': (0.0, None, True),
-    'distill.dist.gamma': (0.0, None, True),
-    'distill.dist.tau': (0.0, None, False),
-    'distill.nkd.temperature': (0.0, None, False),
-    'distill.nkd.gamma': (0.0, None, True),
-    'distill.ctkd.t_start': (0.0, None, True),
-    'distill.ctkd.t_end': (0.0, None, False),
-    'distill.ctkd.lambda_max': (0.0, None, True),
-    'distill.ctkd.loops': (0.0, None, False),
-    'distill.reviewkd.warmup_epochs': (0.0, None, True),
-    'distill.reviewkd.max_mid_channels': (1, None, True),
-    'distill.ofd.connector_kernel_size': (1, None, True),
-    'distill.cat_kd.cam_resolution': (1, None, True),
-    'distill.cc.feat_dim': (1, None, True),
-    'distill.ab.margin': (0.0, None, True),
-    'distill.ft.factor': (0.0, None, False),
-    'distill.kdsvd.k': (1, None, True),
-    'distill.init.epochs': (0, None, True),
-    'distill.init.lr': (0.0, None, True),
-    'optimizer.lr': (0.0, None, False),
-    'optimizer.momentum': (0.0, 1.0, True),
-    'optimizer.weight_decay': (0.0, None, True),
-    'optimizer.dot_delta': (0.0, None, True),
-    'distill.mlkd.num_strong': (0, None, True),
-    'schedule.decay_factor': (0.0, None, False),
-    'schedule.warmup_epochs': (0.0, None, True),
-    'schedule.final_fraction': (0.0, 1.0, True),
-    'data.device_budget_gb': (0.0, None, True),
-    'data.workers': (0, None, True),
-    'data.prefetch': (1, None, True),
-    'data.image_size': (1, None, True),
-    'data.resize': (1, None, True),
+    'epochs': R(1),
+    'batch_size': R(1),
+    'eval_batch_size': R(1),
+    'steps_per_dispatch': R(0),
+    'eval_every_epochs': R(1),
+    'checkpoint_every_epochs': R(1),
+    'keep_checkpoints': R(1),
+    'num_devices': R(0),
+    'mesh_students': R(0),
+    'seeds': R(1),
+    'seed': R(0),
+    'data.seed': R(-1),                # -1 = config.seed
+    'data.val_fraction': R(0.0, 1.0, high_ok=False),
+    'data.val_seed': R(0),
+    'data.train_examples': R(0),       # 0 = all
+    'data.test_examples': R(0),
+    'data.omit_class': R(-1),
+    'data.folder.image_size': R(0),    # 0 = the images' own size
+    'data.folder.test_fraction': R(0.0, 1.0, low_ok=False, high_ok=False),
+    'data.folder.seed': R(0),
+    'student.subclasses': R(1),
+    'teacher.subclasses': R(1),
+    'teacher.index': R(0),
+    'teacher.seed': R(0),
+    'distill.temperature': R(0.0, low_ok=False),
+    'distill.label_smoothing': R(0.0, 1.0, high_ok=False),
+    'distill.omitted.bias': R(0.0),    # 0 = the plain accuracy only
+    'distill.init.epochs': R(0),
+    'distill.init.lr': R(0.0),
+    'optimizer.lr': R(0.0, low_ok=False),
+    'optimizer.momentum': R(0.0, 1.0, high_ok=False),
+    'optimizer.weight_decay': R(0.0),
+    'optimizer.dot_delta': R(0.0),
+    'schedule.decay_epochs': R(0.0, low_ok=False),
+    'schedule.decay_factor': R(0.0, low_ok=False),
+    'schedule.warmup_epochs': R(0.0),
+    'schedule.final_fraction': R(0.0, 1.0),
+    'data.device_budget_gb': R(0.0),
+    'data.workers': R(0),
+    'data.prefetch': R(1),
+    'data.image_size': R(1),
+    'data.resize': R(1),
 }
-# Upper bounds that are excluded (a fraction of 1 leaves nothing to train on; momentum 1 never forgets).
-_OPEN_ABOVE = ('data.val_fraction', 'distill.label_smoothing', 'optimizer.momentum')
+
+
+def _sections(table: str) -> dict:
+  distill.load_methods()
+  return {f'distill.{name}.{field}': value for name, options in distill.SECTIONS.items()
+          for field, value in getattr(options, table).items()}
+
+
+def choices() -> dict:
+  """{config path: allowed values} of every field that has choices: CHOICES and the registered methods'."""
+  return {**CHOICES, **_sections('choices')}
+
+
+def ranges() -> dict:
+  """{config path: Range} of every numeric field: RANGES and the registered methods'."""
+  return {**RANGES, **_sections('ranges')}
 
 
 _MISSING = object()
@@ -113,22 +113,19 @@ def _is_number(v) -> bool:
 
 def check(cfg):
   """Raises ConfigError naming the first bad field of `cfg` (a run config, one student's)."""
-  for path, allowed in CHOICES.items():
+  for path, allowed in choices().items():
     value = _get(cfg, path)
     if value is not _MISSING and value not in allowed:
       raise ConfigError(f'config.{path} must be one of {", ".join(map(repr, allowed))}, got {value!r}')
-  for path, (low, high, low_ok) in RANGES.items():
+  for path, limits in ranges().items():
     value = _get(cfg, path)
-    if value is _MISSING:
+    if value is _MISSING:  # a field of the distill.init section that a config file left out (kdjax/stages.py)
       continue
-    if not _is_number(value):
-      raise ConfigError(f'config.{path} must be a number, got {value!r}')
-    if isinstance(low, int) and not isinstance(value, int):
-      raise ConfigError(f'config.{path} must be an integer, got {value!r}')
-    if value < low or (value == low and not low_ok):
-      raise ConfigError(f'config.{path} must be {">=" if low_ok else ">"} {low}, got {value!r}')
-    if high is not None and (value > high or (value == high and path in _OPEN_ABOVE)):
-      raise ConfigError(f'config.{path} must be {"<" if path in _OPEN_ABOVE else "<="} {high}, got {value!r}')
+    items = list(enumerate(value)) if isinstance(value, (tuple, list)) else [(None, value)]
+    for i, item in items:
+      refusal = limits.refusal(item)
+      if refusal:
+        raise ConfigError(f'config.{path}{"" if i is None else f"[{i}]"} {refusal}')
   _check_models(cfg)
   _check_losses(cfg)
   _check_schedule(cfg)
@@ -141,19 +138,19 @@ def _check_models(cfg):
   from kdjax import models
   known = models.names()
   for role in ('student', 'teacher'):
-    name = cfg[role].get('model', '')
+    name = cfg[role].model
     if name and name not in known:
       raise ConfigError(f'config.{role}.model: unknown model {name!r}; registered models: {", ".join(known)}')
   if not cfg.student.model:
     raise ConfigError('config.student.model is empty: name the network to train')
-  teachers = list(cfg.get('teachers', None) or [])
+  teachers = list(cfg.teachers or [])
   for i, entry in enumerate(teachers):
     name = dict(entry).get('model', '')
     if name not in known:
       raise ConfigError(f'config.teachers[{i}].model: unknown model {name!r}; registered models: {", ".join(known)}')
-  if teachers and not cfg.teacher.get('model'):
+  if teachers and not cfg.teacher.model:
     raise ConfigError('config.teachers is set but config.teacher.model is empty: config.teacher is teacher 0')
-  for term, index in dict(cfg.distill.get('teacher_for', None) or {}).items():
+  for term, index in dict(cfg.distill.teacher_for or {}).items():
     if not isinstance(index, int) or not 0 <= index <= len(teachers):
       raise ConfigError(f'config.distill.teacher_for.{term}={index!r}: teacher index out of range (0 = '
                         f'config.teacher, 1..{len(teachers)} = config.teachers)')
@@ -164,7 +161,6 @@ def _check_models(cfg):
 
 
 def _check_losses(cfg):
-  from kdjax import distill
   distill.load_methods()
   losses = dict(cfg.distill.losses)
   if not losses:
@@ -181,7 +177,7 @@ def _check_losses(cfg):
   if all(w == 0 for w in losses.values()):
     raise ConfigError('config.distill.losses: every weight is 0, nothing would be trained')
   needing = [n for n in losses if distill.METHODS[n].needs_teacher]
-  if needing and not cfg.teacher.get('model'):
+  if needing and not cfg.teacher.model:
     raise ConfigError(f'config.distill.losses: {", ".join(needing)} need(s) a teacher, but config.teacher.model is '
                       'empty')
 
@@ -192,7 +188,7 @@ def _check_schedule(cfg):
     epochs = list(s.decay_epochs)
     if any(not _is_number(e) or e <= 0 for e in epochs) or epochs != sorted(epochs):
       raise ConfigError(f'config.schedule.decay_epochs must be increasing positive epochs, got {tuple(epochs)}')
-  if s.get('warmup_epochs', 0) >= cfg.epochs:
+  if s.warmup_epochs >= cfg.epochs:
     raise ConfigError(f'config.schedule.warmup_epochs={s.warmup_epochs} leaves no epoch after the warmup '
                       f'(config.epochs={cfg.epochs})')
 
@@ -200,14 +196,13 @@ def _check_schedule(cfg):
 def _check_init(cfg):
   """The pre-training stage (kdjax/stages.py): shorter than the run, known terms with weights >= 0, something to
   train. Whether `train`/`freeze_after` name real parameters is checked when the step is traced."""
-  from kdjax import distill
-  init = cfg.distill.get('init', None)
-  if init is None or not init.get('epochs', 0):
+  epochs = stages.epochs(cfg)
+  if not epochs:
     return
-  if init.epochs >= cfg.epochs:
-    raise ConfigError(f'config.distill.init.epochs={init.epochs} leaves no main training (config.epochs='
+  if epochs >= cfg.epochs:
+    raise ConfigError(f'config.distill.init.epochs={epochs} leaves no main training (config.epochs='
                       f'{cfg.epochs} counts the stage)')
-  losses = dict(init.get('losses', {}))
+  losses = dict(stages.field(cfg.distill, 'losses'))
   for name, weight in losses.items():
     if name not in distill.METHODS:
       raise ConfigError(f'config.distill.init.losses: unknown loss term {name!r}; known: '
@@ -217,9 +212,9 @@ def _check_init(cfg):
   if not any(losses.values()):
     raise ConfigError('config.distill.init.losses: no term with a positive weight, the stage would train nothing')
   for field in ('train', 'freeze_after'):
-    paths = init.get(field, ())
+    paths = stages.field(cfg.distill, field)
     if isinstance(paths, str) or any(not isinstance(p, str) or not p.strip('/') for p in paths):
       raise ConfigError(f'config.distill.init.{field} must be a tuple of parameter paths like '
                         f"'student/backbone', got {paths!r}")
-  if not tuple(init.get('train', ())):
+  if not tuple(stages.field(cfg.distill, 'train')):
     raise ConfigError("config.distill.init.train is empty: name what the stage trains, e.g. ('student/backbone',)")

@@ -5,9 +5,9 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
-import ml_collections
 import pytest
 
+from kdjax import config_lib
 from kdjax import distill
 from kdjax import errors
 from kdjax import losses
@@ -189,7 +189,8 @@ def test_logit_standardize_matches_numpy_and_reaches_kd():
   out = lambda l: ModelOutput(logits=jnp.asarray(l), embedding=jnp.zeros((5, 1)))
   ctx = distill.Context(student=out(s), teacher=out(t), labels=jnp.zeros(5, jnp.int32), extras={},
                         epoch=jnp.float32(0))
-  cfg = ml_collections.ConfigDict({'temperature': 2.0, 'logit_standardize': True})
+  cfg = config_lib.base().distill
+  cfg.update(temperature=2.0, logit_standardize=True)
   np.testing.assert_allclose(distill.METHODS['kd'].loss(ctx, cfg),
                              losses.kd_loss(distill.standardize(s), distill.standardize(t), 2.0), rtol=1e-6)
   cfg.logit_standardize = False

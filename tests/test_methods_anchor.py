@@ -63,7 +63,7 @@ def teacher_dir(tmp_path_factory):
 
 
 def _digits_cfg(method, teacher_dir, epochs=2, **overrides):
-  cfg = digits_config('cnn_small', dict(distill.REFERENCE_WEIGHTS[method]), epochs=epochs, **overrides)
+  cfg = digits_config('cnn_small', distill.reference_weights(method), epochs=epochs, **overrides)
   cfg.student.kwargs = STUDENT_KWARGS
   cfg.teacher.model = 'cnn_small'
   cfg.teacher.checkpoint = teacher_dir
@@ -319,12 +319,12 @@ def test_every_method_lowers_on_every_benchmark_pair(teacher_name, student_name)
   union = {}
   for m in registered:
     if m not in refused:
-      union.update(distill.REFERENCE_WEIGHTS[m])
+      union.update(distill.reference_weights(m))
   cfg.distill.losses = union
   metrics = _trace(cfg, teacher_name)
   for m in registered:
     if m not in refused:
-      for term in set(distill.REFERENCE_WEIGHTS[m]) - {'ce'}:
+      for term in set(distill.reference_weights(m)) - {'ce'}:
         assert metrics[f'loss_{term}'].shape == (1,), (m, term)  # one student
 
 
@@ -336,4 +336,4 @@ def test_each_method_config_lowers_alone(method):
   cfg = CIFAR100.get_config(f'{method},resnet32x4,resnet8x4')
   cfg.dtype = 'bfloat16'
   metrics = _trace(cfg, 'resnet32x4')
-  assert set(distill.REFERENCE_WEIGHTS[method]) <= {k[len('loss_'):] for k in metrics if k.startswith('loss_')}
+  assert set(distill.reference_weights(method)) <= {k[len('loss_'):] for k in metrics if k.startswith('loss_')}

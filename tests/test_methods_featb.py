@@ -257,13 +257,13 @@ def test_checks_refuse_pairs_in_one_line():
 
 
 def test_reference_weights_and_stages():
-  assert distill.REFERENCE_WEIGHTS['nst'] == {'ce': 1.0, 'nst': 50.0}
-  assert distill.REFERENCE_WEIGHTS['cc'] == {'ce': 1.0, 'cc': 0.02}
-  assert distill.REFERENCE_WEIGHTS['ft'] == {'ce': 1.0, 'ft': 200.0}
+  assert distill.reference_weights('nst') == {'ce': 1.0, 'nst': 50.0}
+  assert distill.reference_weights('cc') == {'ce': 1.0, 'cc': 0.02}
+  assert distill.reference_weights('ft') == {'ce': 1.0, 'ft': 200.0}
   cfg = config_lib.base()
   cfg.student.model, cfg.teacher.model = 'resnet8x4', 'resnet32x4'
   cfg.distill.losses = {'ce': 1.0, 'ab': 0.0}
-  cfg.distill.init = dict(distill.REFERENCE_INIT['ab'], epochs=30)
+  cfg.distill.init = dict(distill.reference_init('ab'), epochs=30)
   cfg.epochs = 270
   validate.check(cfg)
   for field, value, match in (('epochs', 270, 'leaves no main training'), ('losses', {'nope': 1.0}, 'unknown'),

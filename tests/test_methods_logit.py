@@ -196,7 +196,7 @@ def test_ls_configs_carry_the_authors_settings():
   plain = CIFAR100.get_config('dkd,resnet32x4,resnet8x4').distill
   assert not plain.logit_standardize and (plain.dkd.alpha, plain.dkd.beta, plain.dkd.temperature) == (1.0, 8.0, 4.0)
   assert CIFAR100.get_config('kd,ls,digits').distill.logit_standardize
-  with pytest.raises(ValueError, match="no logit-standardization settings for 'fitnet'"):
+  with pytest.raises(ValueError, match="no 'ls' settings for 'fitnet'; the ls item applies to kd, dkd, ctkd"):
     CIFAR100.get_config('fitnet,resnet32x4,resnet8x4,ls')
 
 

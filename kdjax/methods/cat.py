@@ -92,4 +92,27 @@ def cat_kd_loss(ctx: distill.Context, cfg):
   return cat_loss(out['cam_s'], out['cam_t'], bool(cfg.cat_kd.normalize))
 
 
-distill.register('cat_kd', distill.Method(cat_kd_loss, module=_module, check=_check, teacher0_network=True))
+def _pair(weight, resolution, normalize):
+  return {'losses.cat_kd': weight, 'cat_kd.cam_resolution': resolution, 'cat_kd.normalize': normalize}
+
+
+# GzyAftermath/CAT-KD configs/cifar100/CAT_KD/*.yaml: CE 1 and (CAT_loss_weight, CAM_RESOLUTION, IF_NORMALIZE) per
+# pair; res32x4_res8x4.yaml's (15, 2, False) for the others.
+RECIPE = distill.Recipe(weights={'ce': 1.0, 'cat_kd': 15.0}, pairs={
+    ('resnet32x4', 'resnet8x4'): _pair(15.0, 2, False),
+    ('wrn_40_2', 'wrn_16_2'): _pair(12.0, 2, False),
+    ('wrn_40_2', 'wrn_40_1'): _pair(1.5, 2, False),
+    ('vgg13', 'vgg8'): _pair(4.5, 2, False),
+    ('resnet110', 'resnet32'): _pair(1.8, 2, False),
+    ('resnet56', 'resnet20'): _pair(0.7, 2, False),
+    ('resnet32x4', 'ShuffleV1'): _pair(600.0, 4, True),
+    ('resnet32x4', 'ShuffleV2'): _pair(600.0, 4, True),
+    ('wrn_40_2', 'ShuffleV1'): _pair(80.0, 4, True),
+    ('vgg13', 'MobileNetV2'): _pair(15.0, 2, True),
+    ('ResNet50', 'MobileNetV2'): _pair(40.0, 2, True),
+})
+
+distill.register('cat_kd', distill.Method(
+    cat_kd_loss, module=_module, check=_check, teacher0_network=True,
+    options=distill.Options(dict(cam_resolution=2, normalize=False), ranges=dict(cam_resolution=distill.Range(1))),
+    recipe=RECIPE))

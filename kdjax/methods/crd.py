@@ -86,4 +86,11 @@ def crd_loss(ctx: distill.Context, cfg):
   return losses.crd_nce_loss(out['scores_s'], n_data) + losses.crd_nce_loss(out['scores_t'], n_data)
 
 
-distill.register('crd', distill.Method(crd_loss, module=_module, needs_indices=True))
+# RepDistiller train_student.py: --feat_dim 128, --nce_k 16384, --nce_t 0.07, --nce_m 0.5;
+# scripts/run_cifar_distill.sh -r 1 -a 0 -b 0.8. The digits stand-in draws 1024 negatives (of ~1300 rows).
+distill.register('crd', distill.Method(
+    crd_loss, module=_module, needs_indices=True,
+    options=distill.Options(dict(feat_dim=128, nce_k=16384, nce_t=0.07, nce_m=0.5),
+                            ranges=dict(feat_dim=distill.Range(1), nce_k=distill.Range(1),
+                                        nce_t=distill.Range(0.0, low_ok=False), nce_m=distill.Range(0.0, 1.0))),
+    recipe=distill.Recipe(weights={'ce': 1.0, 'crd': 0.8}, digits={'crd.nce_k': 1024})))

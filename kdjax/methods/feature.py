@@ -111,7 +111,12 @@ def fitnet_loss(ctx: distill.Context, cfg):
   return losses.hint_loss(ctx.extras['fitnet']['hint'], ctx.teacher.features[cfg.fitnet.hint_layer])
 
 
-distill.register('fitnet', distill.Method(fitnet_loss, module=_fitnet_module))
+# RepDistiller: --hint_layer 2 (choices 0-4; here any map the networks expose, checked when the regressor is built);
+# scripts/run_cifar_distill.sh -r 1 -a 0 -b 100.
+distill.register('fitnet', distill.Method(
+    fitnet_loss, module=_fitnet_module,
+    options=distill.Options(dict(hint_layer=2), ranges=dict(hint_layer=distill.Range(0))),
+    recipe=distill.Recipe(weights={'ce': 1.0, 'fitnet': 100.0})))
 
 
 # ---------------------------------------------------------------------------------------------------------- AT
@@ -122,7 +127,11 @@ def at_loss(ctx: distill.Context, cfg):
   return losses.at_loss_multi([s for s, _ in pairs], [t for _, t in pairs], cfg.at.p)
 
 
-distill.register('at', distill.Method(at_loss))
+# RepDistiller distiller_zoo/AT.py: Attention(p=2), `f.pow(p)` (an integer power: the maps may be negative);
+# scripts/run_cifar_distill.sh -r 1 -a 0 -b 1000.
+distill.register('at', distill.Method(
+    at_loss, options=distill.Options(dict(p=2), ranges=dict(p=distill.Range(1))),
+    recipe=distill.Recipe(weights={'ce': 1.0, 'at': 1000.0})))
 
 
 # ---------------------------------------------------------------------------------------------------------- SP
@@ -132,7 +141,8 @@ def sp_loss(ctx: distill.Context, cfg):
   return losses.sp_loss(ctx.student.features[-1], ctx.teacher.features[-1])
 
 
-distill.register('sp', distill.Method(sp_loss))
+# RepDistiller scripts/run_cifar_distill.sh: -r 1 -a 0 -b 3000.
+distill.register('sp', distill.Method(sp_loss, recipe=distill.Recipe(weights={'ce': 1.0, 'sp': 3000.0})))
 
 
 # --------------------------------------------------------------------------------------------------------- VID
@@ -182,4 +192,11 @@ def vid_loss(ctx: distill.Context, cfg):
   return total
 
 
-distill.register('vid', distill.Method(vid_loss, module=_vid_module))
+# RepDistiller VIDLoss(init_pred_var=5.0, eps=1e-5): the variance softplus(log_scale) + eps starts at init_pred_var
+# (> eps, or its log is undefined); scripts/run_cifar_distill.sh -r 1 -a 0 -b 1.
+distill.register('vid', distill.Method(
+    vid_loss, module=_vid_module,
+    options=distill.Options(dict(init_pred_var=5.0, eps=1e-5),
+                            ranges=dict(init_pred_var=distill.Range(0.0, low_ok=False),
+                                        eps=distill.Range(0.0, low_ok=False))),
+    recipe=distill.Recipe(weights={'ce': 1.0, 'vid': 1.0})))

@@ -61,7 +61,13 @@ def _dist(ctx: distill.Context, cfg):
   return dist_loss(s, t, c.beta, c.gamma, c.tau)
 
 
-distill.register('dist', distill.Method(_dist, hparams=('dist.beta', 'dist.gamma', 'dist.tau')))
+# dist_cifar.yaml: ori_loss_weight 1, kd_loss_weight 2; beta 1, gamma 1, tau 4.
+distill.register('dist', distill.Method(
+    _dist, hparams=('dist.beta', 'dist.gamma', 'dist.tau'),
+    options=distill.Options(dict(beta=1.0, gamma=1.0, tau=4.0),
+                            ranges=dict(beta=distill.Range(0.0), gamma=distill.Range(0.0),
+                                        tau=distill.Range(0.0, low_ok=False))),
+    recipe=distill.Recipe(weights={'ce': 1.0, 'dist': 2.0})))
 
 
 # --------------------------------------------------------------------------------------------------------- NKD
@@ -92,7 +98,12 @@ def _nkd(ctx: distill.Context, cfg):
   return nkd_loss(s, t, ctx.labels, c.temperature, c.gamma)
 
 
-distill.register('nkd', distill.Method(_nkd, hparams=('nkd.temperature', 'nkd.gamma')))
+# cls_KD's CIFAR-100 config: NKD added to the student's CE (weight 1), temp 3, gamma 3.5.
+distill.register('nkd', distill.Method(
+    _nkd, hparams=('nkd.temperature', 'nkd.gamma'),
+    options=distill.Options(dict(temperature=3.0, gamma=3.5),
+                            ranges=dict(temperature=distill.Range(0.0, low_ok=False), gamma=distill.Range(0.0))),
+    recipe=distill.Recipe(weights={'ce': 1.0, 'nkd': 1.0})))
 
 
 # -------------------------------------------------------------------------------------------------------- CTKD
@@ -151,5 +162,18 @@ def _ctkd(ctx: distill.Context, cfg):
   return losses.kd_loss(s, t, temperature)
 
 
-distill.register('ctkd', distill.Method(_ctkd, module=lambda cfg, s, t, info: GlobalTemperature(),
-                                        hparams=('ctkd.t_start', 'ctkd.t_end', 'ctkd.lambda_max', 'ctkd.loops')))
+def _ctkd_ls(c):
+  """CTKD + logit standardization: logit-standardization-KD's CTKD/scripts/run_cifar_distill.sh (-r 0.1 -a 9)."""
+  c.distill.logit_standardize = True
+  c.distill.losses = {'ce': 0.1, 'ctkd': distill.LS_KD_WEIGHT}
+
+
+# T = t_start + t_end * sigmoid(learned scalar); gradient reversal of strength 0 -> lambda_max (cosine) over the first
+# `loops` epochs. zhengli97/CTKD scripts/run_cifar_distill.sh: -r 0.1 -a 0.9, t_start 1, t_end 20, 10 loops.
+distill.register('ctkd', distill.Method(
+    _ctkd, module=lambda cfg, s, t, info: GlobalTemperature(),
+    hparams=('ctkd.t_start', 'ctkd.t_end', 'ctkd.lambda_max', 'ctkd.loops'),
+    options=distill.Options(dict(t_start=1.0, t_end=20.0, lambda_max=1.0, loops=10.0),
+                            ranges=dict(t_start=distill.Range(0.0), t_end=distill.Range(0.0, low_ok=False),
+                                        lambda_max=distill.Range(0.0), loops=distill.Range(0.0, low_ok=False))),
+    recipe=distill.Recipe(weights={'ce': 0.1, 'ctkd': 0.9}, variants={'ls': _ctkd_ls})))

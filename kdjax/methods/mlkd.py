@@ -82,9 +82,33 @@ def _mlkd(ctx: distill.Context, cfg):
 
 
 def _ce_strong(ctx: distill.Context, cfg):
-  return losses.cross_entropy(ctx.views['strong'][0].logits, ctx.labels, cfg.get('label_smoothing', 0.0))
+  return losses.cross_entropy(ctx.views['strong'][0].logits, ctx.labels, cfg.label_smoothing)
 
 
 distill.register_view('strong', distill.View(device_data.strong_view, stream=4))
-distill.register('mlkd', distill.Method(_mlkd, views=('strong',)))
+# Multi-Level-Logit-Distillation configs/cifar100/ours/*.yaml: (lr, epochs) per pair, the item 'mlkd_recipe'; the lr
+# decays x0.1 at 150, 180 and 210 in every file, the 480-epoch ones included.
+_TRAINING = {pair: {'optimizer.lr': lr, 'epochs': epochs} for pair, (lr, epochs) in {
+    ('resnet32x4', 'resnet8x4'): (0.025, 240),
+    ('wrn_40_2', 'wrn_16_2'): (0.025, 240),
+    ('wrn_40_2', 'wrn_40_1'): (0.025, 240),
+    ('vgg13', 'vgg8'): (0.025, 240),
+    ('resnet110', 'resnet32'): (0.025, 240),
+    ('resnet56', 'resnet20'): (0.025, 240),
+    ('resnet32x4', 'ShuffleV1'): (0.01, 480),
+    ('resnet32x4', 'ShuffleV2'): (0.01, 480),
+    ('wrn_40_2', 'ShuffleV1'): (0.0025, 480),
+    ('vgg13', 'MobileNetV2'): (0.0025, 480),
+    ('ResNet50', 'MobileNetV2'): (0.0025, 480),
+}.items()}
+
+# KD / class / batch alignment at each temperature; the strong-side KD of the first num_strong temperatures reads the
+# strong view, the others' the weak view (as the reference code does). mdistiller/engine/cfg.py KD.LOSS: CE_WEIGHT
+# 0.1 on CE(weak) + CE(strong), KD_WEIGHT 0.9 on every distillation part.
+distill.register_view('strong', distill.View(device_data.strong_view, stream=4))
+distill.register('mlkd', distill.Method(
+    _mlkd, views=('strong',),
+    options=distill.Options(dict(temperatures=(4.0, 3.0, 5.0, 2.0, 6.0), num_strong=3),
+                            ranges=dict(temperatures=distill.Range(0.0, low_ok=False), num_strong=distill.Range(0))),
+    recipe=distill.Recipe(weights={'ce': 0.1, 'ce_strong': 0.1, 'mlkd': 0.9}, training=_TRAINING)))
 distill.register('ce_strong', distill.Method(_ce_strong, needs_teacher=False, views=('strong',)))

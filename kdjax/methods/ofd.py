@@ -147,4 +147,8 @@ def ofd_loss(ctx: distill.Context, cfg):
   return total
 
 
-distill.register('ofd', distill.Method(ofd_loss, module=_module, check=_check, teacher0_network=True))
+# mdistiller engine/cfg.py: OFD.CONNECTOR.KERNEL_SIZE 1, CE 1, OFD.LOSS.FEAT_WEIGHT 0.001.
+distill.register('ofd', distill.Method(
+    ofd_loss, module=_module, check=_check, teacher0_network=True,
+    options=distill.Options(dict(connector_kernel_size=1), ranges=dict(connector_kernel_size=distill.Range(1))),
+    recipe=distill.Recipe(weights={'ce': 1.0, 'ofd': 0.001})))

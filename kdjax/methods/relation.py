@@ -19,5 +19,11 @@ def pkt_loss(ctx: distill.Context, cfg):
   return losses.pkt_loss(ctx.student.embedding, ctx.teacher.embedding)
 
 
-distill.register('rkd', distill.Method(rkd_loss, hparams=('rkd.distance_weight', 'rkd.angle_weight')))
-distill.register('pkt', distill.Method(pkt_loss))
+# RepDistiller scripts/run_cifar_distill.sh: -r 1 -a 0 -b 1 (RKD), -b 30000 (PKT); distiller_zoo/RKD.py's w_d 25,
+# w_a 50 inside the term.
+distill.register('rkd', distill.Method(
+    rkd_loss, hparams=('rkd.distance_weight', 'rkd.angle_weight'),
+    options=distill.Options(dict(distance_weight=25.0, angle_weight=50.0),
+                            ranges=dict(distance_weight=distill.Range(0.0), angle_weight=distill.Range(0.0))),
+    recipe=distill.Recipe(weights={'ce': 1.0, 'rkd': 1.0})))
+distill.register('pkt', distill.Method(pkt_loss, recipe=distill.Recipe(weights={'ce': 1.0, 'pkt': 30000.0})))

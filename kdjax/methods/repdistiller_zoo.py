@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 from kdjax import distill
 from kdjax import losses
+from kdjax import stages
 from kdjax.errors import ConfigError
 from kdjax.methods import feature
 from kdjax.models import layers
@@ -88,7 +89,14 @@ def _nst(ctx: distill.Context, cfg):
   return sum(nst_loss(s, t) for s, t in zip(ctx.student.features[1:], ctx.teacher.features[1:]))
 
 
-distill.register('nst', distill.Method(_nst, check=_stage_maps_check('nst')))
+# The references' weights: RepDistiller scripts/run_cifar_distill.sh (-a 0 -b: NST 50, CC 0.02, AB 1, FT 200, FSP
+# 50); helper/loops.py sets AB's and FSP's main-stage term to 0 (they act in the pre-training stage only), hence their
+# weight 0 here. KDSVD: mdistiller engine/cfg.py KDSVD.LOSS (CE 1, FEAT 1). The pre-training stages of AB, FT and FSP
+# (`config.distill.init`, kdjax/stages.py): RepDistiller train_student.py's init_epochs 30 and init_trainable_list
+# (AB: connectors + the student's feature modules; FT: the paraphraser, on nn.MSELoss reconstruction; FSP: the
+# student's feature modules), with the stage loss at weight 1 (helper/pretrain.py).
+distill.register('nst', distill.Method(_nst, check=_stage_maps_check('nst'),
+                                       recipe=distill.Recipe(weights={'ce': 1.0, 'nst': 50.0})))
 
 
 # --------------------------------------------------------------------------------------------------------- CC
@@ -126,7 +134,10 @@ def _cc(ctx: distill.Context, cfg):
   return cc_loss(out['embed_s'], out['embed_t'])
 
 
-distill.register('cc', distill.Method(_cc, module=_cc_module))
+distill.register('cc', distill.Method(
+    _cc, module=_cc_module,
+    options=distill.Options(dict(feat_dim=128), ranges=dict(feat_dim=distill.Range(1))),  # LinearEmbed's width
+    recipe=distill.Recipe(weights={'ce': 1.0, 'cc': 0.02})))
 
 
 # -------------------------------------------------------------------------------------------------------- FSP
@@ -168,7 +179,10 @@ def _fsp(ctx: distill.Context, cfg):
   return fsp_loss(ctx.student.features, ctx.teacher.features)
 
 
-distill.register('fsp', distill.Method(_fsp, check=_fsp_check))
+distill.register('fsp', distill.Method(
+    _fsp, check=_fsp_check,
+    recipe=distill.Recipe(weights={'ce': 1.0, 'fsp': 0.0},
+                          init=dict(epochs=30, losses={'fsp': 1.0}, train=('student/backbone',)))))
 
 
 # --------------------------------------------------------------------------------------------------------- AB
@@ -229,7 +243,12 @@ def _ab(ctx: distill.Context, cfg):
   return ab_loss(ctx.extras['ab']['sources'], ctx.teacher.preact[1:], cfg.ab.margin)
 
 
-distill.register('ab', distill.Method(_ab, module=_ab_module, check=_ab_check, hparams=('ab.margin',)))
+distill.register('ab', distill.Method(
+    _ab, module=_ab_module, check=_ab_check, hparams=('ab.margin',),
+    options=distill.Options(dict(margin=1.0), ranges=dict(margin=distill.Range(0.0))),
+    recipe=distill.Recipe(weights={'ce': 1.0, 'ab': 0.0},
+                          init=dict(epochs=30, losses={'ab': 1.0}, train=('student/backbone', 'extras/ab'),
+                                    freeze_after=('extras/ab',)))))
 
 
 # --------------------------------------------------------------------------------------------------------- FT
@@ -350,14 +369,23 @@ def _ft_rec(ctx: distill.Context, cfg):
 
 
 def _ft_rec_check(cfg, student_shapes, teacher_shapes, info):
-  init = cfg.get('init', {})
-  if 'ft' not in cfg.losses and 'ft' not in init.get('losses', {}):
+  if 'ft' not in cfg.losses and 'ft' not in stages.field(cfg, 'losses'):
     _refuse('ft_rec', "reconstructs through FT's paraphraser: add 'ft' to distill.losses (weight 0 if unused)")
   _ft_check(cfg, student_shapes, teacher_shapes, info)
 
 
-distill.register('ft', distill.Method(_ft, module=_ft_module, check=_ft_check))
-distill.register('ft_rec', distill.Method(_ft_rec, check=_ft_rec_check))
+# One section for both terms: the paraphraser's factor channels, factor x the teacher's channels (RepDistiller's
+# rate 0.5). helper/pretrain.py: FT's stage runs at lr 0.01 for the students below, at the main lr for the others.
+FT_OPTIONS = distill.Options(dict(factor=0.5), ranges=dict(factor=distill.Range(0.0, low_ok=False)), section='ft')
+FT_INIT_LR = dict.fromkeys(('resnet8', 'resnet14', 'resnet20', 'resnet32', 'resnet44', 'resnet56', 'resnet110',
+                            'resnet8x4', 'resnet32x4', 'wrn_16_1', 'wrn_16_2', 'wrn_40_1', 'wrn_40_2'), 0.01)
+
+distill.register('ft', distill.Method(
+    _ft, module=_ft_module, check=_ft_check, options=FT_OPTIONS,
+    recipe=distill.Recipe(weights={'ce': 1.0, 'ft': 200.0}, init_lr=FT_INIT_LR,
+                          init=dict(epochs=30, losses={'ft_rec': 1.0}, train=('extras/ft/paraphraser',),
+                                    freeze_after=('extras/ft/paraphraser',)))))
+distill.register('ft_rec', distill.Method(_ft_rec, check=_ft_rec_check, options=FT_OPTIONS))
 
 
 # ------------------------------------------------------------------------------------------------------ KDSVD
@@ -440,4 +468,9 @@ def _kdsvd(ctx: distill.Context, cfg):
   return kdsvd_loss(ctx.student.features[1:], ctx.teacher.features[1:], int(c.k), c.layout)
 
 
-distill.register('kdsvd', distill.Method(_kdsvd, check=_kdsvd_check))
+# layout: mdistiller ([C*H, W] matrices) | repdistiller ([H*W, C]); k: the singular vectors kept (mdistiller's 1).
+distill.register('kdsvd', distill.Method(
+    _kdsvd, check=_kdsvd_check,
+    options=distill.Options(dict(k=1, layout='mdistiller'), ranges=dict(k=distill.Range(1)),
+                            choices=dict(layout=('mdistiller', 'repdistiller'))),
+    recipe=distill.Recipe(weights={'ce': 1.0, 'kdsvd': 1.0})))

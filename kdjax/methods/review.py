@@ -147,4 +147,10 @@ def reviewkd_loss(ctx: distill.Context, cfg):
   return dkd.warmup_factor(ctx.epoch, cfg.reviewkd.warmup_epochs) * hcl_loss(results, _teacher_levels(ctx.teacher))
 
 
-distill.register('reviewkd', distill.Method(reviewkd_loss, module=_module, check=_check))
+# mdistiller REVIEWKD: WARMUP_EPOCHS 20, STU_PREACT False, the 512 cap on the ABF width (mid = min(cap, the student's
+# embedding width)); configs/cifar100/reviewkd.yaml: CE 1, REVIEWKD_WEIGHT 5.
+distill.register('reviewkd', distill.Method(
+    reviewkd_loss, module=_module, check=_check,
+    options=distill.Options(dict(warmup_epochs=20, stu_preact=False, max_mid_channels=512),
+                            ranges=dict(warmup_epochs=distill.Range(0.0), max_mid_channels=distill.Range(1))),
+    recipe=distill.Recipe(weights={'ce': 1.0, 'reviewkd': 5.0})))

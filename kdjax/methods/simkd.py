@@ -151,7 +151,7 @@ def export(trainer, ts, path: str) -> dict:
   x = jnp.zeros((1,) + tuple(trainer.ds.image_shape), trainer.parts.dtype)
   t_last = jax.eval_shape(lambda: trainer.teacher.apply(trainer.teacher_vars, x)).features[-1]
   meta = {'model': 'simkd_deployable', 'student': cfg.student.model,
-          'student_kwargs': dict(cfg.student.get('kwargs', {})), 'teacher': cfg.teacher.model,
+          'student_kwargs': dict(cfg.student.kwargs), 'teacher': cfg.teacher.model,
           'num_classes': trainer.ds.num_classes, 'dataset': trainer.ds.name, 'image_shape': list(trainer.ds.image_shape),
           'teacher_channels': int(t_last.shape[-1]), 'teacher_spatial': [int(t_last.shape[1]), int(t_last.shape[2])],
           'factor': int(cfg.distill.simkd.factor)}
@@ -166,5 +166,11 @@ def export(trainer, ts, path: str) -> dict:
   return {'deploy_path': path, 'deploy_params': n}
 
 
-distill.register('simkd', distill.Method(_loss, module=_module, predicts=True, export=export,
-                                          teacher0_network=True))
+# projectors: 'last' (the paper) | 'multi' | 'all'; loss: 'l2' (the paper) | 'kl'. The SimKD repo's README:
+# -c 0 -d 0 -b 1, factor 2.
+distill.register('simkd', distill.Method(
+    _loss, module=_module, predicts=True, export=export, teacher0_network=True,
+    options=distill.Options(dict(factor=2, loss='l2', use_labels=False, projectors='last'),
+                            ranges=dict(factor=distill.Range(1)),
+                            choices=dict(loss=('l2', 'kl'), projectors=('last', 'multi', 'all'))),
+    recipe=distill.Recipe(weights={'simkd': 1.0})))

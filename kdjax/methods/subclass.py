@@ -27,5 +27,12 @@ def _kd(ctx: distill.Context, cfg):
                         cfg.temperature)
 
 
-distill.register('subclass_aux', distill.Method(_aux, needs_teacher=False, hparams=('subclass.temperature',)))
-distill.register('subclass_kd', distill.Method(_kd))
+# One section for both terms: the aux loss's temperature and how it normalises (kdjax/losses.py subclass_aux_loss);
+# subclass_kd reads config.distill.temperature.
+OPTIONS = distill.Options(dict(temperature=1.0, normalize_over='example'),
+                          ranges=dict(temperature=distill.Range(0.0, low_ok=False)),
+                          choices=dict(normalize_over=('example', 'batch')), section='subclass')
+
+distill.register('subclass_aux', distill.Method(_aux, needs_teacher=False, hparams=('subclass.temperature',),
+                                                options=OPTIONS))
+distill.register('subclass_kd', distill.Method(_kd, options=OPTIONS))
