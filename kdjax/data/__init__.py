@@ -1,9 +1,10 @@
 """Datasets as uint8 arrays in host memory: read once, then put on the devices (see `kdjax.data.device`).
 
-Sources: the files users already have in `data.dir` (torchvision's CIFAR pickles and MNIST-family IDX files, or a
-folder of images; `kdjax.data.files`), TFDS (`mnist`, `fashion_mnist`, `cifar10`, `cifar100`) through
-`tfds.data_source` (array_record files, no TensorFlow needed to read), Debian's Fashion-MNIST package, and
-scikit-learn's shipped `digits`.
+Every dataset is one `DatasetEntry` in `DATASETS` (kdjax/data/registry.py), the built-in ones below: its readers
+(kdjax/data/readers.py: torchvision's files in `data.dir` (CIFAR pickles, MNIST-family IDX files, a folder of images;
+`kdjax.data.files`), TFDS through `tfds.data_source` (array_record files, no TensorFlow needed to read), Debian's
+Fashion-MNIST package, scikit-learn's shipped `digits`), its statistics, default augmentation, pipeline and splits.
+`register(entry)` adds one (README "Adding a dataset").
 """
 
 from __future__ import annotations
@@ -17,21 +18,52 @@ from absl import logging
 import numpy as np
 
 from kdjax import atomic
-from kdjax.errors import ConfigError, DatasetNotFoundError
+from kdjax.data import readers
+from kdjax.data import registry
+from kdjax.data.registry import DATASETS, DatasetEntry, entry, names, register  # noqa: F401  (the public registry)
+from kdjax.errors import ConfigError
 
-# Per-channel statistics of the training sets, as the reference codebases normalise (RepDistiller for CIFAR-100).
-_STATS = {
-    'cifar10': ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    'cifar100': ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
-    'mnist': ((0.1307,), (0.3081,)),
-    'fashion_mnist': ((0.2860,), (0.3530,)),
-}
-TFDS_NAMES = ('mnist', 'fashion_mnist', 'cifar10', 'cifar100')
 # Where Debian's dataset-fashion-mnist package puts the original gzipped IDX files.
 DEBIAN_FASHION_MNIST = '/usr/share/datasets/fashion-mnist'
-LABEL_SETS = ('fine', 'coarse')  # CIFAR-100's 100 classes, or its 20 superclasses
-# Pad-4 random crop + horizontal flip, as the CIFAR references augment; none for the digit datasets.
-_DEFAULT_AUGMENT = {'cifar10': 'crop_flip', 'cifar100': 'crop_flip'}
+# torchvision's ImageNet statistics (the anchors' `transforms.Normalize`): ImageNet's, and the stream pipeline's for
+# a dataset without its own (it never holds the training set to measure).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+# The built-in datasets, one entry each. Statistics: per channel, of the training sets, as the reference codebases
+# normalise (RepDistiller for CIFAR-100); None: the training images' own. The CIFAR references augment with a pad-4
+# random crop + horizontal flip, the digit datasets not at all. Any dataset read from data.dir may also be a folder
+# of images under its name (ImageFolder).
+BUILT_IN = (
+    DatasetEntry('digits', (readers.Arrays(readers.sklearn_digits, "scikit-learn's shipped dataset"),)),
+    DatasetEntry('cifar10', (
+        readers.CifarFiles('cifar-10-batches-py', tuple(f'data_batch_{i}' for i in range(1, 6)), ('test_batch',),
+                           'batches.meta', {'fine': (b'labels', b'label_names')}),
+        readers.ImageFolder(), readers.Tfds('cifar10')),
+        stats=((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)), augment='crop_flip', title='CIFAR-10'),
+    DatasetEntry('cifar100', (
+        readers.CifarFiles('cifar-100-python', ('train',), ('test',), 'meta',
+                           {'fine': (b'fine_labels', b'fine_label_names'),
+                            'coarse': (b'coarse_labels', b'coarse_label_names')}, named=False),
+        readers.ImageFolder(), readers.Tfds('cifar100', {'fine': 'label', 'coarse': 'coarse_label'})),
+        stats=((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)), augment='crop_flip',
+        label_sets={'fine': 'its 100 classes', 'coarse': 'its 20 superclasses'}, title='CIFAR-100'),
+    DatasetEntry('mnist', (readers.IdxFiles('MNIST/raw'), readers.ImageFolder(), readers.Tfds('mnist')),
+                 stats=((0.1307,), (0.3081,)), num_classes=10, title='MNIST'),
+    DatasetEntry('fashion_mnist', (
+        readers.IdxFiles('FashionMNIST/raw'), readers.ImageFolder(),
+        readers.IdxAt(lambda: DEBIAN_FASHION_MNIST, "`apt-get install dataset-fashion-mnist` (Debian's package: the "
+                      'original files in {path})'),
+        readers.Tfds('fashion_mnist')),
+        stats=((0.2860,), (0.3530,)), num_classes=10, title='Fashion-MNIST'),
+    DatasetEntry('kmnist', (readers.IdxFiles('KMNIST/raw'), readers.ImageFolder()), num_classes=10, title='KMNIST'),
+    DatasetEntry('imagenet2012', (readers.Tfds('imagenet2012'),), stats=(IMAGENET_MEAN, IMAGENET_STD),
+                 pipeline='stream', splits=('train', 'validation')),
+    DatasetEntry('folder', (readers.ImageFolder(),), pipeline='auto'),
+)
+for _entry in BUILT_IN:
+  register(_entry)
 
 
 @dataclasses.dataclass
@@ -64,61 +96,68 @@ class Dataset:
 
 
 def load(cfg) -> Dataset:
-  """Loads `cfg.name` (a `config.data` section) and carves the optional validation split from train."""
+  """Loads `cfg.name` (a `config.data` section) by its entry's readers and carves the optional validation split
+  from train."""
   from kdjax.data import files
-  name, root = cfg.name, os.path.expanduser(cfg.get('dir') or '')
-  label_set = cfg.get('label_set', 'fine')
-  if name not in ('digits',) + files.NAMES:
-    raise ConfigError(f'unknown dataset {name!r}; choose one of digits, {", ".join(files.NAMES)}')
-  if label_set not in LABEL_SETS:
-    raise ConfigError(f'data.label_set must be one of {", ".join(LABEL_SETS)}, got {label_set!r}')
-  if label_set != 'fine' and name != 'cifar100':
-    raise ConfigError(f'data.label_set={label_set!r} applies to cifar100 only (its 20 superclasses), not {name}')
-  if name == 'folder':
-    folder_root = os.path.expanduser(cfg.folder.get('root') or '')
-    if root and folder_root and os.path.abspath(root) != os.path.abspath(folder_root):
-      raise ConfigError(f'data.dir={root} and data.folder.root={folder_root} name different folders; set one')
-    root = root or folder_root
-  if name == 'digits':
-    if root:
-      raise ConfigError(f'data.dir={root} but digits is scikit-learn\'s shipped dataset; set data.name to one of '
-                        f'{", ".join(files.NAMES)} for the files there')
-    train, test, num_classes = _load_digits()
-  elif root or name == 'folder':
-    train, test, num_classes = files.load(cfg, root)
-  elif name == 'fashion_mnist' and files.holds_idx(DEBIAN_FASHION_MNIST):
-    train, test, num_classes = files.load(cfg, DEBIAN_FASHION_MNIST)
-  elif name in TFDS_NAMES:
-    train, test, num_classes = _load_tfds(name, cfg.get('data_dir') or None, label_set)
+  e = registry.check(cfg)
+  if e.pipeline == 'stream':
+    raise ConfigError(f"config.data.pipeline='device' cannot hold {e.name} on the devices; use 'stream' or 'auto'")
+  root = data_root(cfg, e)
+  if not root:
+    train, test, num_classes = readers.without_dir(e, cfg).read(cfg, e)
+  elif e.dir_readers():
+    train, test, num_classes = files.load(cfg, root, e)
   else:
-    raise ConfigError(f"{name} is read from torchvision's files: set --config.data.dir to the folder that holds "
-                      f'{files.IDX_FOLDERS.get(name, name)}')
+    raise ConfigError(f'data.dir={root} but {e.name} is {e.readers[0].what}; set data.name to one of '
+                      f'{", ".join(registry.dir_names())} for the files there')
 
   # Seeded stratified subsets (quick experiments, CI-sized real data), before the validation split.
-  train = _subset(train, cfg.get('train_examples', 0), 'data.train_examples', cfg.get('val_seed', 0))
-  test = _subset(test, cfg.get('test_examples', 0), 'data.test_examples', cfg.get('val_seed', 0))
+  train = _subset(train, cfg.train_examples, 'data.train_examples', cfg.val_seed)
+  test = _subset(test, cfg.test_examples, 'data.test_examples', cfg.val_seed)
 
   val = None
-  fraction = cfg.get('val_fraction', 0.0)
-  if fraction:
-    train, val = _split(train, fraction, cfg.get('val_seed', 0))
+  if cfg.val_fraction:
+    train, val = _split(train, cfg.val_fraction, cfg.val_seed)
 
-  omitted = cfg.get('omit_class', -1)
+  omitted = cfg.omit_class
   if omitted >= 0:  # after the validation split, so validation keeps the class: only the transfer set lacks it
     if omitted >= num_classes:
-      raise ConfigError(f'data.omit_class={omitted} but {name} has {num_classes} classes')
+      raise ConfigError(f'data.omit_class={omitted} but {e.name} has {num_classes} classes')
     train = train.take(train.labels != omitted)
-  _check_classes(train, num_classes, f'{name} ({root})' if root else name)
+  _check_classes(train, num_classes, f'{e.name} ({root})' if root else e.name)
 
-  if name in _STATS:
-    mean, std = _STATS[name]
+  if e.stats is not None:
+    mean, std = e.stats
   else:  # statistics of the training images themselves
     pixels = train.images.reshape(-1, train.images.shape[-1]).astype(np.float64) / 255.0
     mean, std = tuple(pixels.mean(0)), tuple(pixels.std(0))
-  augment = cfg.get('augment', 'auto')
-  if augment == 'auto':
-    augment = _DEFAULT_AUGMENT.get(name, 'none')
-  return Dataset(name, num_classes, train, test, val, tuple(mean), tuple(std), augment, omitted)
+  augment = e.augment if cfg.augment == 'auto' else cfg.augment
+  return Dataset(e.name, num_classes, train, test, val, tuple(mean), tuple(std), augment, omitted)
+
+
+def data_root(cfg, e: DatasetEntry) -> str:
+  """`data.dir` (user-expanded; '' = none); for an entry read from a folder of images only, `data.folder.root` (the
+  older field) may name it instead."""
+  root = os.path.expanduser(cfg.dir)
+  if e.folder_only:
+    folder_root = os.path.expanduser(cfg.folder.root)
+    if root and folder_root and os.path.abspath(root) != os.path.abspath(folder_root):
+      raise ConfigError(f'data.dir={root} and data.folder.root={folder_root} name different folders; set one')
+    root = root or folder_root
+  return root
+
+
+def as_split(images, labels, what: str) -> 'Split':
+  """A Split of uint8 images [N, H, W, C] (or [N, H, W]) and integer labels [N], or a one-line refusal naming
+  `what`."""
+  images, labels = np.asarray(images), np.asarray(labels)
+  if images.ndim == 3:
+    images = images[..., None]
+  if images.dtype != np.uint8 or images.ndim != 4:
+    raise ConfigError(f'{what} images must be uint8 [N, H, W, C], got {images.dtype} {list(images.shape)}')
+  if labels.shape != images.shape[:1] or not np.issubdtype(labels.dtype, np.integer):
+    raise ConfigError(f'{what} labels must be integers [{images.shape[0]}], got {labels.dtype} {list(labels.shape)}')
+  return Split(images, labels.astype(np.int32))
 
 
 def from_arrays(train_images, train_labels, test_images=None, test_labels=None, num_classes: int | None = None,
@@ -126,17 +165,8 @@ def from_arrays(train_images, train_labels, test_images=None, test_labels=None, 
   """A Dataset of arrays the caller made (kdjax/api.py): uint8 images [N, H, W, C] (or [N, H, W]) and integer
   labels. `num_classes` defaults to the largest label + 1; `mean` / `std` (per channel, of pixels in [0, 1]) to
   the training images' own."""
-  def split(images, labels, what):
-    images, labels = np.asarray(images), np.asarray(labels)
-    if images.ndim == 3:
-      images = images[..., None]
-    if images.dtype != np.uint8 or images.ndim != 4:
-      raise ConfigError(f'{what} images must be uint8 [N, H, W, C], got {images.dtype} {list(images.shape)}')
-    if labels.shape != images.shape[:1] or not np.issubdtype(labels.dtype, np.integer):
-      raise ConfigError(f'{what} labels must be integers [{images.shape[0]}], got {labels.dtype} {list(labels.shape)}')
-    return Split(images, labels.astype(np.int32))
-  train = split(train_images, train_labels, 'train')
-  test = split(test_images, test_labels, 'test') if test_images is not None else train
+  train = as_split(train_images, train_labels, 'train')
+  test = as_split(test_images, test_labels, 'test') if test_images is not None else train
   if test.images.shape[1:] != train.images.shape[1:]:
     raise ConfigError(f'test images {list(test.images.shape[1:])} differ from the train images '
                       f'{list(train.images.shape[1:])}')
@@ -204,44 +234,6 @@ def _split(train: Split, fraction: float, seed: int) -> tuple[Split, Split]:
   return train.take(idx_train), train.take(idx_val)
 
 
-def _load_digits() -> tuple[Split, Split, int]:
-  """scikit-learn's 1,797 real 8x8 handwritten digits (pixel values 0..16), a fixed stratified 80/20 split."""
-  from sklearn.datasets import load_digits
-  from sklearn.model_selection import train_test_split
-  d = load_digits()
-  images = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
-  labels = d.target.astype(np.int32)
-  idx_train, idx_test = train_test_split(np.arange(len(labels)), test_size=0.2, random_state=0, stratify=labels)
-  return Split(images[idx_train], labels[idx_train]), Split(images[idx_test], labels[idx_test]), 10
-
-
-def _prepare_hint(name: str, data_dir: str | None) -> str:
-  where = data_dir or '~/tensorflow_datasets'
-  debian = (f', or `apt-get install dataset-fashion-mnist` (Debian\'s package: the original files in '
-            f'{DEBIAN_FASHION_MNIST})') if name == 'fashion_mnist' else ''
-  return (f'dataset {name!r} is not prepared in {where}; on a machine with internet run '
-          f'`pip install tensorflow tensorflow-datasets && tfds build {name} --file_format=array_record '
-          f'--data_dir={where}` and copy {where}/{name} here (or set --config.data.data_dir){debian}; or point '
-          "--config.data.dir at torchvision's files (see README, Data)")
-
-
-def _load_tfds(name: str, data_dir: str | None, label_set: str = 'fine') -> tuple[Split, Split, int]:
-  import tensorflow_datasets as tfds
-  builder = tfds.builder(name, data_dir=data_dir)
-  label_key, suffix = ('coarse_label', '_coarse') if label_set == 'coarse' else ('label', '')
-  splits = {}
-  try:
-    for split in ('train', 'test'):
-      source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
-      cache = os.path.join(builder.data_dir, f'kdjax_uint8_{split}{suffix}.npz') if builder.is_prepared() else None
-      splits[split] = cached(cache, lambda: _read_all(source, f'{name}/{split}', label_key), expected_len=len(source))
-  except Exception as e:  # tfds raises several types for "not there"; decide by asking the builder
-    if builder.is_prepared():
-      raise
-    raise DatasetNotFoundError(_prepare_hint(name, data_dir)) from e
-  return splits['train'], splits['test'], builder.info.features[label_key].num_classes
-
-
 def cached(path: str | None, read, expected_len: int | None) -> Split:
   """`read()` once, then the decoded uint8 arrays from `path`: decoding 60,000 PNGs costs far more than loading one
   array file. A cache of another length than `expected_len` is stale (None: the path's name says what it holds).
@@ -291,16 +283,3 @@ def _read_cache(path: str) -> Split | None:
     logging.warning('the cached dataset %s is damaged (%s); decoding again (could not move it aside: %s)', path,
                     damage, e)
   return None
-
-
-def _read_all(source, what: str, label_key: str = 'label') -> Split:
-  n = len(source)
-  logging.info('decoding %s: %d examples (once; later runs read the cached arrays)', what, n)
-  first = source[0]
-  images = np.empty((n,) + first['image'].shape, np.uint8)
-  labels = np.empty((n,), np.int32)
-  for i in range(n):
-    ex = source[i]
-    images[i] = ex['image']
-    labels[i] = ex[label_key]
-  return Split(images, labels)

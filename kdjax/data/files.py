@@ -1,9 +1,10 @@
 """Datasets from the files users already have: torchvision's download folders, read without torch or TFDS.
 
-`config.data.dir` names a directory; what it holds picks the reader: CIFAR-10/100's Python pickles, MNIST-family IDX
-files (raw or gzipped), or a folder of images (`kdjax.data.folder`). The dataset's own files win when a torchvision
-root holds several. Every reader returns `Split`s of uint8 [N, H, W, C] images and int32 labels, or refuses the
-input in one line naming the file. The decoded arrays are cached under `~/.cache/kdjax/data` (`data.cache_dir`),
+`config.data.dir` names a directory; the dataset entry's dir readers (kdjax/data/readers.py) say what it may hold:
+CIFAR-10/100's Python pickles, MNIST-family IDX files (raw or gzipped), or a folder of images (`kdjax.data.folder`).
+`_find` looks for the layouts of every registered entry, so the dataset's own files win when a torchvision root holds
+several, and a directory that holds another dataset's files is refused naming it. Every reader returns `Split`s of
+uint8 [N, H, W, C] images and int32 labels, or refuses the input in one line naming the file. The decoded arrays are cached under `~/.cache/kdjax/data` (`data.cache_dir`),
 never beside the data, keyed by the directory and the sizes and times of the files read, each entry with the
 SHA-256 of its arrays (`kdjax.data.cached`: a damaged entry is set aside and decoded again).
 
@@ -14,6 +15,7 @@ refused in one line naming the file and the global, and none of its code runs.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import io
@@ -23,77 +25,91 @@ import os
 import pickle
 import pickletools
 import re
+from typing import Callable
 import zlib
 
 from absl import logging
 import numpy as np
 
 from kdjax.data import Split, cached
-from kdjax.data import folder
+from kdjax.data import registry
 from kdjax.errors import ConfigError, DatasetNotFoundError
 
-# name -> (torchvision's folder, train files, test files, meta file, {label set: (labels key, label names key)}).
-CIFAR = {
-    'cifar10': ('cifar-10-batches-py', tuple(f'data_batch_{i}' for i in range(1, 6)), ('test_batch',),
-                'batches.meta', {'fine': (b'labels', b'label_names')}),
-    'cifar100': ('cifar-100-python', ('train',), ('test',), 'meta',
-                 {'fine': (b'fine_labels', b'fine_label_names'), 'coarse': (b'coarse_labels', b'coarse_label_names')}),
-}
-# name -> torchvision's folder of the raw IDX files; the files may also lie in DIR or DIR/raw.
-IDX_FOLDERS = {'mnist': 'MNIST/raw', 'fashion_mnist': 'FashionMNIST/raw', 'kmnist': 'KMNIST/raw'}
 IDX_FILES = {'train': ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte'),
              'test': ('t10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte')}
 _IDX_MAGIC = {3: 0x00000803, 1: 0x00000801}  # unsigned bytes, 3 (images) or 1 (labels) dimensions
-_IDX_CLASSES = 10
-NAMES = tuple(CIFAR) + tuple(IDX_FOLDERS) + ('folder',)
-
-LOOKED_FOR = '; '.join([
-    'CIFAR-10: cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta}',
-    'CIFAR-100: cifar-100-python/{train, test, meta}',
-    'MNIST, Fashion-MNIST, KMNIST: {train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, '
-    't10k-labels-idx1-ubyte}[.gz] in ., raw/, MNIST/raw/, FashionMNIST/raw/ or KMNIST/raw/',
-    f'a folder of images: {folder.LAYOUTS}',
-])
 
 
-def load(cfg, root: str) -> tuple[Split, Split, int]:
-  """Dataset `cfg.name` (a `config.data` section) from the files in `root`: (train, test, num_classes)."""
-  name, label_set = cfg.name, cfg.get('label_set', 'fine')
+@dataclasses.dataclass
+class Plan:
+  """What reading a dataset's files takes (a dir reader's `plan`, kdjax/data/readers.py)."""
+  files: list[str]  # every file read: what the decoded cache depends on
+  read: Callable  # -> [(train Split, where it was read), (test Split, where)]
+  num_classes: int
+  options: dict  # what else changes the arrays (in the cache key)
+  counts: tuple = (None, None)  # the splits' lengths when known before reading (a cache of another length is stale)
+
+
+@dataclasses.dataclass
+class _Found:
+  name: str | None  # the dataset whose own files these are; None: files of a kind whose folder names no dataset
+  kind: type  # the reader class that reads them
+  where: str
+  reader: object = None
+
+
+def _kinds() -> list[type]:
+  """The classes of the registered dir readers, in their `order` (CIFAR pickles, IDX files, image folders)."""
+  seen = {}
+  for e in registry.DATASETS.values():
+    for r in e.dir_readers():
+      seen.setdefault(type(r), None)
+  return sorted(seen, key=lambda kind: kind.order)
+
+
+def looked_for() -> str:
+  """What a `data.dir` is searched for, every registered layout."""
+  lines = []
+  for kind in _kinds():
+    pairs = [(e, r) for e in registry.DATASETS.values() for r in e.dir_readers() if type(r) is kind]
+    lines += kind.looked_for(pairs)
+  return '; '.join(lines)
+
+
+def load(cfg, root: str, entry) -> tuple[Split, Split, int]:
+  """Dataset `entry` (`cfg`: its `config.data` section) from the files in `root`: (train, test, num_classes), read
+  by the entry's first dir reader whose files lie there."""
   root = os.path.abspath(os.path.expanduser(root))
   found = _find(root)
-  if name in CIFAR and name in found:
-    where = found[name]
-    files, read = _cifar_files(name, where), functools.partial(_read_cifar, name, where, label_set)
-    num_classes = len(_cifar_label_names(name, where, label_set))
-    options, counts = {'label_set': label_set}, (None, None)
-  elif name in IDX_FOLDERS and (name in found or 'idx' in found):
-    where = found.get(name) or found['idx']
-    files, read, num_classes, options = _idx_files(where), functools.partial(_read_idx_dir, where), _IDX_CLASSES, {}
-    counts = (None, None)
-  elif 'folder' in found:
-    if label_set != 'fine':
-      raise ConfigError(f"data.label_set={label_set!r} needs CIFAR-100's python files (cifar-100-python), not the "
-                        f'image folder {root}')
-    lst = folder.listing(root, cfg.folder)
-    files, num_classes = lst.files, len(lst.classes)
-    read = lambda: [(split, root) for split in folder.read(lst, cfg.folder)]
-    counts = (int((~lst.is_test).sum()), int(lst.is_test.sum()))
-    options = {k: cfg.folder.get(k) for k in ('image_size', 'test_fraction', 'seed', 'label_column', 'file_column')}
-  elif found:
-    other, where = next(iter(found.items()))
-    names = f'one of {", ".join(IDX_FOLDERS)}' if other == 'idx' else other
-    raise ConfigError(f"data.name is {name!r} but {root} holds {'MNIST-family IDX' if other == 'idx' else other} "
-                      f'files ({where}); set --config.data.name to {names}')
-  else:
-    missing = '' if os.path.isdir(root) else ' (no such directory)'
-    raise DatasetNotFoundError(f'no dataset found in {root}{missing}: looked for {LOOKED_FOR}')
+  for reader in entry.dir_readers():
+    where = next((f.where for f in found if f.reader is reader), None)
+    if where is None and reader.reads_any:
+      where = next((f.where for f in found if f.name is None and f.kind is type(reader)), None)
+    if where is not None:
+      return read_plan(cfg, root, reader.plan(cfg, root, where, entry))
+  if found:
+    f = found[0]
+    if f.name is not None:
+      what, names = f.name, f.name
+    else:
+      what = f.kind.kind
+      owners = [e.name for e in registry.DATASETS.values() if any(type(r) is f.kind for r in e.readers)
+                and (f.kind.kind != 'folder' or e.folder_only)]
+      names = owners[0] if len(owners) == 1 else f'one of {", ".join(owners)}'
+    raise ConfigError(f'data.name is {entry.name!r} but {root} holds {what} files ({f.where}); set '
+                      f'--config.data.name to {names}')
+  missing = '' if os.path.isdir(root) else ' (no such directory)'
+  raise DatasetNotFoundError(f'no dataset found in {root}{missing}: looked for {looked_for()}')
 
-  cache = _cache_dir(cfg, root, files, options)
-  read_once = functools.cache(lambda: _checked(read(), cache))
+
+def read_plan(cfg, root: str, plan: Plan) -> tuple[Split, Split, int]:
+  """The splits a plan reads: from the decoded cache, else read (and cached)."""
+  cache = _cache_dir(cfg, root, plan.files, plan.options)
+  read_once = functools.cache(lambda: _checked(plan.read(), cache))
   # A cached split of another length than the folder's listing counts (None: not known before reading) is stale.
-  train = cached(os.path.join(cache, 'train.npz'), lambda: read_once()[0], expected_len=counts[0])
-  test = cached(os.path.join(cache, 'test.npz'), lambda: read_once()[1], expected_len=counts[1])
-  return train, test, num_classes
+  train = cached(os.path.join(cache, 'train.npz'), lambda: read_once()[0], expected_len=plan.counts[0])
+  test = cached(os.path.join(cache, 'test.npz'), lambda: read_once()[1], expected_len=plan.counts[1])
+  return train, test, plan.num_classes
 
 
 def _checked(splits, cache: str) -> tuple[Split, Split]:
@@ -109,25 +125,20 @@ def _checked(splits, cache: str) -> tuple[Split, Split]:
   return train, test
 
 
-def _find(root: str) -> dict[str, str]:
-  """What `root` holds: {'cifar10' | 'cifar100' | 'mnist' | 'fashion_mnist' | 'kmnist' | 'idx' | 'folder': where},
-  'idx' for IDX files whose dataset the folder does not say."""
-  found = {}
-  has = lambda where, names: any(os.path.isfile(os.path.join(where, f)) for f in names)
-  for name, (sub, train, test, meta, _) in CIFAR.items():
-    if has(os.path.join(root, sub), train + test + (meta,)):
-      found[name] = os.path.join(root, sub)
-    # DIR may be torchvision's folder itself; CIFAR-100's generic names ('train', 'meta') need each other there.
-    elif has(root, train + test) and (name == 'cifar10' or has(root, (meta,))):
-      found[name] = root
-  for name, sub in IDX_FOLDERS.items():
-    if holds_idx(os.path.join(root, sub)):
-      found[name] = os.path.join(root, sub)
-  for where in (root, os.path.join(root, 'raw')):
-    if holds_idx(where):
-      found.setdefault('idx', where)
-  if folder.layout(root):
-    found['folder'] = root
+def _find(root: str) -> list[_Found]:
+  """What `root` holds, in the order of `_kinds`: each registered dir reader's own files (CIFAR-10's
+  cifar-10-batches-py, MNIST's MNIST/raw, ...), then the files of its kind whose folder names no dataset (IDX files in
+  root or root/raw, a folder of images)."""
+  found = []
+  for kind in _kinds():
+    for e in registry.DATASETS.values():
+      for r in e.dir_readers():
+        where = r.locate(root) if type(r) is kind else None
+        if where:
+          found.append(_Found(e.name, kind, where, r))
+    where = kind.locate_any(root)
+    if where:
+      found.append(_Found(None, kind, where))
   return found
 
 
@@ -156,7 +167,7 @@ def _cache_dir(cfg, root: str, files: list[str], options: dict) -> str:
     stats.append((os.path.relpath(path, root), st.st_size, st.st_mtime_ns))
   key = json.dumps([root, stats, options], sort_keys=True, default=str)
   digest = hashlib.sha1(key.encode()).hexdigest()[:12]
-  return os.path.join(os.path.expanduser(cfg.get('cache_dir') or '~/.cache/kdjax/data'), f'{cfg.name}-{digest}')
+  return os.path.join(os.path.expanduser(cfg.cache_dir or '~/.cache/kdjax/data'), f'{cfg.name}-{digest}')
 
 
 def _one_line(error: Exception) -> str:
@@ -165,9 +176,9 @@ def _one_line(error: Exception) -> str:
 
 # CIFAR-10/100: pickled dicts with byte-string keys, b'data' uint8 [N, 3072] in CHW order.
 
-def _cifar_files(name: str, where: str) -> list[str]:
-  _, train, test, meta, _ = CIFAR[name]
-  paths = [os.path.join(where, f) for f in train + test + (meta,)]
+def cifar_files(reader, name: str, where: str) -> list[str]:
+  """The files of dataset `name` that its `readers.CifarFiles` reader names, all present in `where`."""
+  paths = [os.path.join(where, f) for f in reader.train + reader.test + (reader.meta,)]
   missing = [os.path.basename(p) for p in paths if not os.path.isfile(p)]
   if missing:
     raise DatasetNotFoundError(f'incomplete {name} files in {where}: missing {", ".join(missing)}')
@@ -243,11 +254,10 @@ def _pickle_damage(path: str, raw: bytes, error: Exception) -> str:
   return f'corrupt file {path} ({len(raw):,} bytes): cannot unpickle it ({type(error).__name__}: {_one_line(error)})'
 
 
-def _cifar_label_names(name: str, where: str, label_set: str) -> list:
-  _, _, _, meta, keys = CIFAR[name]
-  path = os.path.join(where, meta)
+def cifar_label_names(reader, where: str, label_set: str) -> list:
+  path = os.path.join(where, reader.meta)
   d = _unpickle(path)
-  key = keys[label_set][1]
+  key = reader.labels[label_set][1]
   if key not in d:
     raise ConfigError(f'corrupt file {path}: no {key!r} among its keys {sorted(d)}')
   names = d[key]
@@ -284,9 +294,9 @@ def _read_cifar_file(path: str, labels_key: bytes, num_classes: int) -> Split:
   return Split(data.reshape(n, 3, 32, 32).transpose(0, 2, 3, 1).copy(), labels.astype(np.int32))
 
 
-def _read_cifar(name: str, where: str, label_set: str):
-  _, train, test, _, keys = CIFAR[name]
-  num_classes = len(_cifar_label_names(name, where, label_set))
+def _read_cifar(reader, name: str, where: str, label_set: str):
+  train, test, keys = reader.train, reader.test, reader.labels
+  num_classes = len(cifar_label_names(reader, where, label_set))
   logging.info('decoding %s from %s (%s labels; once: later runs read the cached arrays)', name, where, label_set)
   splits = []
   for files in (train, test):
@@ -305,7 +315,7 @@ def _check_labels(labels: np.ndarray, num_classes: int, path: str):
 
 # IDX (MNIST, Fashion-MNIST, KMNIST): a big-endian magic number, big-endian int32 sizes, then the bytes.
 
-def _idx_files(where: str) -> list[str]:
+def idx_files(where: str) -> list[str]:
   paths, missing = [], []
   for files in IDX_FILES.values():
     for f in files:
@@ -374,7 +384,7 @@ def read_idx(path: str, ndim: int) -> np.ndarray:
   return np.frombuffer(raw, np.uint8, offset=header).reshape(dims)
 
 
-def _read_idx_dir(where: str):
+def read_idx_dir(where: str, num_classes: int):
   logging.info('decoding the IDX files in %s (once: later runs read the cached arrays)', where)
   splits = []
   for images_name, labels_name in IDX_FILES.values():
@@ -383,6 +393,6 @@ def _read_idx_dir(where: str):
     if len(images) != len(labels):
       raise ConfigError(f'mismatched files: {images_path} holds {len(images):,} images, {labels_path} '
                         f'{len(labels):,} labels')
-    _check_labels(labels, _IDX_CLASSES, labels_path)
+    _check_labels(labels, num_classes, labels_path)
     splits.append((Split(images[..., None].copy(), labels.astype(np.int32)), images_path))
   return splits

@@ -127,7 +127,7 @@ def listing(root: str, cfg) -> Listing:
 
 def read(lst: Listing, cfg) -> tuple[Split, Split]:
   """Decodes the images of a listing into (train, test)."""
-  images = decode_all(lst.paths, cfg.get('image_size', 0))
+  images = decode_all(lst.paths, cfg.image_size)
   is_test = lst.is_test
   return Split(images[~is_test], lst.labels[~is_test]), Split(images[is_test], lst.labels[is_test])
 
@@ -167,14 +167,14 @@ def decode_all(paths: list[str], size: int) -> np.ndarray:
 
 def _stratified_test_mask(labels: np.ndarray, cfg, root: str, classes: list[str]) -> np.ndarray:
   from kdjax.data import stratified_split
-  fraction = cfg.get('test_fraction', 0.2)
-  _, test_idx = stratified_split(labels, cfg.get('seed', 0), f'the data.folder.test_fraction={fraction} split of '
+  fraction = cfg.test_fraction
+  _, test_idx = stratified_split(labels, cfg.seed, f'the data.folder.test_fraction={fraction} split of '
                                  f'{root}', names=[repr(c) for c in classes], test_size=fraction)
   return np.isin(np.arange(len(labels)), test_idx)
 
 
 def _check_options(cfg):
-  fraction = cfg.get('test_fraction', 0.2)
+  fraction = cfg.test_fraction
   if not isinstance(fraction, (int, float)) or not 0.0 < fraction < 1.0:
     raise ConfigError(f'config.data.folder.test_fraction must be in (0, 1), got {fraction!r}')
 
@@ -229,12 +229,12 @@ def _read_csv(path: str) -> list[dict]:
 
 def _pick_columns(rows: list[dict], images_dir: str, cfg) -> tuple[str, str]:
   columns = list(rows[0])
-  file_col = cfg.get('file_column') or next(
+  file_col = cfg.file_column or next(
       (c for c in columns if isinstance(rows[0][c], str) and os.path.isfile(os.path.join(images_dir, rows[0][c]))),
       None)
   if file_col is None or file_col not in columns:
     raise ConfigError(f'cannot find the image-file column in {columns}; set data.folder.file_column')
-  label_col = cfg.get('label_column') or ('Majority Vote Label' if 'Majority Vote Label' in columns else next(
+  label_col = cfg.label_column or ('Majority Vote Label' if 'Majority Vote Label' in columns else next(
       (c for c in columns if c not in (file_col, 'Partition')), None))
   if label_col is None or label_col not in columns:
     raise ConfigError(f'cannot find the label column in {columns}; set data.folder.label_column')

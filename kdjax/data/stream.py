@@ -34,13 +34,10 @@ from absl import logging
 import jax
 import numpy as np
 
-from kdjax.data import Dataset
-from kdjax.errors import ConfigError, DatasetNotFoundError
+from kdjax.data import IMAGENET_MEAN, IMAGENET_STD, Dataset  # noqa: F401  (the statistics: re-exported)
+from kdjax.data import registry
+from kdjax.errors import ConfigError
 
-# torchvision's ImageNet statistics (the anchors' `transforms.Normalize`), used for every streamed dataset.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-STREAM_NAMES = ('imagenet2012', 'folder')
 PIPELINES = ('auto', 'device', 'stream')
 ON_CORRUPT = ('stop', 'skip')
 # data.on_corrupt='skip' stops after this many corrupt images in a row (or two epochs' worth of the training set, if
@@ -109,8 +106,8 @@ class TfdsSource:
   (its NumPy path, no TensorFlow; its SkipDecoding needs TensorFlow), kdjax's transforms crop and resize the array.
   Opened lazily, so that the source pickles into Grain's worker processes."""
 
-  def __init__(self, name: str, split: str, data_dir: str | None):
-    self.name, self.split, self.data_dir = name, split, data_dir
+  def __init__(self, name: str, split: str, data_dir: str | None, label_key: str = 'label'):
+    self.name, self.split, self.data_dir, self.label_key = name, split, data_dir, label_key
     self._source = None
     self._len = len(self._open())
 
@@ -128,27 +125,22 @@ class TfdsSource:
 
   def __getitem__(self, i):
     ex = self._open()[int(i)]
-    return {'data': ex['image'], 'label': int(ex['label']), 'where': f'{self.name}/{self.split}[{int(i)}]'}
+    return {'data': ex['image'], 'label': int(ex[self.label_key]), 'where': f'{self.name}/{self.split}[{int(i)}]'}
 
 
 # ------------------------------------------------------------------------------------------------ the choice
 def choose(cfg) -> str:
-  """'device' or 'stream' for the `config.data` section `cfg` (data.pipeline; 'auto': stream for imagenet2012,
-  and for a folder whose decoded training images exceed the device budget; device otherwise)."""
-  pipeline, name = cfg.get('pipeline', 'auto'), cfg.name  # the combinations are checked in `check_config`
-  if pipeline != 'auto':
-    return pipeline
-  if name == 'imagenet2012':
-    return 'stream'
-  if name != 'folder':
+  """'device' or 'stream' for the `config.data` section `cfg`: data.pipeline, or for 'auto' the dataset entry's
+  pipeline ('auto' there: stream when the decoded training images exceed the device budget)."""
+  if cfg.pipeline != 'auto':  # the combinations are checked in `check_config`
+    return cfg.pipeline
+  entry = registry.entry(cfg.name)
+  if entry.pipeline != 'auto':
+    return entry.pipeline
+  reader, root = _stream_reader(cfg, entry)
+  need = reader.stream_bytes(cfg, root)
+  if need is None:
     return 'device'
-  from kdjax.data import folder
-  root = _folder_root(cfg)
-  if folder.layout(root) != 'classes':
-    return 'device'  # MHIST's CSV layout: the device reader's
-  lst = folder.listing(root, cfg.folder)
-  size = cfg.folder.get('image_size', 0) or cfg.get('image_size', 224)
-  need = int((~lst.is_test).sum()) * size * size * 3
   budget = device_budget(cfg)
   logging.info("data.pipeline='auto': the decoded training images take %.2f GiB, the device budget is %.2f GiB: %s",
                need / 2**30, budget / 2**30, 'device' if need <= budget else 'stream')
@@ -156,29 +148,31 @@ def choose(cfg) -> str:
 
 
 def check_config(cfg, pipeline: str | None = None):
-  """The data-pipeline fields of a run config that the config alone decides, one line each (kdjax/validate.py);
-  `pipeline`: the one `choose` picked, when 'auto' picked it from the data."""
-  d, pipeline = cfg.data, pipeline or cfg.data.get('pipeline', 'auto')
-  if pipeline == 'device' and d.name == 'imagenet2012':
-    raise ConfigError("config.data.pipeline='device' cannot hold imagenet2012 on the devices; use 'stream' or 'auto'")
-  if pipeline == 'stream' and d.name not in STREAM_NAMES:
-    raise ConfigError(f"config.data.pipeline='stream' reads {' or '.join(STREAM_NAMES)}, not {d.name}; use 'device' "
-                      "or 'auto'")
-  if d.get('resize', 256) < d.get('image_size', 224):
+  """The data fields of a run config that the config alone decides, one line each (kdjax/validate.py): the dataset
+  registered, its label set, and the pipeline's fields; `pipeline`: the one `choose` picked, when 'auto' picked it
+  from the data."""
+  d, pipeline = cfg.data, pipeline or cfg.data.pipeline
+  entry = registry.check(d)
+  if pipeline == 'device' and entry.pipeline == 'stream':
+    raise ConfigError(f"config.data.pipeline='device' cannot hold {d.name} on the devices; use 'stream' or 'auto'")
+  if pipeline == 'stream' and entry.pipeline == 'device':
+    raise ConfigError(f"config.data.pipeline='stream' reads {' or '.join(registry.stream_names())}, not {d.name}; "
+                      "use 'device' or 'auto'")
+  if d.resize < d.image_size:
     raise ConfigError(f'config.data.resize={d.resize} is smaller than config.data.image_size={d.image_size} (the '
                       'evaluation center crop)')
-  if not (pipeline == 'stream' or d.name == 'imagenet2012'):
+  if not (pipeline == 'stream' or entry.pipeline == 'stream'):
     return
   where = f"data.pipeline={pipeline!r} with data.name={d.name!r} streams the data"
   for field in ('val_fraction', 'train_examples', 'test_examples'):
-    if d.get(field, 0):
+    if d[field]:
       raise ConfigError(f'config.data.{field} is not supported: {where} (each split as it is)')
-  if d.get('omit_class', -1) >= 0:
+  if d.omit_class >= 0:
     raise ConfigError(f'config.data.omit_class is not supported: {where}')
-  if d.get('augment', 'auto') == 'crop_flip':
+  if d.augment == 'crop_flip':
     raise ConfigError(f"config.data.augment='crop_flip' is the CIFAR pad-4 crop; {where}: 'auto' (random-resized "
                       "crop + flip) or 'none' (resize + center crop)")
-  if cfg.distill.get('cache_teacher', 'auto') == 'on':
+  if cfg.distill.cache_teacher == 'on':
     raise ConfigError(f"config.distill.cache_teacher='on' needs the device-resident training set; {where}: "
                       "'auto' or 'off'")
   if 'mlkd' in dict(cfg.distill.losses):
@@ -187,51 +181,39 @@ def check_config(cfg, pipeline: str | None = None):
 
 
 def device_budget(cfg) -> float:
-  if cfg.get('device_budget_gb', 0.0) > 0:
+  if cfg.device_budget_gb > 0:
     return cfg.device_budget_gb * 2**30
   from kdjax import memory
   available = memory.available(jax.local_device_count())
   return DEVICE_BUDGET_FRACTION * available if available else 4 * 2**30
 
 
-def _folder_root(cfg) -> str:
-  root = os.path.expanduser(cfg.get('dir') or cfg.folder.get('root') or '')
-  if not root:
-    raise ConfigError('data.name=folder needs --config.data.dir (or --config.data.folder.root)')
-  return os.path.abspath(root)
+def _stream_reader(cfg, entry):
+  """(the entry's reader that streams it, data.dir made absolute or ''): with data.dir set, its first dir reader
+  that streams; otherwise (or when none does: data.dir is not its source) its first no-dir reader that streams."""
+  from kdjax.data import data_root
+  root = data_root(cfg, entry)
+  streaming = [r for r in entry.readers if r.streams]
+  if root:
+    for r in streaming:
+      if r.takes_dir:
+        return r, os.path.abspath(root)
+  for r in streaming:
+    if not r.takes_dir and r.available(cfg):
+      return r, ''
+  raise ConfigError(streaming[0].needs_dir(entry) if streaming else
+                    f"config.data.pipeline='stream' reads {' or '.join(registry.stream_names())}, not {entry.name}")
 
 
 def load(cfg) -> StreamDataset:
   """The streamed dataset of the `config.data` section `cfg`: the record listings only, nothing is decoded."""
-  size, resize = cfg.get('image_size', 224), cfg.get('resize', 256)
-  if cfg.name == 'folder':
-    from kdjax.data import folder
-    root = _folder_root(cfg)
-    if folder.layout(root) != 'classes':
-      raise DatasetNotFoundError(f"data.pipeline='stream' reads ImageFolder trees (root/train/<class>/*.jpg and "
-                                 f'root/val|test/<class>/*.jpg), not {root}')
-    lst = folder.listing(root, cfg.folder)  # an empty class folder stops here, in one line
-    is_test = lst.is_test
-    train = Records(FolderSource(np.asarray(lst.paths)[~is_test], lst.labels[~is_test]), size, f'{root} train')
-    test = Records(FolderSource(np.asarray(lst.paths)[is_test], lst.labels[is_test]), size, f'{root} test')
-    num_classes = len(lst.classes)
-  else:
-    import tensorflow_datasets as tfds
-    data_dir = cfg.get('data_dir') or None
-    builder = tfds.builder(cfg.name, data_dir=data_dir)
-    try:
-      train = Records(TfdsSource(cfg.name, 'train', data_dir), size, f'{cfg.name}/train')
-      test = Records(TfdsSource(cfg.name, 'validation', data_dir), size, f'{cfg.name}/validation')
-    except Exception as e:  # tfds raises several types for "not there"
-      if builder.is_prepared():
-        raise
-      from kdjax.data import _prepare_hint
-      raise DatasetNotFoundError(_prepare_hint(cfg.name, data_dir)) from e
-    num_classes = builder.info.features['label'].num_classes
-  augment = cfg.get('augment', 'auto')
-  return StreamDataset(cfg.name, num_classes, train, test, None, IMAGENET_MEAN, IMAGENET_STD,
-                       'random_resized_crop' if augment == 'auto' else 'none', -1, size, resize,
-                       cfg.get('workers', 0), cfg.get('prefetch', 2), cfg.get('on_corrupt', 'stop'))
+  entry = registry.check(cfg)
+  reader, root = _stream_reader(cfg, entry)
+  train, test, num_classes = reader.open_stream(cfg, entry, root, cfg.image_size)
+  mean, std = entry.stats or (IMAGENET_MEAN, IMAGENET_STD)
+  return StreamDataset(cfg.name, num_classes, train, test, None, mean, std,
+                       'random_resized_crop' if cfg.augment == 'auto' else 'none', -1, cfg.image_size, cfg.resize,
+                       cfg.workers, cfg.prefetch, cfg.on_corrupt)
 
 
 # ---------------------------------------------------------------------------------------------- the transforms
