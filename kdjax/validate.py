@@ -113,6 +113,7 @@ def _is_number(v) -> bool:
 
 def check(cfg):
   """Raises ConfigError naming the first bad field of `cfg` (a run config, one student's)."""
+  sweep.check_numbers(cfg)  # every number, wherever it is: no NaN or inf, integers in int64, seeds in 32 bits
   for path, allowed in CHOICES.items():
     value = _get(cfg, path)
     if value is not _MISSING and value not in allowed:
