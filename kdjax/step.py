@@ -17,6 +17,8 @@ forward pass (`jax.vjp`, two cotangents) and DOT's two momentum buffers combine 
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import functools
 import math
 import threading
@@ -143,11 +145,9 @@ class Experiment:
     self.total_steps = cfg.epochs * self.steps_per_epoch
     self.init_steps = stages.steps(cfg, self.steps_per_epoch)  # the pre-training stage (kdjax/stages.py), if any
     self.dtype = compute_dtype(cfg)
-    self.students_loop = cfg.get('students_loop', 'auto')
-    if self.students_loop not in ('auto', 'vmap', 'unroll'):
-      raise ConfigError(f"students_loop must be 'auto', 'vmap' or 'unroll', got {self.students_loop!r}")
-    if self.students_loop == 'auto':
-      self.students_loop = 'unroll' if jax.default_backend() == 'cpu' else 'vmap'
+    if cfg.get('students_loop', 'auto') not in ('auto', 'vmap', 'unroll'):
+      raise ConfigError(f"students_loop must be 'auto', 'vmap' or 'unroll', got {cfg.get('students_loop')!r}")
+    self.students_loop = sweep_lib.students_loop(cfg)  # 'auto': unroll on the CPU, else vmap
     self.replicated = sharding.replicated(self.mesh)
     self.batch_sharded = sharding.batch_sharded(self.mesh)
     self.students_sharded = sharding.students_sharded(self.mesh)
@@ -663,6 +663,23 @@ class Experiment:
       out['total'] = int(analysis.argument_size_in_bytes + analysis.temp_size_in_bytes +
                          max(analysis.output_size_in_bytes - analysis.alias_size_in_bytes, 0))
     return out
+
+  def with_students(self, n: int) -> 'Experiment':
+    """This experiment for its first `n` students only (a multiple of the students axis' devices), sharing the rest
+    (the data on the devices, the teacher and its outputs' table, the mesh, K): the small program that
+    `kdjax.memory` compiles to estimate the whole sweep's memory before the whole sweep's program is compiled."""
+    sub = copy.copy(self)
+    first = lambda tree: jax.tree.map(lambda a: a[:n], tree)
+    sub.sweep = dataclasses.replace(self.sweep, students=self.sweep.students[:n], traced=first(self.sweep.traced))
+    sub.num_students = n
+    sub.init_keys = jax.jit(first, out_shardings=self.replicated)(self.init_keys)
+    sub.step_keys = jax.jit(first, out_shardings=self.students_sharded)(self.step_keys)
+    sub.hparams = jax.jit(first, out_shardings=self.students_sharded)(self.hparams)
+    sub._train_chunk = jax.jit(sub._train_chunk_fn, donate_argnums=(0,))
+    sub._evaluate = jax.jit(sub._evaluate_fn, out_shardings=self.replicated)
+    sub._compiled_chunk = sub._init_shapes = sub._compiled_init = sub._init_thread = sub._init_error = None
+    sub._key_base = sub._single_step = None
+    return sub
 
   def train_chunk(self, ts, epoch: int, start: int, loader=None):
     """One dispatch from step `start` of `epoch`; on the streaming path `loader` (a `stream.TrainLoader`) gives

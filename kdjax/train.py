@@ -25,6 +25,7 @@ from kdjax import compile_cache
 from kdjax import config_lib
 from kdjax import data as data_lib
 from kdjax import distributed as dist
+from kdjax import memory as memory_lib
 from kdjax import reporting
 from kdjax import results
 from kdjax import sharding
@@ -127,15 +128,22 @@ def prepare_teachers(cfg, ds, mesh):
   return step_lib.TeacherGroup([m for m, _ in pairs]), tuple(v for _, v in pairs)
 
 
-def _check_memory(exp: Experiment, memory: dict):
+def _check_memory(exp: Experiment, memory: dict | None):
+  """Refuses a run whose memory per device (XLA's analysis of the compiled program, or `memory_lib.estimate`'s
+  estimate before compiling it, whose 'basis' says how it was made) exceeds memory_lib.MEMORY_FRACTION of the
+  device's."""
+  if memory is None:
+    return
   gib = lambda b: b / 2**30
-  logging.info('compiled: about %.2f GiB per device (train state %.2f GiB, XLA temporaries %.2f GiB)%s',
-               gib(memory['total']), gib(memory['state']), gib(memory['temp']),
-               f"; {gib(memory['available']):.1f} GiB available" if memory['available'] else '')
-  if memory['available'] and memory['total'] > 0.9 * memory['available']:
+  basis = memory.get('basis')
+  logging.info('%s: about %.2f GiB per device (train state %.2f GiB, XLA temporaries %.2f GiB)%s',
+               f'estimated from {basis}' if basis else 'compiled', gib(memory['total']), gib(memory['state']),
+               gib(memory['temp']), f"; {gib(memory['available']):.1f} GiB available" if memory['available'] else '')
+  if memory['available'] and memory['total'] > memory_lib.MEMORY_FRACTION * memory['available']:
     what = f'the sweep of {exp.num_students} students' if exp.num_students > 1 else 'this run'
+    how = f'; estimated from {basis}' if basis else ''
     raise ConfigError(f"{what} needs about {gib(memory['total']):.2f} GiB per device (train state "
-                      f"{gib(memory['state']):.2f} GiB, XLA temporaries {gib(memory['temp']):.2f} GiB) but "
+                      f"{gib(memory['state']):.2f} GiB, XLA temporaries {gib(memory['temp']):.2f} GiB{how}) but "
                       f"{gib(memory['available']):.2f} GiB are available; sweep fewer students, use more devices "
                       'or a smaller batch_size')
 
@@ -233,6 +241,8 @@ def _train(cfg, sweep: sweep_lib.Sweep, workdir: str, restart: bool = False) -> 
     logging.info('no validation split (data.val_fraction = 0): the best checkpoint is chosen by test accuracy')
 
   abstract = exp.init_state(abstract=True)
+  # A sweep too large for memory is refused before its whole program compiles (unrolled: minutes, or an hour).
+  _check_memory(exp, memory_lib.estimate(exp, abstract, step_lib.available_memory(mesh.devices.size)))
   if not ckpt.manager.all_steps():  # a fresh run: the initial state's program compiles beside the step's
     exp.start_init_compile()
   _check_memory(exp, exp.compile(abstract))
