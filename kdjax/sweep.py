@@ -130,23 +130,41 @@ def check_number(path: str, v):
 
 def check_numbers(node, path: str = 'config'):
   """`check_number` on every number of a config, wherever it is: every section, the loss weights, tuples
-  (`schedule.decay_epochs`), the teacher's recipe, the extra teachers."""
+  (`schedule.decay_epochs`), the teacher's recipe, the extra teachers. Cheap (it runs for every student of a
+  sweep): a number that is plainly fine (a float in float32's range, an integer in 0..2**32-1) is passed over,
+  and a field's path is written out only for the others."""
   if isinstance(node, ml_collections.ConfigDict):
     node = node.to_dict()  # plain containers: walked several times faster than a ConfigDict's items()
+  _walk_numbers(node, [path])
+
+
+def _walk_numbers(node, keys: list):
   kind = type(node)
   if kind is dict:
-    for key, value in node.items():
-      check_numbers(value, f'{path}.{key}')
-  elif kind in (list, tuple):
-    for i, value in enumerate(node):
-      check_numbers(value, f'{path}[{i}]')
-  elif kind is not str and kind is not bool and node is not None:
-    if isinstance(node, (dict, ml_collections.ConfigDict)):
-      check_numbers(dict(node), path)
-    elif isinstance(node, (list, tuple)):
-      check_numbers(list(node), path)
-    else:
-      check_number(path, node)
+    items = node.items()
+  elif kind is list or kind is tuple:
+    items = enumerate(node)
+  elif isinstance(node, (dict, ml_collections.ConfigDict)):  # a ConfigDict inside a list (config.teachers)
+    return _walk_numbers(dict(node), keys)
+  else:
+    return
+  for key, value in items:
+    kind = type(value)
+    if kind is float:
+      if -FLOAT32_MAX <= value <= FLOAT32_MAX:  # False for NaN
+        continue
+    elif kind is int:
+      if 0 <= value < SEED_LIMIT:
+        continue
+    elif kind is str or kind is bool or value is None:
+      continue
+    elif kind in (dict, list, tuple) or isinstance(value, (dict, list, tuple, ml_collections.ConfigDict)):
+      keys.append(key)
+      _walk_numbers(value, keys)
+      keys.pop()
+      continue
+    check_number(''.join(k if i == 0 else (f'[{k}]' if isinstance(k, int) else f'.{k}')
+                         for i, k in enumerate(keys + [key])), value)
 
 
 def students_loop(cfg) -> str:

@@ -100,26 +100,22 @@ _OPEN_ABOVE = ('data.val_fraction', 'distill.label_smoothing', 'optimizer.moment
 _MISSING = object()
 
 
-def _get(cfg, path: str):
-  try:
-    return sweep.get(cfg, path)
-  except KeyError:
-    return _MISSING
-
-
 def _is_number(v) -> bool:
   return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
 def check(cfg):
-  """Raises ConfigError naming the first bad field of `cfg` (a run config, one student's)."""
-  sweep.check_numbers(cfg)  # every number, wherever it is: no NaN or inf, integers in int64, seeds in 32 bits
+  """Raises ConfigError naming the first bad field of `cfg` (a run config, one student's). Read from plain
+  containers where it can: it runs for every student of a sweep."""
+  plain = cfg.to_dict() if hasattr(cfg, 'to_dict') else cfg
+  sweep.check_numbers(plain)  # every number, wherever it is: no NaN or inf, integers in int64, seeds in 32 bits
+  flat = sweep.flatten(plain)
   for path, allowed in CHOICES.items():
-    value = _get(cfg, path)
+    value = flat.get(path, _MISSING)
     if value is not _MISSING and value not in allowed:
       raise ConfigError(f'config.{path} must be one of {", ".join(map(repr, allowed))}, got {value!r}')
   for path, (low, high, low_ok) in RANGES.items():
-    value = _get(cfg, path)
+    value = flat.get(path, _MISSING)
     if value is _MISSING:
       continue
     if not _is_number(value):
