@@ -16,6 +16,7 @@ import sys
 from absl import app
 from absl import flags
 from absl import logging
+import ml_collections
 from ml_collections import config_flags
 
 from kdjax.errors import KDError, Preempted
@@ -53,20 +54,60 @@ def parse_flags(argv):
       if not os.path.isfile(path):
         _fail(f'config file {path} does not exist ({USAGE})')
   try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    text = str(e)
-    if 'Error whilst parsing config file' in text:  # the config's own message is its last line
-      lines = [l for l in text.splitlines() if l.strip()]
-      _fail(f"{argv_config(argv)}: {lines[-1].split(': ', 1)[-1]}")
+    rest = flags.FLAGS(argv)
+  except Exception as e:  # noqa: BLE001  (sorted by _fail_parse: the config file's own error, a flag, an override)
+    _fail_parse(argv, e)
+  config = flags.FLAGS['config'].value
+  if not isinstance(config, ml_collections.ConfigDict):
+    path = argv_config(argv)[len('--config='):].split(':', 1)[0]
+    try:
+      error = object.__getattribute__(config, '_error')  # config_flags keeps an unreadable file's error for later
+    except AttributeError:  # e.g. a get_config() without its return statement
+      _fail(f'config file {path}: get_config() returned {type(config).__name__}, not a ml_collections.ConfigDict '
+            f'({USAGE})')
+    _fail(f'config file {path} could not be read: {(str(error).strip().splitlines() or [""])[-1]}')
+  return rest
+
+
+def _fail_parse(argv, e: Exception):
+  """The one line for an exception raised while parsing the command line."""
+  text = str(e)
+  if 'Error whilst parsing config file' in text:  # config_flags' rewrap of get_config's own error: its last line
+    lines = [l for l in text.splitlines() if l.strip()]
+    _fail(f"{argv_config(argv)}: {lines[-1].split(': ', 1)[-1]}")
+  if _raised_by_config_file(e):  # not Python (a text or YAML file), or its code or get_config() failed
+    path = argv_config(argv)[len('--config='):].split(':', 1)[0]
+    if isinstance(e, SyntaxError):
+      where = f' (line {e.lineno})' if e.lineno else ''
+      _fail(f'config file {path} is not a Python config file: {e.msg}{where}; a config is a .py file whose '
+            f'get_config() returns a ConfigDict ({USAGE})')
+    first = (text.strip().splitlines() or [''])[0]
+    _fail(f'config file {path} could not be loaded: {type(e).__name__}: {first}')
+  if isinstance(e, flags.Error):
     _fail(f"{text.splitlines()[0]} ({USAGE})")
-  except (AttributeError, KeyError, TypeError, ValueError) as e:  # raised by config_flags for unknown fields
+  if isinstance(e, (AttributeError, KeyError, TypeError, ValueError)):  # raised by config_flags for unknown fields
     detail = str(e.args[0] if e.args else e).replace('\n', ' ').strip('"')
     field = re.search(r"'([^']+)'", detail)
     bad = [a for a in argv[1:] if a.startswith('--config.')]
     if field:  # name the override with the unknown field, not every override given
       bad = [a for a in bad if f'.{field.group(1)}' in a.split('=', 1)[0]] or bad
     _fail(f'invalid config override {" ".join(bad)}: no such field {detail}')
+  raise e
+
+
+def _raised_by_config_file(e: Exception) -> bool:
+  """Whether `e` came from loading the config file or calling its get_config() (config_flags' file parser is on its
+  traceback), and not from absl's parsing of the other flags or of a config override. The TypeErrors and
+  ValueErrors that config_flags rewraps as flags.Error ("Error whilst parsing config file") are handled apart."""
+  if isinstance(e, flags.Error):
+    return False
+  parse = config_flags.config_flags.ConfigFileFlagParser.parse.__code__
+  tb = e.__traceback__
+  while tb is not None:
+    if tb.tb_frame.f_code is parse:
+      return True
+    tb = tb.tb_next
+  return False
 
 
 def argv_config(argv) -> str:

@@ -216,9 +216,7 @@ def init(cfg, data, teacher_vars=None, mesh=None, batch_size: int | None = None)
   teacher_lib.check_ensemble(base, teacher, teacher_vars, spec.image_shape)
   batch_size = batch_size or base.batch_size
   steps_per_epoch = max(spec.num_train // batch_size, 1)
-  students_loop = base.students_loop
-  if students_loop == 'auto':
-    students_loop = 'unroll' if jax.default_backend() == 'cpu' else 'vmap'
+  students_loop = sweep_lib.students_loop(base)
   parts = step_lib.Parts(cfg=base, student=student, teacher=teacher, distiller=distiller, data=spec,
                          batch_size=batch_size, steps_per_epoch=steps_per_epoch, students_loop=students_loop)
   seeds = np.asarray([s.cfg.seed for s in sweep.students])

@@ -20,7 +20,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
+import math
 import numbers
+import pickle
 from typing import Any
 
 import ml_collections
@@ -33,6 +35,17 @@ from kdjax.errors import ConfigError
 # `Method.hparams`.
 STEP_NUMBERS = ('seed', 'distill.temperature', 'distill.label_smoothing', 'optimizer.lr', 'optimizer.momentum',
                 'optimizer.weight_decay')
+# JAX (without x64) reads a seed as 32 bits and so does NumPy's RandomState (scikit-learn's `random_state`, the
+# splits' and subsets' seeds): seed 2**32 would silently repeat seed 0.
+SEED_LIMIT = 2**32
+INT64_LIMIT = 2**63
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # the step computes in float32 (or bfloat16, of the same range)
+# The most students that `students_loop='unroll'` (the CPU's default) traces into one program, one copy of the step
+# each. Its trace and compile time grow faster than the count: the digits test config (cnn_small, batch 64, XLA:CPU
+# at its default level, 2 shared cores) took 1.8 s for 1 student, 6.7 s for 8, 30 s for 16, 61 s for 32, 137 s for
+# 64 and 670 s for 128. 256 (room for configs/kd_cifar10.py's 45-student grid x 3 seeds) would compile for most of
+# an hour; 10,000 would never finish.
+MAX_UNROLLED_STUDENTS = 256
 
 
 @dataclasses.dataclass
@@ -85,6 +98,93 @@ def sweepable(cfg) -> set:
 
 def _is_number(v) -> bool:
   return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _is_seed(path: str) -> bool:
+  leaf = path.rsplit('.', 1)[-1]
+  return leaf == 'seed' or leaf.endswith('_seed')
+
+
+def check_number(path: str, v):
+  """Refuses (ConfigError naming `path`) a number no run can use: NaN, ±inf or a float beyond float32's range (the
+  step's), an integer beyond int64 (NumPy's and XLA's), a seed outside 0..2**32-1 (`data.seed`: or -1)."""
+  if isinstance(v, bool) or not isinstance(v, numbers.Real):
+    return
+  if isinstance(v, numbers.Integral):
+    if not -INT64_LIMIT <= v < INT64_LIMIT:
+      raise ConfigError(f'{path} must fit a 64-bit integer (|value| < 2**63), got {v}')
+    if _is_seed(path):
+      low = -1 if path.endswith('data.seed') else 0
+      if v < low:
+        raise ConfigError(f'{path} must be >= {low}, got {v}')
+      if v >= SEED_LIMIT:
+        raise ConfigError(f'{path} must be < 2**32 = {SEED_LIMIT}, got {v} (JAX and NumPy read seeds as 32-bit '
+                          'numbers: a larger seed would repeat a smaller one)')
+    return
+  if not math.isfinite(v):
+    raise ConfigError(f'{path} must be a finite number, got {v}')
+  if abs(v) > FLOAT32_MAX:
+    raise ConfigError(f'{path} must be a finite number in float32 (the step\'s precision, |value| <= 3.4e38), got '
+                      f'{v:g}')
+
+
+def check_numbers(node, path: str = 'config'):
+  """`check_number` on every number of a config, wherever it is: every section, the loss weights, tuples
+  (`schedule.decay_epochs`), the teacher's recipe, the extra teachers. Cheap (it runs for every student of a
+  sweep): a number that is plainly fine (a float in float32's range, an integer in 0..2**32-1) is passed over,
+  and a field's path is written out only for the others."""
+  if isinstance(node, ml_collections.ConfigDict):
+    node = node.to_dict()  # plain containers: walked several times faster than a ConfigDict's items()
+  _walk_numbers(node, [path])
+
+
+def _walk_numbers(node, keys: list):
+  kind = type(node)
+  if kind is dict:
+    items = node.items()
+  elif kind is list or kind is tuple:
+    items = enumerate(node)
+  elif isinstance(node, (dict, ml_collections.ConfigDict)):  # a ConfigDict inside a list (config.teachers)
+    return _walk_numbers(dict(node), keys)
+  else:
+    return
+  for key, value in items:
+    kind = type(value)
+    if kind is float:
+      if -FLOAT32_MAX <= value <= FLOAT32_MAX:  # False for NaN
+        continue
+    elif kind is int:
+      if 0 <= value < SEED_LIMIT:
+        continue
+    elif kind is str or kind is bool or value is None:
+      continue
+    elif kind in (dict, list, tuple) or isinstance(value, (dict, list, tuple, ml_collections.ConfigDict)):
+      keys.append(key)
+      _walk_numbers(value, keys)
+      keys.pop()
+      continue
+    check_number(''.join(k if i == 0 else (f'[{k}]' if isinstance(k, int) else f'.{k}')
+                         for i, k in enumerate(keys + [key])), value)
+
+
+def students_loop(cfg) -> str:
+  """How the step runs the students: `config.students_loop`, its 'auto' resolved (unroll on the CPU, where XLA runs
+  the batched convolutions of vmap slowly; vmap elsewhere)."""
+  loop = cfg.students_loop
+  if loop == 'auto':
+    import jax  # here: validate.py reads configs without JAX
+    loop = 'unroll' if jax.default_backend() == 'cpu' else 'vmap'
+  return loop
+
+
+def check_unroll(cfg, size: int, what: str):
+  """Refuses a sweep of more than MAX_UNROLLED_STUDENTS students that the step would unroll (one traced copy of the
+  step per student, compiled for longer the more there are), from the count alone: before any config is built."""
+  if size > MAX_UNROLLED_STUDENTS and students_loop(cfg) == 'unroll':
+    raise ConfigError(f'{what}: {size} students, but at most {MAX_UNROLLED_STUDENTS} are unrolled into one program '
+                      "(students_loop='unroll', the CPU's default: one copy of the step per student, compiled for "
+                      'longer the more there are); sweep fewer students per run, or set --config.students_loop=vmap '
+                      '(one batched step, slower per step on the CPU)')
 
 
 def _fmt(v) -> str:
@@ -153,6 +253,8 @@ def parse(spec: str, what: str = 'config.sweep', numbers: bool = True) -> dict:
     except ValueError:
       bad = next(v for v in items if not _is_numeric_text(v))
       raise ConfigError(f'{what}.{field}: values must be numbers, got {bad!r}') from None
+    for v in out[field]:  # 'nan', 'inf' and '1e400' parse as floats
+      check_number(f'{what}.{field}', v)
   return out
 
 
@@ -166,7 +268,9 @@ def _is_numeric_text(text: str) -> bool:
 
 def expand(cfg) -> Sweep:
   """The students of `cfg`'s sweep, each with its full config; refuses (one line naming the field) what the
-  step cannot vary."""
+  step cannot vary, a value no run can use (NaN, inf, an out-of-range seed), two students that would train
+  identically, and more students than the step unrolls."""
+  check_numbers(cfg)  # before any comparison below: NaN equals nothing
   axes = parse(cfg.sweep or '')
   mode = cfg.sweep_mode
   n_seeds = cfg.seeds
@@ -176,9 +280,38 @@ def expand(cfg) -> Sweep:
     raise ConfigError(f'config.seeds must be an integer >= 1, got {n_seeds!r}')
   if n_seeds > 1 and 'seed' in axes:
     raise ConfigError('config.sweep.seed and config.seeds both set the seeds; use one of them')
+  if cfg.seed + n_seeds > SEED_LIMIT:
+    raise ConfigError(f'config.seeds={n_seeds} from config.seed={cfg.seed} reaches seed {cfg.seed + n_seeds - 1}, '
+                      f'past the largest, 2**32 - 1 (JAX and NumPy read seeds as 32-bit numbers)')
   base = copy.deepcopy(cfg)
   schema = config_lib.base()
   allowed = sweepable(base)
+  _check_axes(base, axes, mode, allowed, schema)
+
+  # Everyone shares the data order and augmentation of the base config's seed.
+  if base.data.seed < 0:
+    with base.unlocked():
+      base.data.seed = base.seed
+  # A swept `seed` is the seed axis: grid points x seeds, the seeds innermost.
+  swept_seed = 'seed' in axes
+  seeds = axes.pop('seed') if swept_seed else [base.seed + i for i in range(n_seeds)]
+  if mode == 'zip' and axes and swept_seed:
+    raise ConfigError("config.sweep_mode='zip' with a swept seed: use config.seeds for the seed axis")
+  n_points = (len(next(iter(axes.values()))) if mode == 'zip' else math.prod(map(len, axes.values()))) if axes else 1
+  # Counted before anything is built: a sweep of 100,000 students is refused at once, not after its configs.
+  what = ' with '.join((['config.sweep'] if axes or swept_seed else []) +
+                       ([f'config.seeds={n_seeds}'] if n_seeds > 1 else []))
+  check_unroll(base, n_points * len(seeds), what)
+  points = (list(zip(*axes.values())) if mode == 'zip' else list(itertools.product(*axes.values()))) if axes \
+      else [()]
+  students, flats = _students(base, axes, points, seeds)
+  traced = _traced(flats, points, seeds, axes, allowed, schema)
+  _check_distinct(students, traced)
+  return Sweep(axes=axes, mode=mode, seeds=list(seeds), students=students, traced=traced,
+               labels=parse(cfg.sweep_labels or '', 'config.sweep_labels', numbers=False))
+
+
+def _check_axes(base, axes: dict, mode: str, allowed: set, schema):
   for path, values in axes.items():
     try:
       current = get(base, path)
@@ -191,8 +324,14 @@ def expand(cfg) -> Sweep:
     bad = [v for v in values if not _is_number(v)]
     if bad:
       raise ConfigError(f'config.sweep.{path}: values must be numbers, got {bad[0]!r}')
+    for v in values:
+      check_number(f'config.sweep.{path}', v)
     if path == 'seed' and any(not isinstance(v, int) for v in values):
       raise ConfigError(f'config.sweep.seed: seeds must be integers, got {values}')
+    repeated = next((v for i, v in enumerate(values) if v in values[:i]), None)
+    if repeated is not None and (mode == 'grid' or path == 'seed'):  # a zip's axis may repeat beside another's
+      raise ConfigError(f'config.sweep.{path}: the value {_fmt(repeated)} is given twice, which would train '
+                        'identical students; give each value once')
     is_alias = '.' not in path and path not in schema
     if path not in allowed and not is_alias:
       if isinstance(current, ml_collections.ConfigDict) or not _is_number(current):
@@ -203,42 +342,63 @@ def expand(cfg) -> Sweep:
     lengths = ', '.join(f'{k}: {len(v)}' for k, v in axes.items())
     raise ConfigError(f"config.sweep_mode='zip' needs axes of one length, got {lengths}")
 
-  # Everyone shares the data order and augmentation of the base config's seed.
-  if base.data.seed < 0:
-    with base.unlocked():
-      base.data.seed = base.seed
-  # A swept `seed` is the seed axis: grid points x seeds, the seeds innermost.
-  swept_seed = 'seed' in axes
-  seeds = axes.pop('seed') if swept_seed else [base.seed + i for i in range(n_seeds)]
-  if mode == 'zip' and axes and swept_seed:
-    raise ConfigError("config.sweep_mode='zip' with a swept seed: use config.seeds for the seed axis")
-  points = (list(zip(*axes.values())) if mode == 'zip' else list(itertools.product(*axes.values()))) if axes \
-      else [()]
-  students = []
+
+def _students(base, axes: dict, points: list, seeds: list) -> tuple[list, list]:
+  """The students (grid points x seeds, the seeds innermost) and each grid point's flattened config. A point's
+  config is copied per seed through pickle, which keeps its FieldReferences (aliases) and is several times faster
+  than `copy.deepcopy` of a ConfigDict (100,000 students: minutes otherwise)."""
+  students, flats = [], []
   for point in points:
+    values = dict(zip(axes, point))
+    c = copy.deepcopy(base)
+    for path, v in values.items():
+      _set(c, path, v)
+    flats.append(flatten(c.to_dict()))
+    try:
+      frozen = pickle.dumps(c)
+    except (pickle.PicklingError, TypeError, AttributeError):  # a value pickle cannot copy (a local function, ...)
+      frozen = None
     for seed in seeds:
-      c = copy.deepcopy(base)
-      values = dict(zip(axes, point))
-      for path, v in values.items():
-        _set(c, path, v)
-      c.seed = seed
+      s = pickle.loads(frozen) if frozen is not None else copy.deepcopy(c)
+      s.seed = seed
       name = ' '.join([f'{k}={_fmt(v)}' for k, v in values.items()] +
                       ([f'seed={seed}'] if len(seeds) > 1 else [])) or 'run'
-      students.append(Student(len(students), name, values, seed, c))
+      students.append(Student(len(students), name, values, seed, s))
+  return students, flats
 
-  flats = [flatten(s.cfg.to_dict()) for s in students]
+
+def _traced(flats: list, points: list, seeds: list, axes: dict, allowed: set, schema) -> dict:
+  """config path -> [S] array of the step-read numbers that differ between students (grid points x seeds)."""
   traced = {}
   for path in flats[0]:
+    if path == 'seed':  # the seed axis, innermost
+      if len(set(seeds)) > 1:
+        traced['seed'] = np.asarray([seed for _ in points for seed in seeds], np.int64)
+      continue
     column = [f[path] for f in flats]
     if all(v == column[0] for v in column[1:]):
       continue
     if path in allowed:
-      traced[path] = np.asarray(column, np.int64 if path == 'seed' else np.float32)
+      traced[path] = np.repeat(np.asarray(column, np.float32), len(seeds))
     elif not ('.' not in path and path not in schema):  # an alias's own value is read by nothing
       raise ConfigError(f'config.sweep: sweeping {", ".join(axes)} changes {path!r}, which changes shapes or code '
                         'and cannot be swept')
-  return Sweep(axes=axes, mode=mode, seeds=list(seeds), students=students, traced=traced,
-               labels=parse(cfg.sweep_labels or '', 'config.sweep_labels', numbers=False))
+  return traced
+
+
+def _check_distinct(students: list, traced: dict):
+  """Two students that read the same value of every swept number would train identically: refused, naming them."""
+  if len(students) < 2:
+    return
+  rows = list(zip(*(column.tolist() for column in traced.values()))) if traced else [()] * len(students)
+  first = {}
+  for i, row in enumerate(rows):
+    j = first.setdefault(row, i)
+    if j != i:
+      a, b = students[j], students[i]
+      same = a.name if a.name != 'run' else 'the same config'
+      raise ConfigError(f'config.sweep: students {j} and {i} are the same ({same}) and would train identically; '
+                        'give each value once')
 
 
 class View:

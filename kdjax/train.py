@@ -293,6 +293,8 @@ def _setup(cfg, sweep: sweep_lib.Sweep, workdir: str, restart: bool) -> _Run:
   if select == 'test':
     logging.info('no validation split (data.val_fraction = 0): the best checkpoint is chosen by test accuracy')
   abstract = trainer.init_state(abstract=True)
+  # A sweep too large for memory is refused before its whole program compiles (unrolled: minutes, or an hour).
+  memory.check(memory.estimate_before_compile(trainer, abstract), sweep.size)
   if not ckpt.manager.all_steps():  # a fresh run: the initial state's program compiles beside the step's
     trainer.start_init_compile()
   memory.check(trainer.compile(abstract), sweep.size)

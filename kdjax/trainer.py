@@ -12,6 +12,8 @@ the program closes over nothing but shapes.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import functools
 import threading
 
@@ -68,9 +70,7 @@ class Trainer:
     self.total_steps = cfg.epochs * self.steps_per_epoch
     self.replicated = sharding.replicated(self.mesh)
     self.students_sharded = sharding.students_sharded(self.mesh)
-    students_loop = cfg.students_loop
-    if students_loop == 'auto':
-      students_loop = 'unroll' if jax.default_backend() == 'cpu' else 'vmap'
+    students_loop = sweep_lib.students_loop(cfg)
 
     student = models.build_student(cfg, ds.num_classes)
     distiller = distill.Distiller(cfg.distill, student, teacher, len(teacher_lib.modules(teacher)) or 1)
@@ -144,7 +144,6 @@ class Trainer:
     return max(d for d in range(1, 33) if self.steps_per_epoch % d == 0)
 
   def _teacher_table(self):
-    import dataclasses
     layout = teacher_table.plan(self.parts, self.teacher_vars, self.sweep.traced, self.ds.augment,
                                 self.source.streaming)
     if layout is None:
@@ -187,6 +186,21 @@ class Trainer:
     self._compiled_chunk = compile_cache.load_or_compile(key, self.mesh.devices.flat, lower)[0]
     return memory.estimate(self._compiled_chunk, memory.tree_bytes(ts) // self.mesh.shape['students'],
                            self.mesh.devices.size)
+
+  def with_students(self, n: int) -> 'Trainer':
+    """This trainer for its first `n` students only (a multiple of the students axis' devices), sharing the rest
+    (the source, the teachers and their table, the mesh, K): the small program that `memory.estimate_before_compile`
+    compiles to estimate the whole sweep's memory before the whole sweep's program is compiled."""
+    sub = copy.copy(self)
+    first = lambda tree: jax.tree.map(lambda a: a[:n], tree)
+    sub.sweep = dataclasses.replace(self.sweep, students=self.sweep.students[:n], traced=first(self.sweep.traced))
+    sub.num_students = n
+    sub.init_keys = jax.jit(first, out_shardings=self.replicated)(self.init_keys)
+    sub.step_keys = jax.jit(first, out_shardings=self.students_sharded)(self.step_keys)
+    sub.hparams = jax.jit(first, out_shardings=self.students_sharded)(self.hparams)
+    sub._compiled_chunk = sub._init_shapes = sub._compiled_init = sub._init_thread = sub._init_error = None
+    sub._key_base = sub._single_step = None
+    return sub
 
   def train_chunk(self, ts, epoch: int, start: int):
     """One dispatch from step `start` of `epoch` (compiled by `compile` first)."""

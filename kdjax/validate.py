@@ -100,25 +100,22 @@ def ranges() -> dict:
 _MISSING = object()
 
 
-def _get(cfg, path: str):
-  try:
-    return sweep.get(cfg, path)
-  except KeyError:
-    return _MISSING
-
-
 def _is_number(v) -> bool:
   return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
 def check(cfg):
-  """Raises ConfigError naming the first bad field of `cfg` (a run config, one student's)."""
+  """Raises ConfigError naming the first bad field of `cfg` (a run config, one student's). Read from plain
+  containers where it can: it runs for every student of a sweep."""
+  plain = cfg.to_dict() if hasattr(cfg, 'to_dict') else cfg
+  sweep.check_numbers(plain)  # every number, wherever it is: no NaN or inf, integers in int64, seeds in 32 bits
+  flat = sweep.flatten(plain)
   for path, allowed in choices().items():
-    value = _get(cfg, path)
+    value = flat.get(path, _MISSING)
     if value is not _MISSING and value not in allowed:
       raise ConfigError(f'config.{path} must be one of {", ".join(map(repr, allowed))}, got {value!r}')
   for path, limits in ranges().items():
-    value = _get(cfg, path)
+    value = flat.get(path, _MISSING)
     if value is _MISSING:  # a field of the distill.init section that a config file left out (kdjax/stages.py)
       continue
     items = list(enumerate(value)) if isinstance(value, (tuple, list)) else [(None, value)]
