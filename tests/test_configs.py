@@ -34,6 +34,7 @@ CONFIGS = [
     ('reverse_self_cifar10.py', 'self,digits'),
     ('cifar100.py', 'digits'), ('cifar100.py', 'crd,digits'), ('cifar100.py', 'dkd,resnet56,resnet20,digits'),
     ('transfer.py', None), ('transfer.py', 'digits'), ('transfer.py', 'digits,temperature'),
+    ('fashion_scarce.py', None), ('fashion_scarce.py', '1,logit,digits'), ('fashion_scarce.py', '20,feature,digits'),
 ]
 
 _SHAPES = {'cifar10': ((32, 32, 3), 10), 'cifar100': ((32, 32, 3), 100), 'mnist': ((28, 28, 1), 10),
@@ -86,3 +87,29 @@ def test_config_builds_and_traces(name, arg):
     assert metrics['loss'].shape == (sweep_lib.expand(run).size,)  # per student
     for term in run.distill.losses:
       assert f'loss_{term}' in metrics
+
+
+def test_fashion_scarce_students_and_budget():
+  """configs/fashion_scarce.py: each student of the zipped sweep runs exactly one method's weights, the teacher
+  trains on every training image, every fraction gets about the same number of steps, a bad item is refused."""
+  spec = importlib.util.spec_from_file_location('fashion_scarce', os.path.join(ROOT, 'configs', 'fashion_scarce.py'))
+  fs = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(fs)
+  for group, methods, terms in (('logit', fs.LOGIT_METHODS, fs.LOGIT_TERMS),
+                                ('feature', fs.FEATURE_METHODS, fs.FEATURE_TERMS)):
+    sweep = sweep_lib.expand(fs.get_config(f'2,{group}'))
+    assert sweep.size == 3 * len(methods)
+    got = [fs.method_of(s.values, methods, terms) for s in sweep.students]
+    assert got == [m for m in methods for _ in range(3)]
+    for s in sweep.students:
+      assert dict(s.cfg.distill.losses) == dict(zip(terms, methods[got[s.index]]))
+      assert s.cfg.data.train_examples == 1200 and s.cfg.teacher.recipe.data.train_examples == 0
+  for fraction in fs.FRACTIONS:
+    cfg = fs.get_config(f'{fraction},ls')
+    n = cfg.data.train_examples or 60000
+    assert cfg.distill.logit_standardize and 0.9 * fs.STEPS['fashion_mnist'] <= cfg.epochs * (n // cfg.batch_size) \
+        <= 1.2 * fs.STEPS['fashion_mnist']
+  with pytest.raises(ValueError, match='fraction must be one of'):
+    fs.get_config('3,logit')
+  with pytest.raises(ValueError, match='group must be one of'):
+    fs.get_config('5,fitnet')
