@@ -36,6 +36,14 @@ from a checkpoint: a kdjax run's workdir or a published PyTorch teacher imported
   python launch.py --config=configs/cifar100.py:dkd,digits --workdir=/tmp/dkd_digits   # CPU, every method
   python launch.py --config=configs/cifar100.py:dkd,vgg13,MobileNetV2 --workdir=runs/dkd_vgg13_mv2 \
       --config.teacher.checkpoint=runs/teacher_vgg13
+
+A paper's table in one program, `table,TEACHER[,digits]` (teachers resnet32x4, wrn_40_2, resnet56, vgg13): every
+method above (and a `ce` row, the student alone) on each of the teacher's students, one teacher pass per step,
+the methods that cannot apply to a pair left out (n/a); table.md and figures/table.png beside results.csv:
+
+  python launch.py --config=configs/cifar100.py:table,resnet32x4 --workdir=runs/table_r32x4 --config.seeds=3 \
+      --config.teacher.checkpoint=teachers/resnet32x4
+  python launch.py --config=configs/cifar100.py:table,resnet32x4,digits --workdir=/tmp/table   # CPU, minutes
 """
 
 from kdjax import config_lib
@@ -73,18 +81,34 @@ def _items() -> dict:
   return items
 
 
-def _apply(node, settings: dict):
-  """Sets dotted `settings` ('dkd.beta', 'losses.cat_kd', 'optimizer.lr') under the config section `node`."""
-  for path, value in settings.items():
-    *parents, leaf = path.split('.')
-    target = node
-    for p in parents:
-      target = target[p]
-    target[leaf] = value
+# `table,TEACHER[,digits]`: the benchmark rows of one teacher in one program (a sweep over method= and
+# student.model=), the methods that cannot apply to a pair left out (n/a).
+TABLE_STUDENTS = {'resnet32x4': ('resnet8x4', 'ShuffleV1', 'ShuffleV2'), 'wrn_40_2': ('wrn_16_2', 'wrn_40_1', 'ShuffleV1'),
+                  'resnet56': ('resnet20',), 'vgg13': ('vgg8', 'MobileNetV2')}
+TABLE_METHODS = ('ce', 'kd', 'fitnet', 'at', 'sp', 'cc', 'vid', 'rkd', 'pkt', 'ab', 'ft', 'fsp', 'nst', 'crd', 'dkd')
+# The digits stand-in: resnet20 -> resnet8 and cnn_small, six methods (a staged one among them).
+DIGITS_TABLE = (('resnet8', 'cnn_small'), ('ce', 'kd', 'dkd', 'crd', 'fitnet', 'ab'))
+
+
+def table_config(teacher: str, digits: bool):
+  """The table of `teacher`'s pairs: every method with its reference recipe, a `ce` row (the student alone);
+  ShuffleNet and MobileNetV2 students at lr 0.01 (the recipe's), through `sweep_overrides`."""
+  if teacher not in TABLE_STUDENTS:
+    raise ValueError(f'configs/cifar100.py: no table for teacher {teacher!r}; tables: {", ".join(TABLE_STUDENTS)}')
+  students, methods = DIGITS_TABLE if digits else (TABLE_STUDENTS[teacher], TABLE_METHODS)
+  c = get_config(f'kd,{"resnet20" if digits else teacher},{students[0]}' + (',digits' if digits else ''))
+  c.sweep = f"method={','.join(methods)}; student.model={','.join(students)}"
+  c.sweep_skip_inapplicable = True
+  c.sweep_overrides = '; '.join(f'student.model={s}: optimizer.lr=0.01' for s in students
+                                if s in config_lib.SMALL_LR_STUDENTS)
+  return c
 
 
 def get_config(arg=None):
   items, known = [a for a in (arg or '').split(',') if a], _items()
+  if items[:1] == ['table']:
+    rest = items[1:]
+    return table_config(next((a for a in rest if a != 'digits'), 'resnet32x4'), 'digits' in rest)
   flags = [a for a in items if a in known]
   args = config_lib.parse_args(','.join(a for a in items if a not in known), ('method', 'teacher', 'student'),
                                {'method': 'kd', 'teacher': 'resnet20' if 'digits' in flags else 'resnet32x4',
@@ -98,44 +122,29 @@ def get_config(arg=None):
   c.student.model = student
   c.teacher.model = teacher
   c.teacher.checkpoint = ''  # '' = train the teacher with this recipe first and cache it
-  # The teacher-to-be trains with its own learning rate, whatever the student's (configs/teacher.py's recipe).
-  c.teacher.recipe = {'optimizer': {'lr': 0.01 if teacher in config_lib.SMALL_LR_STUDENTS else 0.05}}
-  c.distill.losses = distill.reference_weights(method)
+  if 'digits' in flags:  # the CPU-sized stand-in (resnet20 -> resnet8 by default)
+    c = config_lib.digits_recipe(c)
+  else:
+    # The teacher-to-be trains with its own learning rate, whatever the student's (configs/teacher.py's recipe).
+    c.teacher.recipe = {'optimizer': {'lr': 0.01 if teacher in config_lib.SMALL_LR_STUDENTS else 0.05}}
+    c = config_lib.cifar_recipe(c, 'cifar100')
   c.distill.temperature = 4.0
-  # Every recipe's options for this pair (one pair's configs differ in their losses only), this method's weights.
-  _apply(c.distill, distill.recipe_settings('pairs', c.distill.losses, (teacher, student)))
+  teacher_epochs = c.epochs
+  # The method's weights, every recipe's options for this pair (one pair's configs differ in their losses only),
+  # its pre-training stage (counted in config.epochs).
+  distill.method_config(c, method)
   for item in flags:
     if item in recipe.variants:
       recipe.variants[item](c)
     elif item != 'digits' and not item.endswith('_recipe'):
       raise ValueError(f'configs/cifar100.py: no {item!r} settings for {method!r}; the {item} item applies to '
                        f'{", ".join(known[item])}')
-  if 'digits' in flags:  # the method's losses and weights on the CPU-sized stand-in (resnet20 -> resnet8 by default)
-    c.teacher.recipe = {}
-    _apply(c.distill, distill.recipe_settings('digits', c.distill.losses))
-    return _init_stage(config_lib.digits_recipe(c), method, student, 2)
-  c = config_lib.cifar_recipe(c, 'cifar100')
-  teacher_epochs = c.epochs
-  c = _init_stage(c, method, student, 30)
   for item in flags:  # opt-in: every method's config keeps the common recipe, so that they differ in losses only
-    if item.endswith('_recipe') and item not in recipe.variants:
+    if item.endswith('_recipe') and item not in recipe.variants and 'digits' not in flags:
       owner = known[item][0]
       training = recipes[owner].training
       if (teacher, student) not in training:
         raise ValueError(f'configs/cifar100.py: no {owner} recipe for {teacher} -> {student}')
-      _apply(c, training[(teacher, student)])
+      distill.set_settings(c, training[(teacher, student)])
       c.teacher.recipe = {**config_lib.as_dict(c.teacher.recipe), 'epochs': teacher_epochs}  # kd's cached teacher
-  return c
-
-
-def _init_stage(c, method: str, student: str, epochs: int):
-  """The method's pre-training stage (AB, FT, FSP: RepDistiller's, init_epochs 30) before the main epochs;
-  config.epochs counts both, and the main schedule is counted from the stage's end (kdjax/stages.py)."""
-  init = distill.reference_init(method, student)
-  if init is None:
-    return c
-  c.distill.init = dict(init, epochs=epochs)
-  # The teacher keeps the common length (the same cached teacher as the other methods').
-  c.teacher.recipe = {**config_lib.as_dict(c.teacher.recipe), 'epochs': c.epochs}
-  c.epochs += epochs
   return c

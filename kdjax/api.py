@@ -201,6 +201,9 @@ def init(cfg, data, teacher_vars=None, mesh=None, batch_size: int | None = None)
   then read from `config.teacher.checkpoint`), and the jitted steps. `batch_size` (default `config.batch_size`)
   sizes the extra modules traced at init; the steps take any batch size."""
   sweep = sweep_lib.expand(cfg)
+  if sweep.groups:
+    raise ConfigError('config.sweep: method= and student.model= axes make a program of several groups, which '
+                      'launch.py runs; api.init takes one group (sweep the numbers only)')
   for s in sweep.students:
     validate.check(s.cfg)
   base = sweep.base

@@ -48,6 +48,10 @@ def base() -> ml_collections.ConfigDict:
   c.sweep = ''              # 'field=v1,v2,...; field2=...', e.g. 'alpha=0.1,0.9; distill.temperature=1,4'
   c.sweep_mode = 'grid'     # grid (every combination) | zip (element-wise)
   c.sweep_labels = ''       # 'field=display name; ...' for tables and figures
+  # Per program point of a table ('method=' / 'student.model=' axes): 'AXIS=VALUE: field=literal, ...; ...', e.g.
+  # 'student.model=ShuffleV1: optimizer.lr=0.01; method=crd: distill.crd.feat_dim=64'
+  c.sweep_overrides = ''
+  c.sweep_skip_inapplicable = False  # a method that cannot apply to a pair: left out (True) or refused (False)
   c.seeds = 1               # N > 1: every grid point trained with seeds seed, seed + 1, ..., seed + N - 1
   c.mesh_students = 0       # devices along the students axis of the (students x data) mesh; 0 = auto
   c.students_loop = 'auto'  # how the step runs the students: vmap | unroll | auto (unroll on the CPU, else vmap)

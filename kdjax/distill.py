@@ -248,6 +248,50 @@ def recipe_settings(table: str, losses, key=None) -> dict:
   return out
 
 
+# The pre-training stage's length (AB, FT, FSP: RepDistiller's `init_epochs` 30), by dataset ('digits': the
+# CPU-sized stand-in's); `config.epochs` counts it.
+STAGE_EPOCHS = {'digits': 2}
+DEFAULT_STAGE_EPOCHS = 30
+
+
+def set_settings(node, settings: dict):
+  """Sets dotted `settings` ('dkd.beta', 'losses.cat_kd', 'optimizer.lr') under the config section `node`."""
+  for path, value in settings.items():
+    *parents, leaf = path.split('.')
+    target = node
+    for p in parents:
+      target = target[p]
+    target[leaf] = value
+
+
+def method_config(c, method: str):
+  """Makes config `c` run `method` as its reference recipe does for `c`'s pair (`c.teacher.model` ->
+  `c.student.model`): the recipe's loss weights, every recipe's options for that pair (or, on digits, the CPU-sized
+  stand-in's), and its pre-training stage, counted in `c.epochs`. The teacher's own recipe keeps the main length, so
+  that every method of a pair reads the same cached teacher. What `configs/cifar100.py:METHOD,...` and a sweep's
+  `method=` axis build."""
+  known = recipes()
+  if method not in known:
+    raise ConfigError(f'unknown method {method!r}; methods with a reference recipe: {", ".join(known)}')
+  c.distill.losses = reference_weights(method)
+  digits = c.data.name == 'digits'
+  if digits:
+    set_settings(c.distill, recipe_settings('digits', c.distill.losses))
+  else:
+    set_settings(c.distill, recipe_settings('pairs', c.distill.losses, (c.teacher.model, c.student.model)))
+  init = reference_init(method, c.student.model)
+  if init is None:
+    c.distill.init = dict(stages.DEFAULTS)
+    return c
+  c.distill.init = dict(init, epochs=STAGE_EPOCHS.get(c.data.name, DEFAULT_STAGE_EPOCHS))
+  recipe = c.teacher.recipe
+  recipe = dict(recipe.to_dict() if hasattr(recipe, 'to_dict') else recipe)
+  recipe.setdefault('epochs', c.epochs)
+  c.teacher.recipe = recipe
+  c.epochs += c.distill.init.epochs
+  return c
+
+
 def _student_logits(ctx: Context):
   for out in ctx.extras.values():
     if 'logits' in out:
@@ -273,8 +317,9 @@ def logit_pair(ctx: Context, cfg):
   return s, t
 
 
+# Its recipe is the student trained alone: the baseline row of a table (`method=ce`).
 register('ce', Method(lambda ctx, cfg: losses.cross_entropy(_student_logits(ctx), ctx.labels, cfg.label_smoothing),
-                      needs_teacher=False))
+                      needs_teacher=False, recipe=Recipe(weights={'ce': 1.0})))
 
 
 def soft_scale(cfg, temperature):

@@ -85,7 +85,8 @@ def estimate_before_compile(trainer, abstract) -> dict | None:
   if state > MEMORY_FRACTION * free:
     return {'state': state, 'temp': 0, 'total': state, 'available': free,
             'basis': 'its train state alone, before compiling anything'}
-  if trainer.parts.students_loop != 'unroll' or trainer.num_students <= PRE_ESTIMATE_STUDENTS or per_device < 2:
+  if (trainer.parts.students_loop != 'unroll' or trainer.num_students <= PRE_ESTIMATE_STUDENTS or per_device < 2 or
+      trainer.grouped):  # a table's groups differ: no one student's program to scale
     return None
   logging.info('%d unrolled students: estimating the memory from the programs of 1 and 2 students per device '
                'before compiling the whole sweep', trainer.num_students)

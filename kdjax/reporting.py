@@ -107,8 +107,9 @@ class Reporter:
     per_epoch = sum(recent[1:] or recent) / len(recent[1:] or recent)
     eta = per_epoch * (self.total_epochs - epoch - 1)
     img_per_s = images / max(epoch_seconds, 1e-9)
+    # None: a student that no longer trains (its group of a table is shorter than the program): no record.
     records = [dict(r, epoch=epoch + 1, step=step, student=i, img_per_s=img_per_s, epoch_seconds=epoch_seconds)
-               for i, r in enumerate(records)]
+               for i, r in enumerate(records) if r is not None]
 
     def stat(key):
       v = [r[key] for r in records]
@@ -125,8 +126,8 @@ class Reporter:
                                        else '')
     parts += [rate, f'ETA {_fmt_time(eta)}']
     logging.info(' | '.join(parts))
-    for i, r in enumerate(records):
-      self.write(r, i)
+    for r in records:
+      self.write(r, r['student'])
 
   def write(self, record: dict, student: int = 0):
     if self.jsonl is None:

@@ -41,6 +41,8 @@ class Run:
   history: list[dict]
   select_split: str
   wall_seconds: float | None
+  models: dict = dataclasses.field(default_factory=dict)  # {'teacher': ..., 'student': ..., 'dataset': ...}
+  skipped: list = dataclasses.field(default_factory=list)  # program points left out as inapplicable
 
   @property
   def has_val(self) -> bool:
@@ -168,6 +170,16 @@ def load_run(workdir: str) -> Run:
     students.append({'index': index, 'name': f'student {index}', 'values': {}, 'seed': None})
   students.sort(key=lambda s: s['index'])
 
+  models, skipped = {}, []
+  config_path = os.path.join(workdir, 'config.json')
+  if os.path.exists(config_path):
+    config = _read_json(config_path)
+    if isinstance(config, dict):
+      section = lambda name: config.get(name) if isinstance(config.get(name), dict) else {}
+      models = {'teacher': section('teacher').get('model') or '', 'student': section('student').get('model') or '',
+                'dataset': section('data').get('name') or ''}
+  if os.path.exists(sweep_path):
+    skipped = [s.get('values') for s in (_read_json(sweep_path).get('skipped') or []) if isinstance(s, dict)]
   summary_path = os.path.join(workdir, 'summary.json')
   summary = _read_json(summary_path) if os.path.exists(summary_path) else {}
   summary = summary if isinstance(summary, dict) else {}
@@ -177,7 +189,8 @@ def load_run(workdir: str) -> Run:
   if summary.get('wall_seconds') is not None and not _number(summary['wall_seconds']):
     raise ConfigError(f'{summary_path}: wall_seconds is {summary["wall_seconds"]!r}, not a number')
   return Run(workdir=workdir, axes=axes, mode=mode, seeds=seeds, labels=labels, students=students,
-             history=history, select_split=select, wall_seconds=summary.get('wall_seconds'))
+             history=history, select_split=select, wall_seconds=summary.get('wall_seconds'), models=models,
+             skipped=[v for v in skipped if isinstance(v, dict)])
 
 
 def _field_column(field: str) -> str:
@@ -399,6 +412,102 @@ def compare(runs: Sequence[Run | str]) -> str:
   return _format_table(rows)
 
 
+# ------------------------------------------------------------------------------------------------ tables
+
+def is_table(run: Run) -> bool:
+  """A run whose sweep has program axes (method=, student.model=): a paper-style table."""
+  return 'method' in run.axes or 'student.model' in run.axes
+
+
+def _table_cells(run: Run) -> tuple[list, list, dict]:
+  """(methods, student models, {(method, model): [best test accuracy of each seed]}); 'ce' (the student alone)
+  first, as the papers print it."""
+  methods = list(run.axes.get('method') or [None])
+  methods.sort(key=lambda m: m != 'ce')
+  columns = list(run.axes.get('student.model') or [run.models.get('student')])
+  students = {s['index']: s for s in run.students}
+  cells = {}
+  for row in student_rows(run):
+    values = students[row['index']]['values']
+    key = (values.get('method'), values.get('student.model', columns[0]))
+    if row.get('best_test_accuracy') is not None:
+      cells.setdefault(key, []).append(100 * float(row['best_test_accuracy']))
+  return methods, columns, cells
+
+
+def paper_table(run: Run, markdown: bool = True) -> str:
+  """Rows methods, columns teacher -> student pairs, cells the best test accuracy (%, as RepDistiller and
+  mdistiller report it) as mean ± std over seeds, the best per column in bold (markdown) or marked *; the published
+  number in parentheses where one exists for the pair (kdjax/published.py, CIFAR-100); n/a where the method could
+  not apply to the pair."""
+  from kdjax import published
+  methods, columns, cells = _table_cells(run)
+  teacher = run.models.get('teacher') or '?'
+  na = {(v.get('method'), v.get('student.model', columns[0])) for v in run.skipped}
+  best = {c: max((np.mean(cells[(m, c)]) for m in methods if cells.get((m, c))), default=None) for c in columns}
+  header = ['method'] + [f'{teacher} → {c}' for c in columns]
+  rows = []
+  for m in methods:
+    line = [m or '-']
+    for c in columns:
+      values = cells.get((m, c))
+      if (m, c) in na:
+        text = 'n/a'
+      elif not values:
+        text = '-'
+      else:
+        text = _mean_std([v / 100 for v in values])
+        if np.mean(values) == best[c]:
+          text = f'**{text}**' if markdown else f'{text} *'
+      ref = published.cifar100(m, teacher, c) if run.models.get('dataset') == 'cifar100' and m else None
+      line.append(text if ref is None else f'{text} ({ref:.2f})')
+    rows.append(line)
+  if markdown:
+    lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+    return '\n'.join(lines + ['| ' + ' | '.join(r) + ' |' for r in rows])
+  return _format_table([header] + rows)
+
+
+def table_text(run: Run) -> str:
+  """table.md: the paper-style table with what its cells are."""
+  seeds = max((len(v) for v in _table_cells(run)[2].values()), default=0)
+  return '\n'.join([
+      paper_table(run), '',
+      f'Best test accuracy (%) over the epochs, mean ± std over {seeds} seed(s); best per column in bold; in '
+      'parentheses the published number (CIFAR-100: RepDistiller, mdistiller) where the recipe is the paper\'s; '
+      'n/a: the method cannot apply to the pair.', ''])
+
+
+def _gains_heatmap(run: Run, path: str) -> bool:
+  """figures/table.png: each cell's mean best test accuracy minus the 'ce' row's (the student alone) in its column,
+  or the accuracy itself without a 'ce' row."""
+  methods, columns, cells = _table_cells(run)
+  mean = lambda m, c: float(np.mean(cells[(m, c)])) if cells.get((m, c)) else np.nan
+  matrix = np.array([[mean(m, c) for c in columns] for m in methods])
+  gains = 'ce' in methods
+  if gains:
+    matrix = matrix - matrix[methods.index('ce')][None, :]
+  if np.isnan(matrix).all():
+    return False
+  fig = _new_figure((2.0 + 1.3 * len(columns), 1.0 + 0.45 * len(methods)))
+  ax = fig.add_subplot()
+  lim = np.nanmax(np.abs(matrix)) or 1.0
+  image = ax.imshow(np.ma.masked_invalid(matrix), cmap='RdBu' if gains else 'viridis', aspect='auto',
+                    vmin=-lim if gains else None, vmax=lim if gains else None)
+  fig.colorbar(image, ax=ax, label='gain over ce (points)' if gains else 'best test accuracy (%)')
+  for i in range(matrix.shape[0]):
+    for j in range(matrix.shape[1]):
+      if not math.isnan(matrix[i, j]):
+        ax.text(j, i, f'{matrix[i, j]:+.2f}' if gains else f'{matrix[i, j]:.2f}', ha='center', va='center',
+                fontsize=8)
+  ax.set_xticks(range(len(columns)), [str(c) for c in columns])
+  ax.set_yticks(range(len(methods)), [str(m) for m in methods])
+  ax.set_title(f"teacher {run.models.get('teacher') or '?'}: " + ('gain over the student alone (ce)' if gains
+                                                                else 'best test accuracy (%)'))
+  _save_figure(fig, path)
+  return True
+
+
 # ------------------------------------------------------------------------------------------------ figures
 
 def _curve_groups(run: Run) -> list[tuple[str, list[int]]]:
@@ -540,6 +649,8 @@ def figures(run: Run, outdir: str | None = None) -> list[str]:
     written.append(os.path.join(outdir, 'heatmap.png'))
   if len(run.axes) == 1 and _sweep_plot(run, os.path.join(outdir, 'sweep.png')):
     written.append(os.path.join(outdir, 'sweep.png'))
+  if is_table(run) and _gains_heatmap(run, os.path.join(outdir, 'table.png')):
+    written.append(os.path.join(outdir, 'table.png'))
   _curves(run, os.path.join(outdir, 'curves.png'))
   written.append(os.path.join(outdir, 'curves.png'))
   return written
@@ -550,4 +661,15 @@ def finish(workdir: str) -> str:
   run = load_run(workdir)
   write_csv(run)
   figures(run)
-  return grid_table(run)
+  return report_text(run)
+
+
+def report_text(run: Run, outdir: str | None = None) -> str:
+  """The console text of a run: its grid table and, for a table (program axes), the paper-style table, also
+  written to table.md (in `outdir`, default the workdir)."""
+  text = grid_table(run)
+  if is_table(run):
+    with atomic.writing(os.path.join(outdir or run.workdir, 'table.md')) as f:
+      f.write(table_text(run))
+    text += '\n\n' + paper_table(run, markdown=False)
+  return text

@@ -42,6 +42,17 @@ class TrainState:
   opt_state: Any   # [S, ...]
 
 
+@flax.struct.dataclass
+class TableState:
+  """The train state of a program of several student groups (a table: methods x student architectures,
+  kdjax/sweep.py `Group`): one TrainState per group, their step counters advancing together."""
+  groups: tuple
+
+  @property
+  def step(self):
+    return self.groups[0].step
+
+
 def student(ts: TrainState, i: int) -> TrainState:
   """Student `i` of a (stacked) train state, without the students axis."""
   return ts.replace(params=jax.tree.map(lambda a: a[i], ts.params), state=jax.tree.map(lambda a: a[i], ts.state),
@@ -231,18 +242,33 @@ def _progress(parts: Parts, step):
   return epoch + step_in_epoch.astype(jnp.float32) / parts.steps_per_epoch
 
 
-def train_step(parts: Parts, ts: TrainState, teacher_vars, batch: dict, hparams: dict, keys, table=None):
+def batch_teacher_outputs(parts: Parts, teacher_vars, batch: dict, table=None):
+  """(normalised images, the teachers' outputs on them, {view: (normalised view, the teachers' outputs)}) of a
+  batch: the teachers' part of a step, computed once for every student (of every group of a table)."""
+  x = _constrain(parts, normalize(batch['images'], parts.data, parts.dtype))
+  idx = batch['indices'].astype(jnp.int32) if batch.get('indices') is not None else batch['labels'].astype(jnp.int32)
+  t_out = teacher_outputs(parts, teacher_vars, x, idx, table)
+  views = {}
+  for name, v in (batch.get('views') or {}).items():
+    v = _constrain(parts, normalize(v, parts.data, parts.dtype))
+    views[name] = (v, teacher_outputs(parts, teacher_vars, v))
+  return x, t_out, views
+
+
+def train_step(parts: Parts, ts: TrainState, teacher_vars, batch: dict, hparams: dict, keys, table=None,
+               teacher_out=None):
   """One step of every student on `batch` = {'images' [B, H, W, C] uint8 (normalised here) or float (already
   normalised), 'labels' [B] int, 'indices' [B] int (the examples' rows in the training set: CRD's memory banks, the
   teacher table), 'views' {name: images} (the extra views the methods read)}. `hparams`: {path: [S]} the swept
-  numbers; `keys`: [S] per-student keys (folded with the step). Returns (state, metrics [S])."""
-  x = _constrain(parts, normalize(batch['images'], parts.data, parts.dtype))
+  numbers; `keys`: [S] per-student keys (folded with the step); `teacher_out`: `batch_teacher_outputs` of the
+  batch when computed already (a table's groups share it; its views those of this group's methods). Returns
+  (state, metrics [S])."""
   y = batch['labels'].astype(jnp.int32)
   idx = batch['indices'].astype(jnp.int32) if batch.get('indices') is not None else y
-  t_out = teacher_outputs(parts, teacher_vars, x, idx, table)  # once, shared by every student
-  views = {name: _constrain(parts, normalize(v, parts.data, parts.dtype)) for name, v in
-           (batch.get('views') or {}).items()}
-  t_views = {name: teacher_outputs(parts, teacher_vars, v) for name, v in views.items()}
+  # Once, shared by every student.
+  x, t_out, both = batch_teacher_outputs(parts, teacher_vars, batch, table) if teacher_out is None else teacher_out
+  views = {name: v for name, (v, _) in both.items()}
+  t_views = {name: t for name, (_, t) in both.items()}
   progress = _progress(parts, ts.step)
 
   def one(params, state, opt_state, hp, key):

@@ -13,6 +13,14 @@ code cannot. Convenience fields that exist only in one config file (e.g. `alpha`
 `config_lib.alpha_losses`) can be swept when everything they change is sweepable.
 
 A single run is the sweep of one student.
+
+Two axes change the program, not just numbers (a paper's table in one program): `method=kd,dkd,crd` (each value a
+method's reference recipe for the pair: `distill.method_config`) and `student.model=resnet8x4,ShuffleV1` (its
+`student.kwargs` reset to the model's defaults). Their combinations (by `sweep_mode`, among themselves) are the
+program's groups; each group is a sweep of the numeric axes and seeds as above (combined by `sweep_mode` among
+themselves, and every group gets all of them). `sweep_overrides` sets fields per group ('student.model=ShuffleV1:
+optimizer.lr=0.01'). The students of a group are stacked and vmapped or unrolled as in any sweep; the groups are
+unrolled in one program and share the batch and the teachers' forward pass (kdjax/trainer.py).
 """
 
 from __future__ import annotations
@@ -46,6 +54,12 @@ FLOAT32_MAX = float(np.finfo(np.float32).max)  # the step computes in float32 (o
 # 64 and 670 s for 128. 256 (room for configs/kd_cifar10.py's 45-student grid x 3 seeds) would compile for most of
 # an hour; 10,000 would never finish.
 MAX_UNROLLED_STUDENTS = 256
+# The sweep axes that change the program (the students' code or shapes): one group of students per combination.
+PROGRAM_AXES = ('method', 'student.model')
+# Top-level config fields (and sections) that may differ between the groups of one program; every other field is
+# shared (the data, the batch, the teachers, the evaluation and checkpoint schedule).
+GROUP_FIELDS = ('student', 'distill', 'optimizer', 'schedule', 'epochs', 'sweep', 'sweep_overrides', 'alpha',
+                'label_alpha', 'seed')
 
 
 @dataclasses.dataclass
@@ -65,6 +79,8 @@ class Sweep:
   students: list
   traced: dict          # config path -> np.ndarray [S]: the step-read numbers that differ between students
   labels: dict = dataclasses.field(default_factory=dict)
+  groups: list = dataclasses.field(default_factory=list)  # `Group`s of a sweep with program axes; [] otherwise
+  skipped: list = dataclasses.field(default_factory=list)  # (program values, why) left out as inapplicable
 
   @property
   def size(self) -> int:
@@ -72,13 +88,42 @@ class Sweep:
 
   @property
   def base(self) -> ml_collections.ConfigDict:
-    """The config every non-swept field is read from (the first student's)."""
+    """The config every shared field is read from (the first student's; with groups, the longest group's
+    `epochs`)."""
+    if self.groups:
+      return self.groups[0].shared
     return self.students[0].cfg
 
+  def parts(self) -> list:
+    """The program's groups: `groups`, or this sweep as the one group of a sweep without program axes."""
+    return self.groups or [Group(0, {}, 'run', self, 0)]
+
   def to_json(self) -> dict:
-    return {'axes': self.axes, 'mode': self.mode, 'seeds': self.seeds, 'labels': self.labels,
-            'students': [{'index': s.index, 'name': s.name, 'values': s.values, 'seed': s.seed}
-                         for s in self.students]}
+    out = {'axes': self.axes, 'mode': self.mode, 'seeds': self.seeds, 'labels': self.labels,
+           'students': [{'index': s.index, 'name': s.name, 'values': s.values, 'seed': s.seed}
+                        for s in self.students]}
+    if self.groups:
+      out['groups'] = [{'index': g.index, 'values': g.values, 'name': g.name, 'students': g.sweep.size,
+                        'offset': g.offset, 'epochs': g.sweep.base.epochs} for g in self.groups]
+    if self.skipped:
+      out['skipped'] = [{'values': v, 'why': why} for v, why in self.skipped]
+    return out
+
+
+@dataclasses.dataclass
+class Group:
+  """The students of one program point (a method and a student architecture): a sweep of their own, whose students
+  are numbered from `offset` in the whole program."""
+  index: int
+  values: dict          # program axis -> value ({'method': 'dkd', 'student.model': 'resnet8x4'})
+  name: str
+  sweep: Sweep
+  offset: int
+  shared: Any = None    # the program's shared config (the first group's, with the longest `epochs`)
+
+  @property
+  def size(self) -> int:
+    return self.sweep.size
 
 
 def sweepable(cfg) -> set:
@@ -269,7 +314,212 @@ def _is_numeric_text(text: str) -> bool:
 def expand(cfg) -> Sweep:
   """The students of `cfg`'s sweep, each with its full config; refuses (one line naming the field) what the
   step cannot vary, a value no run can use (NaN, inf, an out-of-range seed), two students that would train
-  identically, and more students than the step unrolls."""
+  identically, and more students than the step unrolls. With program axes (`method=`, `student.model=`), one
+  group of such students per program point (`Sweep.groups`)."""
+  check_numbers(cfg)
+  program, numeric = split_program_axes(cfg.sweep or '')
+  if not program:
+    if (cfg.sweep_overrides or '').strip():
+      raise ConfigError('config.sweep_overrides sets fields per method or student model, but config.sweep has no '
+                        f'{" or ".join(a + "=" for a in PROGRAM_AXES)} axis')
+    return _expand(cfg)
+  return _expand_program(cfg, program, numeric)
+
+
+def split_program_axes(spec: str) -> tuple[dict, str]:
+  """({program axis: [names]}, the rest of the sweep string) from `config.sweep`."""
+  if not isinstance(spec, str):
+    return {}, spec
+  program, rest = {}, []
+  for item in filter(None, (i.strip() for i in spec.split(';'))):
+    field, eq, values = item.partition('=')
+    field = field.strip()
+    if field not in PROGRAM_AXES:
+      rest.append(item)
+      continue
+    if field in program:
+      raise ConfigError(f'config.sweep: {field!r} is given twice')
+    names = [v.strip() for v in values.split(',') if v.strip()]
+    if not eq or not names:
+      raise ConfigError(f'config.sweep.{field} is empty: give at least one name')
+    repeated = next((v for i, v in enumerate(names) if v in names[:i]), None)
+    if repeated is not None:
+      raise ConfigError(f'config.sweep.{field}: {repeated!r} is given twice, which would train identical '
+                        'students; give each once')
+    program[field] = names
+  return program, '; '.join(rest)
+
+
+def parse_overrides(spec: str, program: dict) -> list:
+  """`config.sweep_overrides` 'AXIS=VALUE: field=literal, field=literal; ...' -> [(axis, value, {field: value})]."""
+  import ast
+  out = []
+  for item in filter(None, (i.strip() for i in (spec or '').split(';'))):
+    head, colon, body = item.partition(':')
+    axis, eq, value = (t.strip() for t in head.partition('='))
+    if not colon or not eq or axis not in PROGRAM_AXES:
+      raise ConfigError(f"config.sweep_overrides: {item!r} is not 'AXIS=VALUE: field=value, ...' with AXIS one of "
+                        f'{", ".join(PROGRAM_AXES)}')
+    if value not in program.get(axis, ()):
+      raise ConfigError(f'config.sweep_overrides: {axis}={value} is not a value of the sweep\'s {axis} axis '
+                        f'({", ".join(program.get(axis, ())) or "none"})')
+    settings = {}
+    for setting in filter(None, (t.strip() for t in body.split(','))):
+      field, eq, literal = (t.strip() for t in setting.partition('='))
+      if not eq or not field:
+        raise ConfigError(f'config.sweep_overrides: {setting!r} (for {axis}={value}) is not field=value')
+      try:
+        settings[field] = ast.literal_eval(literal)
+      except (ValueError, SyntaxError):
+        raise ConfigError(f'config.sweep_overrides: {field}={literal} (for {axis}={value}) is not a Python '
+                          'literal (a number, a string in quotes, a tuple)') from None
+    out.append((axis, value, settings))
+  return out
+
+
+def _program_config(cfg, values: dict, overrides: list, numeric: str):
+  """One program point's config: the base with its student model and its method's reference recipe."""
+  from kdjax import distill
+  from kdjax import models
+  c = copy.deepcopy(cfg)
+  c.sweep, c.sweep_overrides = numeric, ''
+  if 'student.model' in values:
+    name = values['student.model']
+    if name not in models.names():
+      raise ConfigError(f'config.sweep.student.model: unknown model {name!r}; registered models: '
+                        f'{", ".join(models.names())}')
+    c.student.model = name
+    c.student.kwargs = {}
+  if 'method' in values:
+    try:
+      distill.method_config(c, values['method'])
+    except ConfigError as e:
+      raise ConfigError(f'config.sweep.method: {e}') from None
+  for axis, value, settings in overrides:
+    if values.get(axis) != value:
+      continue
+    for path, v in settings.items():
+      try:
+        current = get(c, path)
+      except KeyError:
+        raise ConfigError(f'config.sweep_overrides: no such config field {path!r} (for {axis}={value})') from None
+      if path.split('.')[0] not in GROUP_FIELDS:
+        raise ConfigError(f'config.sweep_overrides: {path} is shared by every group of the program and cannot be '
+                          f'set for {axis}={value}')
+      del current
+      _set(c, path, v)
+  return c
+
+
+def _expand_program(cfg, program: dict, numeric: str) -> Sweep:
+  mode = cfg.sweep_mode
+  if mode not in ('grid', 'zip'):
+    raise ConfigError(f"config.sweep_mode must be 'grid' or 'zip', got {mode!r}")
+  if mode == 'zip' and len({len(v) for v in program.values()}) > 1:
+    lengths = ', '.join(f'{k}: {len(v)}' for k, v in program.items())
+    raise ConfigError(f"config.sweep_mode='zip' needs axes of one length, got {lengths}")
+  points = list(zip(*program.values())) if mode == 'zip' else list(itertools.product(*program.values()))
+  overrides = parse_overrides(cfg.sweep_overrides, program)
+  if cfg.teacher.model and 'epochs' not in cfg.teacher.recipe:
+    # Every group's teacher trains the base's length (a staged method's run is longer): said explicitly, the same
+    # teacher (and cache entry) as without it.
+    cfg = copy.deepcopy(cfg)
+    cfg.teacher.recipe = {**cfg.teacher.recipe.to_dict(), 'epochs': cfg.epochs}
+  configs = [(dict(zip(program, point)), None) for point in points]
+  configs = [(values, _program_config(cfg, values, overrides, numeric)) for values, _ in configs]
+  _check_numeric_axes(configs, numeric)
+  groups, total = [], 0
+  for values, c in configs:
+    sub = _expand(c)
+    total += sub.size
+    name = ' '.join(f'{k.split(".")[-1] if k == "student.model" else k}={v}' for k, v in values.items())
+    groups.append(Group(len(groups), values, name, sub, 0))
+  check_unroll(cfg, total, f'config.sweep ({len(groups)} groups)')
+  return assemble(groups, program, mode)
+
+
+def _check_numeric_axes(configs: list, numeric: str):
+  """A numeric axis applies to every group: one that some group's methods do not read is refused, naming them."""
+  axes = parse(numeric) if numeric else {}
+  readable = [sweepable(c) for _, c in configs]
+  from kdjax import distill
+  for path in axes:
+    parts = path.split('.')
+    if len(parts) != 3 or parts[0] != 'distill' or parts[1] not in distill.SECTIONS:
+      continue
+    missing = [values for (values, _), ok in zip(configs, readable) if path not in ok]
+    if missing and len(missing) < len(configs):
+      where = ' '.join(f'{k}={v}' for k, v in missing[0].items())
+      raise ConfigError(f'config.sweep: {path} is an option that the group {where} does not read (its method has '
+                        'no such option); a numeric axis applies to every group: sweep it in a program of the '
+                        'methods that read it')
+
+
+def assemble(groups: list, program: dict, mode: str, skipped: list = ()) -> Sweep:
+  """The whole program's sweep from its groups: the students numbered across groups, named and valued by their
+  program point too; the shared config checked equal across groups."""
+  if not groups:
+    raise ConfigError('config.sweep: no group of students is left to train')
+  students, offset = [], 0
+  first = groups[0].sweep
+  for i, g in enumerate(groups):
+    g.index, g.offset = i, offset
+    for s in g.sweep.students:
+      s.index = offset + s.index - g.sweep.students[0].index
+      s.values = {**g.values, **{k: v for k, v in s.values.items() if k not in g.values}}
+      s.name = g.name if s.name == 'run' else f'{g.name} {s.name}'
+      students.append(s)
+    offset += g.sweep.size
+  shared = copy.deepcopy(groups[0].sweep.base)
+  shared.epochs = max(g.sweep.base.epochs for g in groups)
+  _check_shared(groups)
+  for g in groups:
+    g.shared = shared
+  axes = {**program, **first.axes}
+  return Sweep(axes=axes, mode=mode, seeds=first.seeds, students=students, traced={}, labels=first.labels,
+               groups=list(groups), skipped=list(skipped))
+
+
+def without(sweep: Sweep, drop: dict) -> Sweep:
+  """`sweep` without the groups `drop` ({group index: why}), renumbered."""
+  keep = [g for g in sweep.groups if g.index not in drop]
+  for g in keep:  # back to group-local numbering and names
+    for j, s in enumerate(g.sweep.students):
+      s.index = j
+  skipped = list(sweep.skipped) + [(g.values, drop[g.index]) for g in sweep.groups if g.index in drop]
+  program = {k: v for k, v in sweep.axes.items() if k in PROGRAM_AXES}
+  for g in keep:
+    for s in g.sweep.students:
+      s.name = s.name[len(g.name) + 1:] if s.name.startswith(g.name + ' ') else ('run' if s.name == g.name
+                                                                                    else s.name)
+  return assemble(keep, program, sweep.mode, skipped)
+
+
+def _check_shared(groups: list):
+  """Every field outside GROUP_FIELDS is the program's: the same in every group, or refused naming it."""
+  from kdjax import teacher as teacher_lib
+  # A teacher trained first is the one its recipe (over the run's own fields) trains: compared resolved.
+  teacher_run = lambda c: teacher_lib.cache_dir(c, c.data.name) if c.teacher.model and not c.teacher.checkpoint \
+      else None
+  base = groups[0].sweep.base
+  first = flatten(base.to_dict())
+  for g in groups[1:]:
+    other = flatten(g.sweep.base.to_dict())
+    if teacher_run(base) != teacher_run(g.sweep.base):
+      raise ConfigError(f'config.sweep: {groups[0].name} and {g.name} would train different teachers first (the '
+                        'teacher inherits the run\'s optimizer and schedule unless teacher.recipe sets them); set '
+                        'teacher.recipe, or give teacher.checkpoint')
+    for path in sorted(set(first) | set(other)):
+      if (path.split('.')[0] in GROUP_FIELDS or path.startswith('teacher.recipe') or
+          first.get(path) == other.get(path)):
+        continue
+      raise ConfigError(f'config.sweep: {groups[0].name} and {g.name} differ in {path} ({first.get(path)!r} vs '
+                        f'{other.get(path)!r}), which every group of one program shares (the data, the batch, the '
+                        'teachers); run them as separate programs')
+
+
+def _expand(cfg) -> Sweep:
+  """The students of a sweep without program axes."""
   check_numbers(cfg)  # before any comparison below: NaN equals nothing
   axes = parse(cfg.sweep or '')
   mode = cfg.sweep_mode

@@ -280,10 +280,15 @@ def _setup(cfg, sweep: sweep_lib.Sweep, workdir: str, restart: bool) -> _Run:
   # fit: a refused resume leaves the workdir as it was).
   dist.barrier('kdjax-resume-checked')
   ds = _load_data(base)
-  mesh = sharding.make_mesh(base.num_devices, sweep.size, base.mesh_students, base.batch_size)
+  sweep = trainer_lib.applicable(sweep, ds)  # a method that cannot apply to its pair: refused, or left out
+  mesh = sharding.make_mesh(base.num_devices, trainer_lib.mesh_students(sweep), base.mesh_students,
+                            base.batch_size)
   teacher, teacher_vars = teacher_lib.prepare_all(base, ds, mesh, train_and_evaluate)
   trainer = trainer_lib.build(cfg, ds, mesh, teacher, teacher_vars, sweep)
-  if sweep.size > 1:
+  if sweep.groups:
+    logging.info('table: %d groups (%s), %d students, one program and one teachers\' pass per step',
+                 len(sweep.groups), '; '.join(f'{g.name}: {g.size}' for g in sweep.groups), sweep.size)
+  elif sweep.size > 1:
     logging.info('sweep: %d students (%s%s), one program on a %s mesh (students x data)', sweep.size,
                  ', '.join(f'{k}: {len(v)} values' for k, v in sweep.axes.items()) or 'no axes',
                  f', {len(sweep.seeds)} seeds' if len(sweep.seeds) > 1 else '',
@@ -298,10 +303,12 @@ def _setup(cfg, sweep: sweep_lib.Sweep, workdir: str, restart: bool) -> _Run:
   if not ckpt.manager.all_steps():  # a fresh run: the initial state's program compiles beside the step's
     trainer.start_init_compile()
   memory.check(trainer.compile(abstract), sweep.size)
-  n_params = sum(x.size for x in jax.tree.leaves(abstract.params['student'])) // sweep.size
+  models_seen = {}
+  for p in trainer.programs:
+    models_seen.setdefault(p.group.sweep.base.student.model, trainer.param_count(abstract, p.group.offset))
   logging.info('student %s: %s parameters; %d steps/epoch, %d epochs, %d steps per dispatch, %d device(s)',
-               base.student.model, f'{n_params:,}', trainer.steps_per_epoch, base.epochs, trainer.k,
-               mesh.devices.size)
+               ', '.join(models_seen), ', '.join(f'{n:,}' for n in models_seen.values()), trainer.steps_per_epoch,
+               base.epochs, trainer.k, mesh.devices.size)
   latest, ts, meta = _restore_newest_intact(ckpt, abstract, ds)
   if dist.is_primary():  # before the first checkpoint of a fresh run: a workdir with checkpoints has its config
     write_config(cfg, workdir, sweep)
@@ -368,16 +375,19 @@ def _epochs(r: _Run):
 def _end_epoch(r: _Run, epoch: int, step: int, sums: dict, epoch_seconds: float):
   """An epoch's records (train metrics, and the evaluation when due) and its checkpoint when due."""
   trainer, base = r.trainer, r.sweep.base
+  # A student of a group shorter than the program (a table's) has records up to its own last epoch only.
   records = [{'train_loss': float(sums['loss'][i] / sums['steps']),
               'train_accuracy': float(sums['correct'][i] / sums['count'][i]),
-              **{k: float(sums[k][i] / sums['steps']) for k in sums if k.startswith('loss_')}}
-             for i in range(trainer.num_students)]
+              **{k: float(sums[k][i] / sums['steps']) for k in sums
+                 if k.startswith('loss_') and (not trainer.grouped or k[5:] in trainer.terms(i))}}
+             if trainer.active(i, step) else None for i in range(trainer.num_students)]
   done, is_last = epoch + 1, step >= trainer.total_steps
   metrics = None
   if done % base.eval_every_epochs == 0 or is_last:
     r.last_eval = trainer.evaluate(r.state)
     for record, e in zip(records, r.last_eval):
-      record.update({k: v for k, v in e.items() if not k.endswith(('class_accuracy', '_count'))})
+      if record is not None:
+        record.update({k: v for k, v in e.items() if not k.endswith(('class_accuracy', '_count'))})
     metrics = {ckpt_lib.SELECT_METRIC: float(np.mean([e[f'{r.select}_accuracy'] for e in r.last_eval]))}
   r.reporter.epoch(epoch, step, records, epoch_seconds, int(sums['count'][0]))
   if done % base.checkpoint_every_epochs == 0 or is_last or r.preemption.signal is not None:
@@ -399,7 +409,7 @@ def _finish(r: _Run) -> Outcome:
   else:
     run = results.load_run(r.workdir)
     results.write_csv(run)
-    table = results.grid_table(run)
+    table = results.report_text(run)
   if sweep.size > 1:
     if table is not None:
       print(table, flush=True)
@@ -504,10 +514,11 @@ def _summary(workdir, trainer: trainer_lib.Trainer, ts, select, last_eval, wall,
              'last_select_accuracy': e[f'{select}_accuracy'],
              'best_select_accuracy': best if best is not None else e[f'{select}_accuracy'],
              'best_epoch': row.get('best_epoch'), **{k: v for k, v in e.items() if k.startswith('test_')}}
-    for export in trainer.distiller.exports:
+    group = trainer.for_group(trainer.locate(s.index)[0])
+    for export in group.distiller.exports:
       path = os.path.join(workdir, 'deploy') if trainer.num_students == 1 else \
           os.path.join(workdir, 'deploy', f'student_{s.index}')
-      entry.update(export(trainer, step_lib.student(ts, s.index), path))
+      entry.update(export(group, trainer.student_state(ts, s.index), path))
     students.append(entry)
   summary = {'select_split': select, 'num_students': trainer.num_students, 'best_step': ckpt.best_step(),
              'wall_seconds': wall, 'students': students}

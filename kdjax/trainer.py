@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import math
 import threading
 
 from absl import logging
@@ -53,17 +54,42 @@ def check_mesh(mesh, batch_size: int, num_students: int):
                       'students axis')
 
 
+@dataclasses.dataclass
+class GroupProgram:
+  """One group of a program's students (kdjax/sweep.py `Group`; a run without program axes has one): its step's
+  static parts, its swept numbers, its keys and its length in steps."""
+  group: sweep_lib.Group
+  parts: step_lib.Parts
+  hparams: dict
+  init_keys: object
+  step_keys: object
+  total_steps: int
+
+  @property
+  def size(self) -> int:
+    return self.group.size
+
+
+def mesh_students(sweep) -> int:
+  """The student count the mesh's students axis must divide: every group's."""
+  return math.gcd(*(g.size for g in sweep.parts()))
+
+
 class Trainer:
-  """The compiled programs of one run: its sweep's students, its batch source and its teachers on a mesh."""
+  """The compiled programs of one run: its sweep's students, its batch source and its teachers on a mesh. A sweep
+  with program axes (a table) has several groups of students, each with its own step parts (student network,
+  methods), trained in the one program on the same batches and the same teachers' pass."""
 
   def __init__(self, cfg, source, mesh=None, teacher=None, teacher_vars=None, sweep=None):
     self.sweep = sweep if sweep is not None else sweep_lib.expand(cfg)
     self.cfg = cfg = self.sweep.base
     self.num_students = self.sweep.size
     self.source, ds = source, source.ds
-    self.mesh = mesh if mesh is not None else sharding.make_mesh(cfg.num_devices, self.num_students,
+    groups = self.sweep.parts()
+    self.mesh = mesh if mesh is not None else sharding.make_mesh(cfg.num_devices, mesh_students(self.sweep),
                                                                  cfg.mesh_students, cfg.batch_size)
-    check_mesh(self.mesh, cfg.batch_size, self.num_students)
+    for g in groups:
+      check_mesh(self.mesh, cfg.batch_size, g.size)
     self.steps_per_epoch = len(ds.train) // cfg.batch_size
     if self.steps_per_epoch == 0:
       raise ConfigError(f'batch_size {cfg.batch_size} exceeds the {len(ds.train)} training examples')
@@ -72,20 +98,39 @@ class Trainer:
     self.students_sharded = sharding.students_sharded(self.mesh)
     students_loop = sweep_lib.students_loop(cfg)
 
-    student = models.build_student(cfg, ds.num_classes)
-    distiller = distill.Distiller(cfg.distill, student, teacher, len(teacher_lib.modules(teacher)) or 1)
-    if source.streaming and distiller.views:
-      raise ConfigError(f"the view(s) {', '.join(distiller.views)} of {', '.join(distiller.terms)} are made from "
-                        "the device-resident training set; data.pipeline='stream' has none: use "
-                        "data.pipeline='device'")
-    if not distiller.needs_teacher:
+    distillers = []
+    for g in groups:
+      g_cfg = g.sweep.base
+      student = models.build_student(g_cfg, ds.num_classes)
+      distiller = distill.Distiller(g_cfg.distill, student, teacher, len(teacher_lib.modules(teacher)) or 1)
+      if source.streaming and distiller.views:
+        raise ConfigError(f"the view(s) {', '.join(distiller.views)} of {', '.join(distiller.terms)} are made from "
+                          "the device-resident training set; data.pipeline='stream' has none: use "
+                          "data.pipeline='device'")
+      if len(groups) > 1 and g_cfg.student.init_checkpoint:
+        raise ConfigError(f'{g.name}: student.init_checkpoint starts every student from one checkpoint; a program '
+                          'of several groups (method= / student.model= axes) cannot take one')
+      distillers.append((student, distiller))
+    if not any(d.needs_teacher for _, d in distillers):
       teacher = teacher_vars = None
     teacher_lib.check_ensemble(cfg, teacher, teacher_vars, ds.image_shape)
     self.teacher, self.teacher_vars = teacher, teacher_vars
-    self.parts = step_lib.Parts(cfg=cfg, student=student, teacher=teacher, distiller=distiller,
-                                data=step_lib.DataSpec.of(ds), batch_size=cfg.batch_size,
-                                steps_per_epoch=self.steps_per_epoch, students_loop=students_loop,
-                                batch_sharding=sharding.batch_sharded(self.mesh))
+    self.programs = []
+    for g, (student, distiller) in zip(groups, distillers):
+      parts = step_lib.Parts(cfg=g.sweep.base, student=student, teacher=teacher, distiller=distiller,
+                             data=step_lib.DataSpec.of(ds), batch_size=cfg.batch_size,
+                             steps_per_epoch=self.steps_per_epoch, students_loop=students_loop,
+                             batch_sharding=sharding.batch_sharded(self.mesh))
+      # Per-student randomness (initialisation, dropout) from each student's seed; the data's from the data seed.
+      # Placed from host values (NumPy, the same on every process), as a mesh spanning many processes requires.
+      seeds = np.asarray([s.cfg.seed for s in g.sweep.students])
+      init_keys = jax.jit(jax.vmap(lambda s: step_lib.seed_key(s, 2)), out_shardings=self.replicated)(seeds)
+      step_keys = jax.jit(jax.vmap(lambda s: step_lib.seed_key(s, 3)), out_shardings=self.students_sharded)(seeds)
+      hparams = jax.device_put({k: np.asarray(v) for k, v in g.sweep.traced.items()}, self.students_sharded)
+      self.programs.append(GroupProgram(g, parts, hparams, init_keys, step_keys,
+                                        g.sweep.base.epochs * self.steps_per_epoch))
+    self.grouped = len(self.programs) > 1
+    self._bind()
     self.k = min(cfg.steps_per_dispatch or self._auto_steps_per_dispatch(), self.steps_per_epoch)
     self.steps_loop = cfg.steps_loop
     if self.steps_loop == 'auto':
@@ -96,13 +141,6 @@ class Trainer:
                    'unroll on the CPU, where XLA runs a step inside a loop many times slower, benchmarks/README.md; '
                    'scan elsewhere)', self.k, cfg.steps_per_dispatch, CPU_UNROLL_STEPS,
                    'unrolled' if self.steps_loop == 'unroll' else 'in a rolled lax.scan', cfg.steps_loop)
-
-    # Per-student randomness (initialisation, dropout) from each student's seed; the data's from the data seed.
-    # Placed from host values (NumPy, the same on every process), as a mesh spanning many processes requires.
-    seeds = np.asarray([s.cfg.seed for s in self.sweep.students])
-    self.init_keys = jax.jit(jax.vmap(lambda s: step_lib.seed_key(s, 2)), out_shardings=self.replicated)(seeds)
-    self.step_keys = jax.jit(jax.vmap(lambda s: step_lib.seed_key(s, 3)), out_shardings=self.students_sharded)(seeds)
-    self.hparams = jax.device_put({k: np.asarray(v) for k, v in self.sweep.traced.items()}, self.students_sharded)
     self.teacher_table = self._teacher_table()
 
     self._compiled_chunk = None
@@ -111,7 +149,61 @@ class Trainer:
     self._init_thread = self._init_error = None
     self._key_base = None  # the compiled-executable cache's key ingredients (`program_key`), computed once
     self._single_step = None  # unrolled K > 1: the epoch's last steps when fewer than K are left
-    self._evaluate = jax.jit(functools.partial(step_lib.eval_scan, self.parts), out_shardings=self.replicated)
+    self._evaluate = [jax.jit(functools.partial(step_lib.eval_scan, p.parts), out_shardings=self.replicated)
+                      for p in self.programs]
+
+  def _bind(self):
+    """The attributes the step's arguments are read from: group 0's alone (a run without program axes, whose
+    arguments are those of a single group), or a tuple over the groups."""
+    first = self.programs[0]
+    self.parts = first.parts
+    if self.grouped:
+      self.hparams = tuple(p.hparams for p in self.programs)
+      self.init_keys = tuple(p.init_keys for p in self.programs)
+      self.step_keys = tuple(p.step_keys for p in self.programs)
+    else:
+      self.hparams, self.init_keys, self.step_keys = first.hparams, first.init_keys, first.step_keys
+
+  # ------------------------------------------------------------------------------------------------- groups
+  def locate(self, i: int) -> tuple[int, int]:
+    """(group, index inside it) of student `i` of the program."""
+    for g, p in enumerate(self.programs):
+      if p.group.offset <= i < p.group.offset + p.size:
+        return g, i - p.group.offset
+    raise IndexError(i)
+
+  def student_state(self, ts, i: int) -> step_lib.TrainState:
+    """Student `i`'s own train state, without the students axis."""
+    if not self.grouped:
+      return step_lib.student(ts, i)
+    g, j = self.locate(i)
+    return step_lib.student(ts.groups[g], j)
+
+  def for_group(self, g: int) -> 'Trainer':
+    """This trainer as group `g`'s alone would read (its config, parts and numbers): for what reads one group
+    (exports)."""
+    if not self.grouped:
+      return self
+    sub = copy.copy(self)
+    p = self.programs[g]
+    sub.cfg, sub.parts, sub.hparams = p.group.sweep.base, p.parts, p.hparams
+    sub.init_keys, sub.step_keys, sub.grouped = p.init_keys, p.step_keys, False
+    return sub
+
+  def terms(self, i: int) -> tuple:
+    """The loss terms of student `i`'s method."""
+    return tuple(self.programs[self.locate(i)[0]].parts.distiller.terms)
+
+  def active(self, i: int, step: int) -> bool:
+    """Whether student `i` still trains at `step` (a group with fewer epochs than the program's longest stops at
+    its own end: its state is kept from then on)."""
+    return step <= self.programs[self.locate(i)[0]].total_steps
+
+  def param_count(self, abstract, i: int = 0) -> int:
+    """Student `i`'s network's parameter count."""
+    g, _ = self.locate(i)
+    ts = abstract.groups[g] if self.grouped else abstract
+    return sum(x.size for x in jax.tree.leaves(ts.params['student'])) // self.programs[g].size
 
   @property
   def ds(self):
@@ -144,11 +236,15 @@ class Trainer:
     return max(d for d in range(1, 33) if self.steps_per_epoch % d == 0)
 
   def _teacher_table(self):
-    layout = teacher_table.plan(self.parts, self.teacher_vars, self.sweep.traced, self.ds.augment,
-                                self.source.streaming)
-    if layout is None:
+    """The cached teachers' outputs (kdjax/teacher_table.py): the union of what every group's losses read."""
+    layouts = [teacher_table.plan(p.parts, self.teacher_vars, p.group.sweep.traced, self.ds.augment,
+                                  self.source.streaming) for p in self.programs]
+    if any(layout is None for layout in layouts):
       return None
-    self.parts = dataclasses.replace(self.parts, table=layout)
+    layout = dataclasses.replace(layouts[0], read=tuple(map(any, zip(*(l.read for l in layouts)))))
+    for p in self.programs:
+      p.parts = dataclasses.replace(p.parts, table=layout)
+    self._bind()
     return teacher_table.compute(self.parts, layout, self.teacher_vars,
                                  self.source.table_arrays(self.cfg.eval_batch_size))
 
@@ -161,13 +257,38 @@ class Trainer:
     dispatch's steps ([K, B, ...]), or None on the device path."""
     k = self.k if k is None else k
     epoch_input = self.source.dispatch_input(taken, epoch)
-    views = self.parts.distiller.views
+    views = tuple(sorted({v for p in self.programs for v in p.parts.distiller.views}))
 
     def step(ts, s):
       batch = self.source.batch(arrays, epoch_input, s - start, s, ts.step, views)
-      return step_lib.train_step(self.parts, ts, teacher_vars, batch, hparams, keys, table)
+      if not self.grouped:
+        return step_lib.train_step(self.parts, ts, teacher_vars, batch, hparams, keys, table)
+      return self._table_step(ts, teacher_vars, batch, hparams, keys, table)
 
     return run_steps(step, ts, start, k, self.steps_loop, self.steps_per_epoch)
+
+  def _table_step(self, ts, teacher_vars, batch, hparams, keys, table):
+    """One step of every group on one batch: the teachers run once (`step.batch_teacher_outputs`) and every group's
+    step reads what its methods need; a group past its own length keeps its state. Metrics [S] over the program's
+    students (a term that a group's method lacks reads 0 for its students)."""
+    x, t_out, views = step_lib.batch_teacher_outputs(self.parts, teacher_vars, batch, table)
+    states, metrics = [], []
+    for p, g_ts, hp, key in zip(self.programs, ts.groups, hparams, keys):
+      own = {v: views[v] for v in p.parts.distiller.views}
+      g_batch = dict(batch, views={v: batch['views'][v] for v in own})
+      new, m = step_lib.train_step(p.parts, g_ts, teacher_vars, g_batch, hp, key, table, (x, t_out, own))
+      if p.total_steps < self.total_steps:
+        on = g_ts.step < p.total_steps
+        keep = lambda a, b: jax.tree.map(lambda u, v: jnp.where(on, u, v), a, b)
+        new = new.replace(params=keep(new.params, g_ts.params), state=keep(new.state, g_ts.state),
+                          opt_state=keep(new.opt_state, g_ts.opt_state))
+        m = dict(m, nonfinite=m['nonfinite'] * on, grad_nonfinite=m['grad_nonfinite'] * on)
+      states.append(new)
+      metrics.append(m)
+    keys_all = list(dict.fromkeys(k for m in metrics for k in m))
+    merged = {k: jnp.concatenate([m[k] if k in m else jnp.zeros((p.size,), jnp.float32)
+                                  for m, p in zip(metrics, self.programs)]) for k in keys_all}
+    return step_lib.TableState(tuple(states)), merged
 
   def _args(self, epoch, start, taken):
     return (self.teacher_vars, self.teacher_table, self.hparams, self.step_keys, self.source.arrays(),
@@ -187,7 +308,7 @@ class Trainer:
     return memory.estimate(self._compiled_chunk, memory.tree_bytes(ts) // self.mesh.shape['students'],
                            self.mesh.devices.size)
 
-  def with_students(self, n: int) -> 'Trainer':
+  def with_students(self, n: int) -> 'Trainer':  # (a program of one group only: memory.estimate_before_compile)
     """This trainer for its first `n` students only (a multiple of the students axis' devices), sharing the rest
     (the source, the teachers and their table, the mesh, K): the small program that `memory.estimate_before_compile`
     compiles to estimate the whole sweep's memory before the whole sweep's program is compiled."""
@@ -228,9 +349,14 @@ class Trainer:
 
   # --------------------------------------------------------------------------------------------------------- init
   def _init_fn(self, init_keys, hparams, teacher_vars):
+    if self.grouped:
+      return step_lib.TableState(tuple(step_lib.init_state(p.parts, k, hp, teacher_vars)
+                                       for p, k, hp in zip(self.programs, init_keys, hparams)))
     return step_lib.init_state(self.parts, init_keys, hparams, teacher_vars)
 
   def state_shardings(self, abstract_state):
+    if isinstance(abstract_state, step_lib.TableState):
+      return step_lib.TableState(tuple(self.state_shardings(g) for g in abstract_state.groups))
     return step_lib.TrainState(
         step=self.replicated, params=jax.tree.map(lambda _: self.students_sharded, abstract_state.params),
         state=jax.tree.map(lambda _: self.students_sharded, abstract_state.state),
@@ -309,13 +435,14 @@ class Trainer:
                    'arrays': compile_cache.signature(self.source.arrays()),
                    'batches': compile_cache.signature(self.source.dispatch_spec(self.k))},
           'mesh': [self.mesh.axis_names, self.mesh.devices.shape, [d.id for d in self.mesh.devices.flat]],
-          'modules': [compile_cache.describe(m) for m in (parts.student,) + teachers],
+          'modules': [compile_cache.describe(m) for m in tuple(p.parts.student for p in self.programs) + teachers],
           'teacher_variables': compile_cache.signature(self.teacher_vars),
           'teacher_table': compile_cache.signature(self.teacher_table),
           'resolved': [self.k, self.steps_loop, parts.students_loop, str(jnp.dtype(parts.dtype))],
           'init_options': INIT_COMPILER_OPTIONS.get(jax.default_backend()),
           'source': compile_cache.source_digest(self, parts.student, *teachers, functions=[
-              f for _, m in parts.distiller.terms.values() for f in (m.loss, m.module, m.check) if f is not None])}
+              f for p in self.programs for _, m in p.parts.distiller.terms.values()
+              for f in (m.loss, m.module, m.check) if f is not None])}
     return compile_cache.program_key(name, self._key_base)
 
   # ------------------------------------------------------------------------------------------------------- eval
@@ -324,13 +451,17 @@ class Trainer:
     teacher, {split}_agreement (top-1 agreement with it), for val (if any) and test; omitted-class runs add
     {split}_omitted_accuracy and the bias-adjusted {split}_*_adjusted."""
     out = [{} for _ in range(self.num_students)]
+    states = ts.groups if self.grouped else (ts,)
     for name, batches in self.source.eval_batches():
-      sums = None
+      sums = [None] * len(self.programs)
       for arrays in batches:  # the whole split at once on the device path; streamed, one batch at a time
-        new = jax.device_get(self._evaluate(ts, self.teacher_vars, arrays, self.hparams))
-        sums = new if sums is None else jax.tree.map(np.add, sums, new)
-      for i, o in enumerate(out):
-        o.update(eval_record(name, jax.tree.map(lambda a: np.asarray(a)[i], sums), self.ds.omitted))
+        for g, (p, evaluate, g_ts) in enumerate(zip(self.programs, self._evaluate, states)):
+          new = jax.device_get(evaluate(g_ts, self.teacher_vars, arrays, p.hparams))
+          sums[g] = new if sums[g] is None else jax.tree.map(np.add, sums[g], new)
+      for p, g_sums in zip(self.programs, sums):
+        for j in range(p.size):
+          out[p.group.offset + j].update(eval_record(name, jax.tree.map(lambda a: np.asarray(a)[j], g_sums),
+                                                     self.ds.omitted))
     return out
 
 
@@ -388,8 +519,36 @@ def build(cfg, ds, mesh=None, teacher=None, teacher_vars=None, sweep=None) -> Tr
   """A Trainer over dataset `ds` with the batch source it needs (kdjax/data/source.py)."""
   sweep = sweep if sweep is not None else sweep_lib.expand(cfg)
   base = sweep.base
-  mesh = mesh if mesh is not None else sharding.make_mesh(base.num_devices, sweep.size, base.mesh_students,
-                                                          base.batch_size)
-  check_mesh(mesh, base.batch_size, sweep.size)
+  mesh = mesh if mesh is not None else sharding.make_mesh(base.num_devices, mesh_students(sweep),
+                                                          base.mesh_students, base.batch_size)
+  for g in sweep.parts():
+    check_mesh(mesh, base.batch_size, g.size)
   data_seed = base.seed if base.data.seed < 0 else base.data.seed
   return Trainer(cfg, source_lib.open_source(base, ds, mesh, data_seed), mesh, teacher, teacher_vars, sweep)
+
+
+def applicable(sweep, ds):
+  """`sweep` with every group's methods checked against its pair (`distill.check_pair`, on the networks' output
+  shapes: nothing is computed or compiled): a group whose method cannot apply is refused in one line naming the
+  method and the models, or, with `config.sweep_skip_inapplicable`, left out with one warning line (the table shows
+  it as n/a)."""
+  if not sweep.groups:
+    return sweep
+  drop = {}
+  for g in sweep.groups:
+    cfg = g.sweep.base
+    student = models.build_student(cfg, ds.num_classes)
+    teacher = models.build_teacher(cfg, ds.num_classes) if cfg.teacher.model else None
+    x = jnp.zeros((cfg.batch_size,) + tuple(ds.image_shape), models.compute_dtype(cfg))
+    shapes = lambda m: jax.eval_shape(lambda: m.apply(m.init(jax.random.key(0), x), x))
+    s_shapes, t_shapes = shapes(student), (shapes(teacher) if teacher is not None else None)
+    info = distill.DataInfo(len(ds.train), ds.num_classes, student, teacher, cfg.student.model, cfg.teacher.model)
+    try:
+      distill.Distiller(cfg.distill, student, teacher).build_extras(s_shapes, t_shapes, info)
+    except ConfigError as e:
+      if not cfg.sweep_skip_inapplicable:
+        raise ConfigError(f'config.sweep: {g.name}: {e} (or set config.sweep_skip_inapplicable=true to leave it '
+                          'out)') from None
+      logging.warning('config.sweep: %s left out (n/a in the table): %s', g.name, e)
+      drop[g.index] = str(e)
+  return sweep_lib.without(sweep, drop) if drop else sweep

@@ -41,7 +41,7 @@ def main(argv=None) -> int:
       outdir = os.path.join(args.out, name) if args.out else None
       results.write_csv(run, os.path.join(outdir, 'results.csv') if outdir else None)
       results.figures(run, outdir)
-      tables.append(results.grid_table(run))
+      tables.append(results.report_text(run, outdir))
   except (KDError, OSError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
