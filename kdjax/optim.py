@@ -33,10 +33,14 @@ def optimizer(cfg, steps_per_epoch: int) -> optax.GradientTransformation:
   """The optimizer over {'student': ..., 'extras': ...}; with `student.freeze_backbone` only the student's head and
   the methods' extra modules are trained (fine-tuning)."""
   if cfg.optimizer.name == 'dot':
+    if cfg.optimizer.clip_norm:
+      raise ConfigError("config.optimizer.clip_norm is not applied by optimizer.name='dot' (two gradients); set 0")
     if cfg.student.freeze_backbone:
       raise ConfigError("config.optimizer.name='dot' cannot train a frozen backbone (student.freeze_backbone)")
     return dot(cfg, steps_per_epoch)
   tx = _base_optimizer(cfg, steps_per_epoch)
+  if cfg.optimizer.clip_norm:  # big_vision's grad_clip_norm: the whole gradient rescaled to this global norm
+    tx = optax.chain(optax.clip_by_global_norm(cfg.optimizer.clip_norm), tx)
   if not cfg.student.freeze_backbone:
     return tx
 

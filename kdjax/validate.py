@@ -30,6 +30,9 @@ CHOICES = {
     'steps_loop': ('auto', 'scan', 'unroll'),
     'data.pipeline': ('auto', 'device', 'stream'),
     'data.on_corrupt': ('stop', 'skip'),
+    'data.mixup.mode': ('example', 'batch'),
+    'data.cutmix.mode': ('example', 'batch'),
+    'data.inception_crop.enabled': (False, True),
 }
 
 R = Range
@@ -78,6 +81,15 @@ RANGES = {
     'data.prefetch': R(1),
     'data.image_size': R(1),
     'data.resize': R(1),
+    'data.mixup.alpha': R(0.0),        # 0 = off
+    'data.mixup.prob': R(0.0, 1.0),
+    'data.cutmix.alpha': R(0.0),
+    'data.cutmix.prob': R(0.0, 1.0),
+    'data.erasing.prob': R(0.0, 1.0),
+    'data.inception_crop.min_scale': R(0.0, 1.0, low_ok=False),
+    'data.inception_crop.max_scale': R(0.0, 1.0, low_ok=False),
+    'teacher.image_size': R(0),        # 0 = the data's own size
+    'optimizer.clip_norm': R(0.0),     # 0 = off
 }
 
 
@@ -127,6 +139,7 @@ def check(cfg):
   _check_losses(cfg)
   _check_schedule(cfg)
   _check_init(cfg)
+  _check_views(cfg)
   from kdjax.data import stream
   stream.check_config(cfg)
 
@@ -215,3 +228,23 @@ def _check_init(cfg):
                         f"'student/backbone', got {paths!r}")
   if not tuple(stages.field(cfg.distill, 'train')):
     raise ConfigError("config.distill.init.train is empty: name what the stage trains, e.g. ('student/backbone',)")
+
+
+def _check_views(cfg):
+  """The consistent views (kdjax/views.py): a crop range, one mode for mixup and cutmix together, soft targets of
+  one column per class, a teacher that runs every step."""
+  d = cfg.data
+  crop = d.inception_crop
+  if crop.enabled and crop.min_scale > crop.max_scale:
+    raise ConfigError(f'config.data.inception_crop.min_scale={crop.min_scale} is above max_scale={crop.max_scale}')
+  mixing = d.mixup.alpha > 0 or d.cutmix.alpha > 0
+  if d.mixup.alpha > 0 and d.cutmix.alpha > 0 and d.mixup.mode != d.cutmix.mode:
+    raise ConfigError(f'config.data.cutmix.mode={d.cutmix.mode!r} differs from data.mixup.mode={d.mixup.mode!r}: '
+                      'with both on, each example (or the batch) takes one of them, so they share one mode')
+  if mixing and cfg.student.subclasses > 1:
+    raise ConfigError(f'config.data.mixup/cutmix: the mixed targets have one column per class, but '
+                      f'config.student.subclasses={cfg.student.subclasses}')
+  views_on = mixing or d.erasing.prob > 0 or crop.enabled
+  if views_on and cfg.distill.cache_teacher == 'on' and cfg.teacher.model:
+    raise ConfigError("config.distill.cache_teacher='on' with data.mixup/cutmix/erasing/inception_crop: the teacher "
+                      'must read every step\'s new view; set it to auto or off')
