@@ -84,7 +84,8 @@ def base() -> ml_collections.ConfigDict:
       mixup=dict(alpha=0.0, prob=1.0, mode='example'),
       cutmix=dict(alpha=0.0, prob=1.0, mode='example'),
       erasing=dict(prob=0.0),  # random erasing of a box (to the mean pixel), per example with this probability
-      inception_crop=dict(enabled=False, min_scale=0.08, max_scale=1.0),  # RandomResizedCrop to the same size
+      # RandomResizedCrop back to the data's size (+ a random horizontal flip with `flip`)
+      inception_crop=dict(enabled=False, min_scale=0.08, max_scale=1.0, flip=True),
   )
   # The network being trained: the student, or the teacher-to-be in a supervised run.
   c.student = dict(model='cnn_small', kwargs={}, subclasses=1,
@@ -115,8 +116,10 @@ def base() -> ml_collections.ConfigDict:
   # clip_norm > 0: the gradient clipped to this global norm before the update (0 = off).
   c.optimizer = dict(name='sgd', lr=0.05, momentum=0.9, nesterov=False, weight_decay=5e-4, dot_delta=0.075,
                      clip_norm=0.0)
+  # length_epochs (cosine): the epoch at which the cosine reaches final_fraction and stays there (0 = the run's
+  # end); unlike `epochs` a sweep may vary it (schedule lengths of one program's students).
   c.schedule = dict(name='step', decay_epochs=(150, 180, 210), decay_factor=0.1, warmup_epochs=0,
-                    final_fraction=0.0)
+                    final_fraction=0.0, length_epochs=0)
   c.epochs = 240
   c.batch_size = 64
   c.eval_batch_size = 500

@@ -95,7 +95,8 @@ def cache_dir(cfg, dataset: str) -> str:
     recipe['data'].pop(where, None)
   defaults = config_lib.base()
   later = [('data', k, v) for k, v in (('dir', ''), ('label_set', 'fine'))]
-  later += [('data', k, defaults.data[k].to_dict()) for k in VIEW_FIELDS] + [('optimizer', 'clip_norm', 0.0)]
+  later += [('data', k, defaults.data[k].to_dict()) for k in VIEW_FIELDS]
+  later += [('optimizer', 'clip_norm', 0.0), ('schedule', 'length_epochs', 0)]
   for section, key, default in later:  # later fields: at their defaults, the keys cached before
     if recipe[section][key] == default:
       recipe[section].pop(key)

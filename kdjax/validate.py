@@ -33,6 +33,7 @@ CHOICES = {
     'data.mixup.mode': ('example', 'batch'),
     'data.cutmix.mode': ('example', 'batch'),
     'data.inception_crop.enabled': (False, True),
+    'data.inception_crop.flip': (False, True),
 }
 
 R = Range
@@ -76,6 +77,7 @@ RANGES = {
     'schedule.decay_factor': R(0.0, low_ok=False),
     'schedule.warmup_epochs': R(0.0),
     'schedule.final_fraction': R(0.0, 1.0),
+    'schedule.length_epochs': R(0.0),  # 0 = the run's end
     'data.device_budget_gb': R(0.0),
     'data.workers': R(0),
     'data.prefetch': R(1),
@@ -198,6 +200,13 @@ def _check_schedule(cfg):
     epochs = list(s.decay_epochs)
     if any(not _is_number(e) or e <= 0 for e in epochs) or epochs != sorted(epochs):
       raise ConfigError(f'config.schedule.decay_epochs must be increasing positive epochs, got {tuple(epochs)}')
+  if s.length_epochs and s.name != 'cosine':
+    raise ConfigError(f"config.schedule.length_epochs={s.length_epochs} is read by schedule.name='cosine' only, "
+                      f'not {s.name!r}')
+  main = cfg.epochs - stages.epochs(cfg)
+  if s.length_epochs and not s.warmup_epochs < s.length_epochs <= main:
+    raise ConfigError(f'config.schedule.length_epochs={s.length_epochs} must be after the warmup '
+                      f'({s.warmup_epochs} epochs) and at most the main training\'s {main} epochs (config.epochs)')
   if s.warmup_epochs >= cfg.epochs:
     raise ConfigError(f'config.schedule.warmup_epochs={s.warmup_epochs} leaves no epoch after the warmup '
                       f'(config.epochs={cfg.epochs})')

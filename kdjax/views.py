@@ -6,7 +6,7 @@ Each op is a pure function of (rng, images) on float images [B, H, W, C] (alread
 after `step.normalize`), in the order the step runs them:
   `inception_crop`  RandomResizedCrop back to the batch's size: torchvision's box draw (area fraction in `scale`,
                     log-uniform aspect ratio in 3/4..4/3, 10 tries, else a central crop), bilinear with antialiasing
-                    (PIL's filter; jax.image.scale_and_translate)
+                    (PIL's filter; jax.image.scale_and_translate); with `flip`, then RandomHorizontalFlip (`flip_lr`)
   `random_erasing`  torchvision's RandomErasing after Normalize (value 0: the dataset's mean pixel): with
                     probability p a box of area fraction in (0.02, 1/3), aspect ratio log-uniform in (0.3, 3.3),
                     10 tries
@@ -87,6 +87,12 @@ def inception_crop(rng, images, scale=(0.08, 1.0)):
   """RandomResizedCrop(scale, ratio 3/4..4/3) of every image, back to the batch's size."""
   n, height, width, _ = images.shape
   return resized_crop(images, *boxes(rng, n, height, width, scale, CROP_RATIO, 'center'))
+
+
+def flip_lr(rng, images):
+  """Each image mirrored left-right with probability 1/2."""
+  flips = jax.random.bernoulli(rng, 0.5, (images.shape[0],))
+  return jnp.where(flips[:, None, None, None], images[:, :, ::-1], images)
 
 
 def box_mask(height: int, width: int, top, left, h, w):
@@ -176,10 +182,12 @@ def _mix(rng, data_cfg, x, targets):
 def apply(data_cfg, rng, x, labels, num_classes: int):
   """The configured ops on the normalised batch `x` [B, H, W, C] with integer `labels` [B]: (images, soft targets
   [B, num_classes] float32, None when no mixing op is on)."""
-  k_crop, k_erase, k_mix = jax.random.split(rng, 3)
+  k_crop, k_flip, k_erase, k_mix = jax.random.split(rng, 4)
   crop = data_cfg.inception_crop
   if crop.enabled:
     x = inception_crop(k_crop, x, (crop.min_scale, crop.max_scale))
+    if crop.flip:
+      x = flip_lr(k_flip, x)
   if data_cfg.erasing.prob > 0:
     x = random_erasing(k_erase, x, data_cfg.erasing.prob)
   if not (data_cfg.mixup.alpha > 0 or data_cfg.cutmix.alpha > 0):
