@@ -75,6 +75,14 @@ def test_inception_crop_matches_pil():
   np.testing.assert_array_equal(np.stack([t, l, bh, bw], 1), [[0, 7, 12, 16]] * 2)  # w = round(12 * 4 / 3)
 
 
+def test_flip_lr_mirrors_some_images():
+  x = _images(4)
+  got = np.asarray(views.flip_lr(jax.random.key(8), jnp.asarray(x)))
+  mirrored = [np.array_equal(g, i[:, ::-1]) for g, i in zip(got, x)]
+  kept = [np.array_equal(g, i) for g, i in zip(got, x)]
+  assert all(m != k for m, k in zip(mirrored, kept)) and any(mirrored) and any(kept)
+
+
 def test_random_erasing_matches_numpy():
   x, rng = _images(3), jax.random.key(6)
   got = np.asarray(views.random_erasing(rng, jnp.asarray(x), 0.75))
