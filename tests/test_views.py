@@ -137,7 +137,7 @@ def test_teacher_and_student_read_the_same_mixed_pixels():
   disagree)."""
   cfg = digits_config('mlp', {'kd': 1.0}, epochs=1, teacher__model='mlp', teacher__kwargs={'hidden': (32,)},
                       data__mixup={'alpha': 1.0, 'prob': 1.0, 'mode': 'example'}, data__erasing={'prob': 0.5},
-                      data__inception_crop={'enabled': True, 'min_scale': 0.3, 'max_scale': 1.0})
+                      data__inception_crop={'enabled': True, 'min_scale': 0.3, 'max_scale': 1.0, 'flip': True})
   ds = data_lib.load(cfg.data)
   spec = step_lib.DataSpec.of(ds)
   teacher = models.create('mlp', num_classes=10, hidden=(32,))
@@ -191,7 +191,8 @@ def test_kd_step_on_a_mixed_batch_matches_numpy():
     ({'data__cutmix': {'alpha': 1.0, 'prob': 1.5, 'mode': 'example'}}, 'data.cutmix.prob'),
     ({'data__mixup': {'alpha': 1.0, 'prob': 1.0, 'mode': 'elem'}}, 'data.mixup.mode'),
     ({'data__erasing': {'prob': 2.0}}, 'data.erasing.prob'),
-    ({'data__inception_crop': {'enabled': True, 'min_scale': 0.9, 'max_scale': 0.5}}, 'data.inception_crop.min_scale'),
+    ({'data__inception_crop': {'enabled': True, 'min_scale': 0.9, 'max_scale': 0.5, 'flip': False}},
+     'data.inception_crop.min_scale'),
     ({'data__mixup': {'alpha': 1.0, 'prob': 1.0, 'mode': 'batch'}, 'data__cutmix': {'alpha': 1.0, 'prob': 1.0,
       'mode': 'example'}}, 'data.cutmix.mode'),
     ({'data__mixup': {'alpha': 1.0, 'prob': 1.0, 'mode': 'example'}, 'student__subclasses': 2}, 'data.mixup'),
