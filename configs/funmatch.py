@@ -9,8 +9,10 @@ batch rolled by one: the same distribution of pairs' weights); the teacher runs 
 each mixed batch, so distill.cache_teacher stays off, as the run logs).
 
 Config string 'data[,sweep]':
-- folder (default): a flowers/pets-style ImageFolder (data.folder.root, 128 x 128 images, inception crop + flip on the
-  device before mixup, as big_vision's `inception_crop(128)|flip_lr`), a teacher given as a checkpoint
+- folder (default): a flowers/pets-style ImageFolder (data.folder.root) kept on the device at 128 x 128 (each image
+  resized to that square when read), inception crop + flip on the device before mixup (big_vision crops the
+  decoded image: `inception_crop(128)|flip_lr`; and evaluates at resize 160, central crop 128, where this evaluates
+  the whole 128 x 128 image), a teacher given as a checkpoint
   (teacher.checkpoint: e.g. a fine-tuned resnet50v2_imagenet; teacher.image_size when it reads another resolution),
   a resnet50v2_imagenet student from scratch; batch 512, lr 0.003, weight decay 3e-4 x the schedule (big_vision's
   flowers `fast` variant, which trains 10,000 epochs of Flowers-102's 1,020 training images).
@@ -77,6 +79,7 @@ def get_config(arg=None):
   if data == 'folder':
     c.data.name = 'folder'
     c.data.folder.image_size = 128
+    c.data.pipeline = 'device'  # the views crop on the device (a streamed folder would be cropped on the host too)
     c.data.augment = 'none'
     c.data.inception_crop = dict(enabled=True, min_scale=0.08, max_scale=1.0, flip=True)
     c.teacher.model = c.student.model = 'resnet50v2_imagenet'

@@ -253,6 +253,11 @@ def _check_views(cfg):
   if mixing and cfg.student.subclasses > 1:
     raise ConfigError(f'config.data.mixup/cutmix: the mixed targets have one column per class, but '
                       f'config.student.subclasses={cfg.student.subclasses}')
+  for i, entry in enumerate(cfg.teachers or []):  # the group reads one batch: one resolution for every teacher
+    size = dict(entry).get('image_size', cfg.teacher.image_size)
+    if size != cfg.teacher.image_size:
+      raise ConfigError(f'config.teachers[{i}].image_size={size}: every teacher reads the batch at '
+                        f'config.teacher.image_size={cfg.teacher.image_size}')
   views_on = mixing or d.erasing.prob > 0 or crop.enabled
   if views_on and cfg.distill.cache_teacher == 'on' and cfg.teacher.model:
     raise ConfigError("config.distill.cache_teacher='on' with data.mixup/cutmix/erasing/inception_crop: the teacher "

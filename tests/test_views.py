@@ -199,6 +199,7 @@ def test_kd_step_on_a_mixed_batch_matches_numpy():
     ({'data__erasing': {'prob': 0.5}, 'distill__cache_teacher': 'on', 'teacher__model': 'mlp'},
      'distill.cache_teacher'),
     ({'teacher__image_size': -1}, 'teacher.image_size'),
+    ({'teacher__model': 'mlp', 'teachers': [{'model': 'mlp', 'image_size': 4}]}, r'teachers\[0\].image_size'),
     ({'optimizer__clip_norm': -1.0}, 'optimizer.clip_norm'),
 ])
 def test_bad_view_settings_are_refused_by_name(overrides, field):
