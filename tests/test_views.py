@@ -184,6 +184,14 @@ def test_kd_step_on_a_mixed_batch_matches_numpy():
   np.testing.assert_allclose(float(metrics['loss_kd'][0]), kd, rtol=1e-4)
   np.testing.assert_allclose(float(metrics['loss'][0]), 0.5 * ce + 0.5 * kd, rtol=1e-4)
   assert not np.allclose(targets.max(-1), 1.0)  # the targets are mixed
+  # Evaluation (no views): the teacher reads the clean batch resized too; its agreement with the student as NumPy's.
+  test = {'images': ds.test.images[:100], 'labels': ds.test.labels[:100]}
+  sums = jax.device_get(program.eval_step(program.state, program.teacher_vars, test))
+  x = np.asarray(step_lib.normalize(jnp.asarray(test['images']), spec, jnp.float32))
+  small = np.stack([np.asarray(Image.fromarray(m[..., 0], mode='F').resize((4, 4), Image.BILINEAR))
+                    for m in x])[..., None]
+  agree = np.sum(_np_mlp(program.variables(program.state), x).argmax(-1) == _np_mlp(t_vars, small).argmax(-1))
+  assert abs(float(sums['agree'][0]) - agree) <= 1  # an argmax tie broken by round-off at most
 
 
 @pytest.mark.parametrize('overrides, field', [
