@@ -82,6 +82,14 @@ def base() -> ml_collections.ConfigDict:
       image_size=224,       # stream: the training crop and the evaluation center crop (pixels)
       resize=256,           # stream: evaluation resizes the shorter side to this before the center crop
       on_corrupt='stop',    # stream: a corrupt image stops the run naming it | skip (left out, counted per epoch)
+      # Consistent views (kdjax/views.py): made once in the train step, on the device, read by the teacher and
+      # every student alike. alpha 0 = off; prob: the chance an example (mode 'example') or the whole batch
+      # ('batch') is mixed; with mixup and cutmix both on, each example (batch) takes one of them.
+      mixup=dict(alpha=0.0, prob=1.0, mode='example'),
+      cutmix=dict(alpha=0.0, prob=1.0, mode='example'),
+      erasing=dict(prob=0.0),  # random erasing of a box (to the mean pixel), per example with this probability
+      # RandomResizedCrop back to the data's size (+ a random horizontal flip with `flip`)
+      inception_crop=dict(enabled=False, min_scale=0.08, max_scale=1.0, flip=True),
   )
   # The network being trained: the student, or the teacher-to-be in a supervised run.
   c.student = dict(model='cnn_small', kwargs={}, subclasses=1,
@@ -100,15 +108,22 @@ def base() -> ml_collections.ConfigDict:
       init_checkpoint='',   # fine-tune the teacher from this checkpoint when it is trained here
       recipe={},            # overrides of this config for training the teacher (epochs, optimizer, ...)
       losses={},            # the teacher's loss terms ({} = {'ce': 1.0})
+      # > 0: the teachers read each batch resized on the device to image_size x image_size (a teacher trained at
+      # another resolution than the students' data); 0 = the data's own size.
+      image_size=0,
   )
   # More teachers (teacher 1, 2, ...; `config.teacher` is teacher 0): each a dict of teacher-section fields, e.g.
   # [dict(model='resnet56', checkpoint='runs/r56')], loaded (or trained first and cached) like `config.teacher`.
   c.teachers = []
   c.distill = _distill()
   # name: sgd | adam | adamw | dot (DOT: task momentum momentum - dot_delta, distillation momentum + dot_delta)
-  c.optimizer = dict(name='sgd', lr=0.05, momentum=0.9, nesterov=False, weight_decay=5e-4, dot_delta=0.075)
+  # clip_norm > 0: the gradient clipped to this global norm before the update (0 = off).
+  c.optimizer = dict(name='sgd', lr=0.05, momentum=0.9, nesterov=False, weight_decay=5e-4, dot_delta=0.075,
+                     clip_norm=0.0)
+  # length_epochs (cosine): the epoch at which the cosine reaches final_fraction and stays there (0 = the run's
+  # end); unlike `epochs` a sweep may vary it (schedule lengths of one program's students).
   c.schedule = dict(name='step', decay_epochs=(150, 180, 210), decay_factor=0.1, warmup_epochs=0,
-                    final_fraction=0.0)
+                    final_fraction=0.0, length_epochs=0)
   c.epochs = 240
   c.batch_size = 64
   c.eval_batch_size = 500

@@ -48,6 +48,9 @@ class Context:
   # The extra views of the batch the terms read (`Method.views`, e.g. MLKD's 'strong'): name -> (the student's,
   # the teacher's outputs on it).
   views: dict | None = None
+  # The soft targets [B, classes] of a mixed batch (mixup, cutmix: kdjax/views.py), which 'ce' reads instead of
+  # `labels`; `labels` stay each example's own class.
+  targets: jax.Array | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -317,9 +320,15 @@ def logit_pair(ctx: Context, cfg):
   return s, t
 
 
+def _ce(ctx: Context, cfg):
+  """Cross-entropy with the labels, or with the mixed soft targets of a mixup/cutmix batch."""
+  if ctx.targets is not None:
+    return losses.soft_cross_entropy(_student_logits(ctx), ctx.targets, cfg.label_smoothing)
+  return losses.cross_entropy(_student_logits(ctx), ctx.labels, cfg.label_smoothing)
+
+
 # Its recipe is the student trained alone: the baseline row of a table (`method=ce`).
-register('ce', Method(lambda ctx, cfg: losses.cross_entropy(_student_logits(ctx), ctx.labels, cfg.label_smoothing),
-                      needs_teacher=False, recipe=Recipe(weights={'ce': 1.0})))
+register('ce', Method(_ce, needs_teacher=False, recipe=Recipe(weights={'ce': 1.0})))
 
 
 def soft_scale(cfg, temperature):

@@ -120,6 +120,15 @@ def cross_entropy(logits, labels, label_smoothing: float = 0.0):
   return jnp.mean(per)
 
 
+def soft_cross_entropy(logits, targets, label_smoothing: float = 0.0):
+  """Softmax cross entropy with soft targets [B, C] (mixup/cutmix's mixed labels), averaged over the batch;
+  ``label_smoothing`` as in ``cross_entropy`` (torch's convention, applied to the soft target: linear, so the same
+  as smoothing each one-hot before mixing)."""
+  logits = _f32(logits)
+  targets = optax.smooth_labels(jnp.asarray(targets, jnp.float32), label_smoothing)
+  return jnp.mean(optax.softmax_cross_entropy(logits, targets))
+
+
 def kd_loss(student_logits, teacher_logits, temperature: float = 4.0):
   """Hinton et al. 2015, "Distilling the Knowledge in a Neural Network".
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import numbers
+
 import jax
+import jax.numpy as jnp
 import optax
 
 from kdjax import stages
@@ -11,14 +14,18 @@ from kdjax.errors import ConfigError
 
 def schedule(cfg, steps_per_epoch: int) -> optax.Schedule:
   """`cfg.schedule.name`: 'step' (x decay_factor at each of decay_epochs), 'cosine' or 'constant'; optional linear
-  warmup over `warmup_epochs`. Boundaries are epoch ends, as torch's MultiStepLR stepped once per epoch."""
+  warmup over `warmup_epochs`. Boundaries are epoch ends, as torch's MultiStepLR stepped once per epoch. A cosine
+  reaches its end at `length_epochs` (0: the run's end), a number a sweep may vary (`traced_cosine`)."""
   s, lr = cfg.schedule, cfg.optimizer.lr
   warmup = int(s.warmup_epochs * steps_per_epoch)
   total = (cfg.epochs - stages.epochs(cfg)) * steps_per_epoch  # the main stage's (kdjax/stages.py)
-  if s.name == 'step':
+  if s.name == 'cosine' and not isinstance(s.length_epochs, numbers.Real):  # swept: an array
+    main = traced_cosine(lr, s.length_epochs * steps_per_epoch - warmup, s.final_fraction)
+  elif s.name == 'step':
     main = optax.piecewise_constant_schedule(
         lr, {int(e * steps_per_epoch) - warmup: s.decay_factor for e in s.decay_epochs})
   elif s.name == 'cosine':
+    total = int(s.length_epochs * steps_per_epoch) if s.length_epochs else total
     main = optax.cosine_decay_schedule(lr, max(total - warmup, 1), alpha=s.final_fraction)
   elif s.name == 'constant':
     main = optax.constant_schedule(lr)
@@ -29,14 +36,29 @@ def schedule(cfg, steps_per_epoch: int) -> optax.Schedule:
   return stages.schedule(cfg, steps_per_epoch, main)  # after the pre-training stage's constant rate, if any
 
 
+def traced_cosine(lr, decay_steps, final_fraction) -> optax.Schedule:
+  """optax.cosine_decay_schedule's arithmetic with a traced length (a swept `schedule.length_epochs`): the rate
+  falls from `lr` to `final_fraction * lr` over `decay_steps` steps and stays there."""
+  def fn(count):
+    steps = jnp.maximum(decay_steps, 1)
+    count = jnp.minimum(count, steps)
+    decayed = (1 - final_fraction) * (0.5 * (1 + jnp.cos(jnp.pi * count / steps))) + final_fraction
+    return lr * decayed
+  return fn
+
+
 def optimizer(cfg, steps_per_epoch: int) -> optax.GradientTransformation:
   """The optimizer over {'student': ..., 'extras': ...}; with `student.freeze_backbone` only the student's head and
   the methods' extra modules are trained (fine-tuning)."""
   if cfg.optimizer.name == 'dot':
+    if cfg.optimizer.clip_norm:
+      raise ConfigError("config.optimizer.clip_norm is not applied by optimizer.name='dot' (two gradients); set 0")
     if cfg.student.freeze_backbone:
       raise ConfigError("config.optimizer.name='dot' cannot train a frozen backbone (student.freeze_backbone)")
     return dot(cfg, steps_per_epoch)
   tx = _base_optimizer(cfg, steps_per_epoch)
+  if cfg.optimizer.clip_norm:  # big_vision's grad_clip_norm: the whole gradient rescaled to this global norm
+    tx = optax.chain(optax.clip_by_global_norm(cfg.optimizer.clip_norm), tx)
   if not cfg.student.freeze_backbone:
     return tx
 

@@ -31,6 +31,7 @@ from kdjax import optim
 from kdjax import stages
 from kdjax import sweep as sweep_lib
 from kdjax import teacher as teacher_lib
+from kdjax import views as views_lib
 from kdjax.data import device as device_data
 
 
@@ -133,6 +134,22 @@ def normalize(images, data: DataSpec, dtype):
   return device_data.normalize(images, data.mean, data.std, dtype)
 
 
+def teacher_input(parts: Parts, x):
+  """The batch as the teachers read it: resized on the device to `teacher.image_size` (bilinear, antialiased when
+  shrinking) when that is set, else `x` itself."""
+  size = parts.cfg.teacher.image_size
+  if not size or tuple(x.shape[1:3]) == (size, size):
+    return x
+  return jax.image.resize(x, (x.shape[0], size, size, x.shape[3]), 'linear', antialias=True).astype(x.dtype)
+
+
+def views_rng(parts: Parts, step):
+  """The key of step `step`'s consistent views (kdjax/views.py): the data seed's stream `views.STREAM`, shared by
+  every student."""
+  seed = parts.cfg.data.seed if parts.cfg.data.seed >= 0 else parts.cfg.seed
+  return jax.random.fold_in(seed_key(seed, views_lib.STREAM), step)
+
+
 def _constrain(parts: Parts, x):
   return x if parts.batch_sharding is None else jax.lax.with_sharding_constraint(x, parts.batch_sharding)
 
@@ -149,7 +166,8 @@ def build_extras(parts: Parts, teacher_vars):
   t_shapes = None
   if parts.teacher is not None:
     t_shapes = jax.eval_shape(lambda v: parts.distiller.term_teachers(
-        *teacher_lib.combine(parts.cfg, parts.teacher, parts.teacher.apply(v, x))), teacher_vars)
+        *teacher_lib.combine(parts.cfg, parts.teacher, parts.teacher.apply(v, teacher_input(parts, x)))),
+        teacher_vars)
   info = distill.DataInfo(parts.data.num_train, parts.data.num_classes, parts.student,
                           teacher_lib.module0(parts.teacher), parts.cfg.student.model, parts.cfg.teacher.model)
   return parts.distiller.build_extras(s_shapes, t_shapes, info)
@@ -167,7 +185,7 @@ def init_state(parts: Parts, init_keys, hparams, teacher_vars) -> TrainState:
     state = {'student': {k: v for k, v in s_vars.items() if k != 'params'}, 'extras': {}}
     if extras is not None:
       s_out = parts.student.apply(s_vars, x)
-      t_out = parts.teacher.apply(teacher_vars, x) if parts.teacher is not None else None
+      t_out = parts.teacher.apply(teacher_vars, teacher_input(parts, x)) if parts.teacher is not None else None
       t_out = parts.distiller.term_teachers(*teacher_lib.combine(parts.cfg, parts.teacher, t_out))
       e_vars = extras.init({'params': k_e, 'memory': k_e}, s_out, t_out,
                            labels=jnp.zeros((x.shape[0],), jnp.int32), indices=jnp.zeros((x.shape[0],), jnp.int32),
@@ -193,10 +211,11 @@ def extras_inputs(parts: Parts, teacher_vars, student_params) -> dict:
 
 
 def forward(parts: Parts, params, state, teacher_vars, x, y, idx, rng, train: bool, epoch, t_out=None, cfg=None,
-            views=None, t_views=None):
+            views=None, t_views=None, targets=None):
   """One student's forward (+ extras): (Context, new non-trained state). `t_out`: the teacher's outputs (shared
   by the students; None: computed here); `cfg`: the config as this student reads it; `views` / `t_views`: the batch's extra views
-  and the teacher's outputs on them ({'strong': ...} for MLKD), or None."""
+  and the teacher's outputs on them ({'strong': ...} for MLKD), or None; `targets`: the mixed soft targets of a
+  mixup/cutmix batch (kdjax/views.py), or None."""
   cfg = parts.cfg if cfg is None else cfg
   if t_out is None:
     t_out = teacher_outputs(parts, teacher_vars, x)
@@ -221,7 +240,7 @@ def forward(parts: Parts, params, state, teacher_vars, x, y, idx, rng, train: bo
         mutable=e_mutable, rngs={'dropout': extra_drop_rng, 'sample': sample_rng})
     extras_out, e_new = res if train else (res, state['extras'])
   ctx = distill.Context(student=s_out, teacher=t_default, labels=y, extras=extras_out, epoch=epoch,
-                        teachers=t_all, views=view_outs or None)
+                        teachers=t_all, views=view_outs or None, targets=targets)
   return ctx, {'student': dict(s_new), 'extras': dict(e_new)}
 
 
@@ -232,7 +251,7 @@ def teacher_outputs(parts: Parts, teacher_vars, x, idx=None, table=None):
     return None
   if table is not None:
     return parts.table.gather(table, idx)
-  return jax.lax.stop_gradient(parts.teacher.apply(teacher_vars, x, train=False))
+  return jax.lax.stop_gradient(parts.teacher.apply(teacher_vars, teacher_input(parts, x), train=False))
 
 
 # ----------------------------------------------------------------------------------------------------------- train
@@ -242,17 +261,23 @@ def _progress(parts: Parts, step):
   return epoch + step_in_epoch.astype(jnp.float32) / parts.steps_per_epoch
 
 
-def batch_teacher_outputs(parts: Parts, teacher_vars, batch: dict, table=None):
-  """(normalised images, the teachers' outputs on them, {view: (normalised view, the teachers' outputs)}) of a
-  batch: the teachers' part of a step, computed once for every student (of every group of a table)."""
+def batch_teacher_outputs(parts: Parts, teacher_vars, batch: dict, step, table=None):
+  """(normalised images, mixed soft targets or None, the teachers' outputs on the images, {view: (normalised view,
+  the teachers' outputs)}) of step `step`'s batch: the batch's part of a step, with its consistent views
+  (kdjax/views.py), computed once for every student (of every group of a table)."""
   x = _constrain(parts, normalize(batch['images'], parts.data, parts.dtype))
-  idx = batch['indices'].astype(jnp.int32) if batch.get('indices') is not None else batch['labels'].astype(jnp.int32)
+  y = batch['labels'].astype(jnp.int32)
+  targets = None
+  if views_lib.enabled(parts.cfg.data):
+    x, targets = views_lib.apply(parts.cfg.data, views_rng(parts, step), x, y, parts.data.num_classes)
+    x = _constrain(parts, x)
+  idx = batch['indices'].astype(jnp.int32) if batch.get('indices') is not None else y
   t_out = teacher_outputs(parts, teacher_vars, x, idx, table)
   views = {}
   for name, v in (batch.get('views') or {}).items():
     v = _constrain(parts, normalize(v, parts.data, parts.dtype))
     views[name] = (v, teacher_outputs(parts, teacher_vars, v))
-  return x, t_out, views
+  return x, targets, t_out, views
 
 
 def train_step(parts: Parts, ts: TrainState, teacher_vars, batch: dict, hparams: dict, keys, table=None,
@@ -262,18 +287,20 @@ def train_step(parts: Parts, ts: TrainState, teacher_vars, batch: dict, hparams:
   teacher table), 'views' {name: images} (the extra views the methods read)}. `hparams`: {path: [S]} the swept
   numbers; `keys`: [S] per-student keys (folded with the step); `teacher_out`: `batch_teacher_outputs` of the
   batch when computed already (a table's groups share it; its views those of this group's methods). Returns
-  (state, metrics [S])."""
+  (state, metrics [S]). The consistent views (`config.data.mixup`, ...: kdjax/views.py) are made once, from the
+  data seed and the step: the teacher and every student read the same pixels."""
   y = batch['labels'].astype(jnp.int32)
   idx = batch['indices'].astype(jnp.int32) if batch.get('indices') is not None else y
   # Once, shared by every student.
-  x, t_out, both = batch_teacher_outputs(parts, teacher_vars, batch, table) if teacher_out is None else teacher_out
+  x, targets, t_out, both = (batch_teacher_outputs(parts, teacher_vars, batch, ts.step, table) if teacher_out is None
+                             else teacher_out)
   views = {name: v for name, (v, _) in both.items()}
   t_views = {name: t for name, (_, t) in both.items()}
   progress = _progress(parts, ts.step)
 
   def one(params, state, opt_state, hp, key):
     return _student_step(parts, ts.step, params, state, opt_state, hp, jax.random.fold_in(key, ts.step),
-                         teacher_vars, x, y, idx, t_out, views, t_views, progress)
+                         teacher_vars, x, y, idx, t_out, views, t_views, progress, targets)
 
   params, state, opt_state, metrics = map_students(one, parts.students_loop, ts.params, ts.state, ts.opt_state,
                                                    hparams, keys)
@@ -282,7 +309,7 @@ def train_step(parts: Parts, ts: TrainState, teacher_vars, batch: dict, hparams:
 
 
 def _student_step(parts, step, params, state, opt_state, hp, rng, teacher_vars, x, y, idx, t_out, views, t_views,
-                  progress):
+                  progress, targets=None):
   cfg = parts.view(hp)
   in_stage = step < parts.init_steps
   dot = parts.cfg.optimizer.name == 'dot'
@@ -291,7 +318,7 @@ def _student_step(parts, step, params, state, opt_state, hp, rng, teacher_vars, 
 
   def loss_fn(params):
     ctx, new_state = forward(parts, params, state, teacher_vars, x, y, idx, rng, True, progress, t_out, cfg,
-                             views, t_views)
+                             views, t_views, targets)
     weights = stages.loss_weights(cfg.distill, parts.distiller.terms, in_stage) if parts.init_steps else None
     total, terms = parts.distiller.losses(ctx, cfg.distill, weights)
     if dot:  # DOT: the task and the distillation parts of the loss, differentiated separately

@@ -133,6 +133,8 @@ def sweepable(cfg) -> set:
   paths = set(STEP_NUMBERS)
   if cfg.optimizer.name == 'dot':
     paths.add('optimizer.dot_delta')
+  if cfg.schedule.name == 'cosine':  # the cosine's length (kdjax/optim.py `traced_cosine`)
+    paths.add('schedule.length_epochs')
   for term in cfg.distill.losses:
     paths.add(f'distill.losses.{term}')
     method = distill.METHODS.get(term)

@@ -61,11 +61,18 @@ def combine(cfg, teacher, t_out):
   return default, tuple(t_out)
 
 
+def input_shape(cfg, image_shape) -> tuple:
+  """The image shape the teachers read: `teacher.image_size` square when set (the step resizes each batch to
+  it: kdjax/step.py `teacher_input`), else the data's."""
+  size = cfg.teacher.image_size
+  return (size, size, image_shape[-1]) if size else tuple(image_shape)
+
+
 def check_ensemble(cfg, teacher, teacher_vars, image_shape):
   """`distill.ensemble` averages logits: the teachers must agree on the class count."""
   if not cfg.distill.ensemble or not isinstance(teacher, TeacherGroup):
     return
-  x = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
+  x = jnp.zeros((1,) + input_shape(cfg, image_shape), jnp.float32)
   counts = [o.logits.shape[-1] for o in jax.eval_shape(lambda v: teacher.apply(v, x), teacher_vars)]
   if len(set(counts)) > 1:
     raise ConfigError(f'config.distill.ensemble: the teachers have different class counts {counts} (teacher '
@@ -86,9 +93,13 @@ def cache_dir(cfg, dataset: str) -> str:
   recipe['distill'] = {key: run['distill'][key] for key in _DISTILL_IN_CACHE_KEY}
   for where in ('data_dir', 'cache_dir'):  # where the data lies, not what it is (data.dir stays: a folder is its data)
     recipe['data'].pop(where, None)
-  for key, default in (('dir', ''), ('label_set', 'fine')):  # later fields: at their defaults, the keys cached before
-    if recipe['data'][key] == default:
-      recipe['data'].pop(key)
+  defaults = config_lib.base()
+  later = [('data', k, v) for k, v in (('dir', ''), ('label_set', 'fine'))]
+  later += [('data', k, defaults.data[k].to_dict()) for k in VIEW_FIELDS]
+  later += [('optimizer', 'clip_norm', 0.0), ('schedule', 'length_epochs', 0)]
+  for section, key, default in later:  # later fields: at their defaults, the keys cached before
+    if recipe[section][key] == default:
+      recipe[section].pop(key)
   # Teachers cached before BatchNorm kept PyTorch's unbiased running variance (layers.BatchNorm) hold other
   # statistics: this entry gives every teacher trained since a new key, so an old entry is never read.
   recipe['batch_norm'] = 'running variance unbiased'
@@ -109,6 +120,7 @@ def teacher_run_config(cfg) -> ml_collections.ConfigDict:
   t = config_lib.base()
   for key in _INHERITED:
     t[key] = ml_collections.ConfigDict(cfg[key].to_dict()) if hasattr(cfg[key], 'to_dict') else cfg[key]
+  _reset_views(t, as_dict(cfg.teacher.recipe))
   for key, value in as_dict(cfg.teacher.recipe).items():
     if isinstance(value, dict) and isinstance(t[key], ml_collections.ConfigDict):
       t[key].update(value)
@@ -120,6 +132,19 @@ def teacher_run_config(cfg) -> ml_collections.ConfigDict:
   t.distill.losses = as_dict(cfg.teacher.losses) or {'ce': 1.0}
   t.distill.subclass = ml_collections.ConfigDict(cfg.distill.subclass.to_dict())
   t.data.omit_class = -1  # the omitted-class experiment hides a class from the student's transfer set only
+  return t
+
+
+VIEW_FIELDS = ('mixup', 'cutmix', 'erasing', 'inception_crop')
+
+
+def _reset_views(t, recipe: dict):
+  """The consistent views (mixup, ...: kdjax/views.py) are the distillation's: the teacher's own run trains
+  without them unless its recipe sets them."""
+  defaults = config_lib.base().data
+  for field in VIEW_FIELDS:
+    if field not in as_dict(recipe.get('data', {})):
+      t.data[field] = defaults[field]
   return t
 
 
@@ -179,6 +204,9 @@ def checkpoint_path(cfg, ds) -> tuple[str, bool]:
     done = False
   if done:
     logging.info('teacher: reusing the cached %s at %s', cfg.teacher.model, path)
+  elif cfg.teacher.image_size:
+    raise ConfigError(f'config.teacher.image_size={cfg.teacher.image_size} needs config.teacher.checkpoint: a '
+                      'teacher trained here trains at the data\'s own resolution')
   else:
     logging.info('teacher: config.teacher.checkpoint is empty; training %s first, cached at %s', cfg.teacher.model,
                  path)
@@ -199,7 +227,7 @@ def load(cfg, ds, mesh, path: str):
   if not 0 <= index < students:
     raise CheckpointMismatchError(f'config.teacher.index={index}, but teacher checkpoint {path} holds '
                                   f'{students} network(s)')
-  x = jnp.zeros((1,) + tuple(ds.image_shape), jnp.float32)
+  x = jnp.zeros((1,) + input_shape(cfg, ds.image_shape), jnp.float32)
   # The shapes traced once, then read from the compilation cache's folder (a warm start).
   shapes = compile_cache.cached_shapes('teacher_shapes', [compile_cache.describe(teacher), x.shape,
                                                           compile_cache.source_digest(teacher)],
@@ -259,7 +287,8 @@ def evaluate_teacher(trainer) -> float:
       from kdjax import step
       x = step.normalize(batch['images'], parts.data, parts.dtype)
       x = jax.lax.with_sharding_constraint(x, parts.batch_sharding)
-      logits = combine(parts.cfg, parts.teacher, parts.teacher.apply(teacher_vars, x, train=False))[0].logits
+      logits = combine(parts.cfg, parts.teacher, parts.teacher.apply(teacher_vars, step.teacher_input(parts, x),
+                                                                train=False))[0].logits
       hit = (jnp.argmax(logits, -1) == batch['labels']) & batch['mask']  # class logits, also with subclasses
       return (sums[0] + jnp.sum(hit), sums[1] + jnp.sum(batch['mask'])), None
     return jax.lax.scan(body, (jnp.int32(0), jnp.int32(0)), arrays)[0]

@@ -14,6 +14,8 @@ import jax.numpy as jnp
 
 from kdjax import memory
 from kdjax import step as step_lib
+from kdjax import teacher as teacher_lib
+from kdjax import views as views_lib
 from kdjax.errors import ConfigError
 
 # Teacher outputs cached on the device for the whole training set only below this size ('auto').
@@ -40,7 +42,7 @@ def leaves_read(parts: step_lib.Parts, teacher_vars, hparams) -> list[bool]:
   abstract values, an input the step's computation never uses is not read (features that no loss taps)."""
   x = step_lib.dummy_input(parts)
   hp = {k: jax.ShapeDtypeStruct((), jnp.asarray(v).dtype) for k, v in hparams.items()}
-  t_out = jax.eval_shape(lambda v: parts.teacher.apply(v, x), teacher_vars)
+  t_out = jax.eval_shape(lambda v: parts.teacher.apply(v, step_lib.teacher_input(parts, x)), teacher_vars)
   t_leaves, treedef = jax.tree.flatten(t_out)
   init_keys = jax.ShapeDtypeStruct((1,), jax.eval_shape(lambda: jax.random.key(0)).dtype)
   ts = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype), jax.eval_shape(
@@ -71,14 +73,18 @@ def plan(parts: step_lib.Parts, teacher_vars, hparams, augment: str, streaming: 
     logging.info("teacher outputs not cached (distill.cache_teacher): data.pipeline='stream' gives no example "
                  'indices to a fixed table; the teacher runs every step')
     return None
+  if views_lib.enabled(parts.cfg.data):  # validate.py refuses cache_teacher='on' with them
+    logging.info('teacher outputs not cached (distill.cache_teacher): the consistent views (data.mixup, cutmix, '
+                 'erasing, inception_crop) change every batch; the teacher runs every step')
+    return None
   if augment != 'none':
     if mode == 'on':
       raise ConfigError(f'distill.cache_teacher=on needs un-augmented training images, but data.augment is '
                         f'{augment!r}')
     return None
   n = parts.data.num_train
-  one = jax.eval_shape(lambda v: parts.teacher.apply(v, jnp.zeros((1,) + parts.data.image_shape, parts.dtype)),
-                       teacher_vars)
+  shape = teacher_lib.input_shape(parts.cfg, parts.data.image_shape)
+  one = jax.eval_shape(lambda v: parts.teacher.apply(v, jnp.zeros((1,) + shape, parts.dtype)), teacher_vars)
   leaves, treedef = jax.tree.flatten(one)
   read = leaves_read(parts, teacher_vars, hparams)
   size = sum(memory.tree_bytes(l) for l, r in zip(leaves, read) if r) * n
@@ -100,7 +106,7 @@ def compute(parts: step_lib.Parts, layout: Layout, teacher_vars, arrays):
   def table(teacher_vars, arrays):
     def body(_, batch):
       x = step_lib.normalize(batch['images'], parts.data, parts.dtype)
-      out = jax.tree.leaves(parts.teacher.apply(teacher_vars, x, train=False))
+      out = jax.tree.leaves(parts.teacher.apply(teacher_vars, step_lib.teacher_input(parts, x), train=False))
       return None, [l if r else None for l, r in zip(out, layout.read)]
     out = jax.lax.scan(body, None, arrays)[1]
     return [None if a is None else a.reshape((-1,) + a.shape[2:])[:n] for a in out]

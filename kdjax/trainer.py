@@ -271,12 +271,12 @@ class Trainer:
     """One step of every group on one batch: the teachers run once (`step.batch_teacher_outputs`) and every group's
     step reads what its methods need; a group past its own length keeps its state. Metrics [S] over the program's
     students (a term that a group's method lacks reads 0 for its students)."""
-    x, t_out, views = step_lib.batch_teacher_outputs(self.parts, teacher_vars, batch, table)
+    x, targets, t_out, views = step_lib.batch_teacher_outputs(self.parts, teacher_vars, batch, ts.step, table)
     states, metrics = [], []
     for p, g_ts, hp, key in zip(self.programs, ts.groups, hparams, keys):
       own = {v: views[v] for v in p.parts.distiller.views}
       g_batch = dict(batch, views={v: batch['views'][v] for v in own})
-      new, m = step_lib.train_step(p.parts, g_ts, teacher_vars, g_batch, hp, key, table, (x, t_out, own))
+      new, m = step_lib.train_step(p.parts, g_ts, teacher_vars, g_batch, hp, key, table, (x, targets, t_out, own))
       if p.total_steps < self.total_steps:
         on = g_ts.step < p.total_steps
         keep = lambda a, b: jax.tree.map(lambda u, v: jnp.where(on, u, v), a, b)

@@ -30,6 +30,10 @@ CHOICES = {
     'steps_loop': ('auto', 'scan', 'unroll'),
     'data.pipeline': ('auto', 'device', 'stream'),
     'data.on_corrupt': ('stop', 'skip'),
+    'data.mixup.mode': ('example', 'batch'),
+    'data.cutmix.mode': ('example', 'batch'),
+    'data.inception_crop.enabled': (False, True),
+    'data.inception_crop.flip': (False, True),
 }
 
 R = Range
@@ -73,11 +77,21 @@ RANGES = {
     'schedule.decay_factor': R(0.0, low_ok=False),
     'schedule.warmup_epochs': R(0.0),
     'schedule.final_fraction': R(0.0, 1.0),
+    'schedule.length_epochs': R(0.0),  # 0 = the run's end
     'data.device_budget_gb': R(0.0),
     'data.workers': R(0),
     'data.prefetch': R(1),
     'data.image_size': R(1),
     'data.resize': R(1),
+    'data.mixup.alpha': R(0.0),        # 0 = off
+    'data.mixup.prob': R(0.0, 1.0),
+    'data.cutmix.alpha': R(0.0),
+    'data.cutmix.prob': R(0.0, 1.0),
+    'data.erasing.prob': R(0.0, 1.0),
+    'data.inception_crop.min_scale': R(0.0, 1.0, low_ok=False),
+    'data.inception_crop.max_scale': R(0.0, 1.0, low_ok=False),
+    'teacher.image_size': R(0),        # 0 = the data's own size
+    'optimizer.clip_norm': R(0.0),     # 0 = off
 }
 
 
@@ -127,6 +141,7 @@ def check(cfg):
   _check_losses(cfg)
   _check_schedule(cfg)
   _check_init(cfg)
+  _check_views(cfg)
   from kdjax.data import stream
   stream.check_config(cfg)
 
@@ -185,6 +200,13 @@ def _check_schedule(cfg):
     epochs = list(s.decay_epochs)
     if any(not _is_number(e) or e <= 0 for e in epochs) or epochs != sorted(epochs):
       raise ConfigError(f'config.schedule.decay_epochs must be increasing positive epochs, got {tuple(epochs)}')
+  if s.length_epochs and s.name != 'cosine':
+    raise ConfigError(f"config.schedule.length_epochs={s.length_epochs} is read by schedule.name='cosine' only, "
+                      f'not {s.name!r}')
+  main = cfg.epochs - stages.epochs(cfg)
+  if s.length_epochs and not s.warmup_epochs < s.length_epochs <= main:
+    raise ConfigError(f'config.schedule.length_epochs={s.length_epochs} must be after the warmup '
+                      f'({s.warmup_epochs} epochs) and at most the main training\'s {main} epochs (config.epochs)')
   if s.warmup_epochs >= cfg.epochs:
     raise ConfigError(f'config.schedule.warmup_epochs={s.warmup_epochs} leaves no epoch after the warmup '
                       f'(config.epochs={cfg.epochs})')
@@ -215,3 +237,28 @@ def _check_init(cfg):
                         f"'student/backbone', got {paths!r}")
   if not tuple(stages.field(cfg.distill, 'train')):
     raise ConfigError("config.distill.init.train is empty: name what the stage trains, e.g. ('student/backbone',)")
+
+
+def _check_views(cfg):
+  """The consistent views (kdjax/views.py): a crop range, one mode for mixup and cutmix together, soft targets of
+  one column per class, a teacher that runs every step."""
+  d = cfg.data
+  crop = d.inception_crop
+  if crop.enabled and crop.min_scale > crop.max_scale:
+    raise ConfigError(f'config.data.inception_crop.min_scale={crop.min_scale} is above max_scale={crop.max_scale}')
+  mixing = d.mixup.alpha > 0 or d.cutmix.alpha > 0
+  if d.mixup.alpha > 0 and d.cutmix.alpha > 0 and d.mixup.mode != d.cutmix.mode:
+    raise ConfigError(f'config.data.cutmix.mode={d.cutmix.mode!r} differs from data.mixup.mode={d.mixup.mode!r}: '
+                      'with both on, each example (or the batch) takes one of them, so they share one mode')
+  if mixing and cfg.student.subclasses > 1:
+    raise ConfigError(f'config.data.mixup/cutmix: the mixed targets have one column per class, but '
+                      f'config.student.subclasses={cfg.student.subclasses}')
+  for i, entry in enumerate(cfg.teachers or []):  # the group reads one batch: one resolution for every teacher
+    size = dict(entry).get('image_size', cfg.teacher.image_size)
+    if size != cfg.teacher.image_size:
+      raise ConfigError(f'config.teachers[{i}].image_size={size}: every teacher reads the batch at '
+                        f'config.teacher.image_size={cfg.teacher.image_size}')
+  views_on = mixing or d.erasing.prob > 0 or crop.enabled
+  if views_on and cfg.distill.cache_teacher == 'on' and cfg.teacher.model:
+    raise ConfigError("config.distill.cache_teacher='on' with data.mixup/cutmix/erasing/inception_crop: the teacher "
+                      'must read every step\'s new view; set it to auto or off')

@@ -35,6 +35,7 @@ CONFIGS = [
     ('cifar100.py', 'digits'), ('cifar100.py', 'crd,digits'), ('cifar100.py', 'dkd,resnet56,resnet20,digits'),
     ('transfer.py', None), ('transfer.py', 'digits'), ('transfer.py', 'digits,temperature'),
     ('fashion_scarce.py', None), ('fashion_scarce.py', '1,logit,digits'), ('fashion_scarce.py', '20,feature,digits'),
+    ('funmatch.py', None), ('funmatch.py', 'fashion'), ('funmatch.py', 'digits,sweep'),
 ]
 
 _SHAPES = {'cifar10': ((32, 32, 3), 10), 'cifar100': ((32, 32, 3), 100), 'mnist': ((28, 28, 1), 10),

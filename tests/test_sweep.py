@@ -227,7 +227,7 @@ def test_launch_refuses_a_bad_sweep_in_one_line(tmp_path):
   assert errors_out == ["error: config.sweep: 'batch_size' changes shapes or code and cannot be swept (one program "
                         'serves the sweep); sweepable here: distill.label_smoothing, distill.losses.ce, '
                         'distill.losses.kd, distill.temperature, optimizer.lr, optimizer.momentum, '
-                        'optimizer.weight_decay, seed']
+                        'optimizer.weight_decay, schedule.length_epochs, seed']
   assert not os.path.exists(tmp_path / 'config.json')  # refused before anything was written
   assert 'Traceback' not in proc.stderr
 
