@@ -383,7 +383,7 @@ def _end_epoch(r: _Run, epoch: int, step: int, sums: dict, epoch_seconds: float)
              if trainer.active(i, step) else None for i in range(trainer.num_students)]
   done, is_last = epoch + 1, step >= trainer.total_steps
   metrics = None
-  if done % base.eval_every_epochs == 0 or is_last:
+  if done % base.eval_every_epochs == 0 or is_last or trainer.ends_at(step):
     r.last_eval = trainer.evaluate(r.state)
     for record, e in zip(records, r.last_eval):
       if record is not None:

@@ -199,6 +199,11 @@ class Trainer:
     its own end: its state is kept from then on)."""
     return step <= self.programs[self.locate(i)[0]].total_steps
 
+  def ends_at(self, step: int) -> bool:
+    """Whether a group of a table ends at `step` before the program does (it is evaluated then, at its last
+    epoch)."""
+    return self.grouped and any(p.total_steps == step for p in self.programs)
+
   def param_count(self, abstract, i: int = 0) -> int:
     """Student `i`'s network's parameter count."""
     g, _ = self.locate(i)
