@@ -112,6 +112,12 @@ def _epochs(workdir):
   return [json.loads(l) for l in open(path).read().splitlines() if '"epoch"' in l]
 
 
+def _recorded(workdir):
+  """Whether a whole epoch record is in metrics.jsonl (read while the run writes it: a line may be half written)."""
+  path = os.path.join(workdir, 'metrics.jsonl')
+  return os.path.exists(path) and any('"epoch"' in l and l.endswith('\n') for l in open(path))
+
+
 def _state(workdir):
   """Every array of the run's latest checkpoint (parameters, optimizer state, statistics) as NumPy."""
   import jax
@@ -154,7 +160,7 @@ def test_kill_loop_ends_as_an_uninterrupted_run(tmp_path):
 
   # 1. After an epoch record and a finalized checkpoint.
   a = Attempt(DEVICE_RUN, work, tmp_path / 'a1.log')
-  a.until(lambda: _epochs(work) and _finalized(work), 'an epoch record and a finalized checkpoint')
+  a.until(lambda: _recorded(work) and _finalized(work), 'an epoch record and a finalized checkpoint')
   a.kill()
   expected = _finalized(work)[-1]
   assert expected > 0
@@ -214,8 +220,8 @@ def test_streamed_run_killed_mid_epoch_resumes_bit_identical(jpegs, tmp_path):
   while [p for p in children if _alive(p)]:
     assert time.time() < end, f'processes {[p for p in children if _alive(p)]} outlived the killed run'
     time.sleep(0.1)
-  # Dispatch 7 is the second step of epoch 3: epochs 1 and 2 are recorded, and at least epoch 1 is finalized (the
-  # second save waited for the first).
+  # The first dispatch from the 7th on that starts inside an epoch is the 8th, epoch 3's second step: epochs 1 and 2
+  # are recorded, and at least epoch 1's checkpoint is finalized (the second save waited for the first).
   assert [r['epoch'] for r in _epochs(work)] == [1, 2]
   expected = _finalized(work)[-1]
   assert expected in (3, 6)
