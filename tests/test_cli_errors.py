@@ -1,16 +1,11 @@
 """Bad input through launch.py as a user types it: one line, exit status 2, no traceback, and a finished run's files
-untouched. Then the kill loop: kill -9 at random moments of a tiny run, rerun, and end as an uninterrupted run."""
+untouched. (Runs killed with kill -9 and rerun: tests/test_crash_resume.py.)"""
 
 import hashlib
-import json
 import os
-import random
-import signal
 import subprocess
 import sys
-import time
 
-import numpy as np
 import pytest
 
 
@@ -22,7 +17,7 @@ TINY = ['--config=configs/teacher.py:mlp,digits', '--config.epochs=3', '--config
 def _env():
   env = dict(os.environ)
   env.pop('JAX_PLATFORMS', None)
-  env.pop('XLA_FLAGS', None)  # one CPU device at XLA's default level: the kill loop's runs train for 40 epochs
+  env.pop('XLA_FLAGS', None)  # one CPU device at XLA's default level, as a user's run
   # Relaunches share compiled programs, as a user's relaunches would with a compilation cache.
   env['JAX_COMPILATION_CACHE_DIR'] = os.path.join(os.environ.get('TMPDIR', '/tmp'), 'kdjax_test_jax_cache')
   return env
@@ -81,40 +76,3 @@ def test_bad_command_is_one_line_and_touches_nothing(args, first_words, finished
     assert 'holds a run with another config' in lines[0]
   assert 'Traceback' not in r.stderr
   assert _digest(finished) == before
-
-
-def _state(workdir):
-  """Every array of the run's latest checkpoint (parameters, optimizer state, statistics) as NumPy."""
-  import jax
-  import orbax.checkpoint as ocp
-  path = os.path.join(workdir, 'checkpoints')
-  step = max(int(n) for n in os.listdir(path) if n.isdigit())
-  with ocp.PyTreeCheckpointer() as c:
-    tree = c.restore(os.path.join(path, str(step), 'state'))
-  return step, [np.asarray(a) for a in jax.tree.leaves(tree)]
-
-
-def test_kill_loop_ends_as_an_uninterrupted_run(tmp_path):
-  # Long enough that no attempt finishes before its kill; a checkpoint (and evaluation) every epoch, so kills land
-  # in checkpoint writes too.
-  run = [*TINY, '--config.epochs=40', '--config.checkpoint_every_epochs=1', '--config.eval_every_epochs=1']
-  reference = str(tmp_path / 'reference')
-  assert _launch(*run, f'--workdir={reference}').returncode == 0
-  rng = random.Random(0)
-  work = str(tmp_path / 'killed')
-  for _ in range(3):  # kill -9 at random moments: start-up, training, evaluation, checkpoint writes
-    proc = subprocess.Popen([sys.executable, 'launch.py', *run, f'--workdir={work}'], cwd=ROOT, env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(rng.uniform(1.0, 5.0))
-    assert proc.poll() is None, 'the run ended before its kill; the loop needs longer runs'
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-  r = _launch(*run, f'--workdir={work}')
-  assert r.returncode == 0, r.stderr[-3000:]
-  (step_a, ours), (step_b, ref) = _state(work), _state(reference)
-  assert step_a == step_b
-  for a, b in zip(ours, ref):
-    np.testing.assert_array_equal(a, b)
-  strip = lambda rs: [{k: v for k, v in r.items() if k not in ('img_per_s', 'epoch_seconds')} for r in rs]
-  records = lambda w: [json.loads(l) for l in open(os.path.join(w, 'metrics.jsonl')) if '"epoch"' in l]
-  assert strip(records(work)) == strip(records(reference))

@@ -87,7 +87,8 @@ def test_resume_mid_epoch_is_bit_exact(jpegs, reference_run, tmp_path, monkeypat
   jax.tree.map(np.testing.assert_array_equal, _params(reference_run), _params(resumed))
   assert resumed['test_count'] == reference_run['test_count'] == CLASSES * VAL_PER_CLASS
 
-  # A crash (no handler runs) in epoch 2: the run restarts from the end-of-epoch-1 checkpoint and its stream position.
+  # A crash in epoch 2: the run restarts from the end-of-epoch-1 checkpoint and its stream position. (An exception:
+  # the run's `finally` still runs. SIGKILLs of real processes: tests/test_crash_resume.py.)
   work = str(tmp_path / 'crash')
 
   def crash():

@@ -121,7 +121,8 @@ def test_resume_after_sigterm_and_after_crash_matches_uninterrupted(tmp_path, mo
   resumed = _params(train.run(digits_config(**RESUME_CFG), work))
   jax.tree.map(np.testing.assert_array_equal, reference, resumed)
 
-  # A crash (no handler runs) during epoch 3: the run restarts from the checkpoint at the end of epoch 2.
+  # A crash during epoch 3: the run restarts from the checkpoint at the end of epoch 2. (An exception: the run's
+  # `finally` still runs. SIGKILLs of real processes: tests/test_crash_resume.py.)
   work = str(tmp_path / 'crash')
 
   def crash():

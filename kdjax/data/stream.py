@@ -29,6 +29,7 @@ import dataclasses
 import os
 import queue
 import threading
+import time
 
 from absl import logging
 import jax
@@ -280,8 +281,23 @@ def _iterate(ds, workers: int):
     from absl import flags
     if not flags.FLAGS.is_parsed():  # Grain's workers read its absl flags; a library caller (tests) has not parsed any
       flags.FLAGS.mark_as_parsed()
-    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=32))
+    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=32),
+                              worker_init_fn=_exit_with_parent)
   return iter(it_ds)
+
+
+def _exit_with_parent(worker_index: int, worker_count: int):
+  """In each Grain worker: exit once the process that started it is gone. A run killed by SIGKILL closes nothing,
+  and its workers (and multiprocessing's resource tracker, which waits for them) would otherwise live on."""
+  del worker_index, worker_count
+  parent = os.getppid()
+
+  def watch():
+    while os.getppid() == parent:
+      time.sleep(0.5)
+    os._exit(0)
+
+  threading.Thread(target=watch, name='kdjax-exit-with-parent', daemon=True).start()
 
 
 def _process(process_index, process_count):
