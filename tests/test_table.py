@@ -305,3 +305,29 @@ def test_accelerator_benchmark_smoke():
     line = next(l for l in lines if l.startswith(row))
     assert float(line.split()[-1]) > 0, line  # B / A: both measured
   assert any(l.startswith('auto settings these figures would change: ') for l in lines)
+
+
+def test_a_table_killed_mid_epoch_resumes_bit_identical(tmp_path):
+  """launch.py on a table of KD (1 epoch) and AB (its 2-epoch stage first: 3 epochs): SIGKILL inside AB's second
+  epoch, after KD's group ended; the rerun resumes from the newest finalized step and ends with every array and
+  record of an uninterrupted run, one record per student per epoch of its own group."""
+  import signal
+  from tests import test_crash_resume as crash
+  teacher = random_teacher(str(tmp_path / 'teacher'), 'resnet20')
+  run = ['--config=configs/cifar100.py:kd,resnet20,resnet8,digits', "--config.sweep=method=kd,ab",
+         f'--config.teacher.checkpoint={teacher}', '--config.epochs=1', '--config.data.train_examples=320',
+         '--config.checkpoint_every_epochs=1', '--config.eval_every_epochs=1', *crash.FIGURES_OFF]
+  reference = str(tmp_path / 'reference')
+  crash._run(run, reference, tmp_path / 'reference.log')
+  work = str(tmp_path / 'killed')
+  # 5 steps an epoch, one a dispatch: the first dispatch from the 8th on that starts inside an epoch is epoch 2's
+  # fourth step.
+  rc, text = crash.Attempt(run, work, tmp_path / 'a1.log', KDJAX_TEST_KILL_MID_EPOCH=8).wait()
+  assert rc == -signal.SIGKILL, text[-3000:]
+  assert [(r['student'], r['epoch']) for r in crash._epochs(work)] == [(0, 1), (1, 1)]
+  expected = crash._finalized(work)[-1]
+  assert expected == 5
+  text = crash._run(run, work, tmp_path / 'final.log')
+  assert crash._resumed_from(text) == expected
+  assert sorted((r['student'], r['epoch']) for r in crash._epochs(work)) == [(0, 1), (1, 1), (1, 2), (1, 3)]
+  crash._assert_same_run(work, reference)
