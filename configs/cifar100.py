@@ -2,7 +2,7 @@ r"""CIFAR-100 distillation benchmark: the teacher/student pairs of the CRD, DKD 
 
 Config string 'method,teacher,student' (default kd,resnet32x4,resnet8x4). Methods: every registered method with a
 `distill.Recipe` (kdjax's: kd, fitnet at sp vid, rkd pkt, crd, dkd, simkd, dist nkd ctkd, reviewkd ofd cat_kd, mlkd,
-nst cc fsp ab ft kdsvd; ab, ft, fsp with RepDistiller's 30-epoch pre-training stage first, config.distill.init,
+nst cc fsp ab ft kdsvd, wttm, sdd_kd sdd_dkd, wkd_l wkd_f; ab, ft, fsp with RepDistiller's 30-epoch pre-training stage first, config.distill.init,
 counted in config.epochs = 270), and any method registered from outside kdjax with one: its recipe (weights,
 pre-training stage, per-pair settings, variants) is read from the registry, so this file names no method. A method
 that cannot apply to a pair is refused in one line naming it and the models. The item `ls` (anywhere in the string,
@@ -25,7 +25,10 @@ dist_cifar.yaml); NKD ce 1, nkd 1 (temperature 3, gamma 3.5; cls_KD's CIFAR-100 
 Logit standardization (`ls`): KD ce 0.1, kd 9, T 2; DKD ce 1, alpha 9, beta 9 x the pair's beta, T 2; CTKD ce 0.1,
 ctkd 9 (sunshangquan/logit-standardization-KD tools/train.py and CTKD/scripts/run_cifar_distill.sh).
 ReviewKD ce 1, reviewkd 5 (mdistiller reviewkd.yaml), OFD ce 1, ofd 0.001 (mdistiller cfg.py); CAT-KD ce 1 and the
-CAT weight, CAM resolution and normalisation per pair (the CAT-KD repo's configs/cifar100/CAT_KD/*.yaml). Each
+CAT weight, CAM resolution and normalisation per pair (the CAT-KD repo's configs/cifar100/CAT_KD/*.yaml). WTTM ce 1,
+wttm 4 (gamma 0.2; zkxufo/TTM README); SD-KD ce 0.1, sdd_kd 0.9 (T 4) and SD-DKD ce 1, sdd_dkd 1 (DKD's options), the
+pooling scales per pair (SDD-CVPR2024's scripts); WKD-L ce 1, wkd_l 1 (inner weight 600, T 8) and WKD-F ce 1, wkd_f
+0.08 (JiamingLv/WKD configs/cifar100/wkd_*/res32x4_res8x4.yaml, for every pair). Each
 method's settings and their sources are in its file (`Recipe` beside its `distill.register`).
 
 The teacher is trained first with the same recipe (lr 0.05) and cached (config.teacher.checkpoint = ''), or taken
