@@ -1,6 +1,7 @@
-"""The 2022-2025 frontier: WTTM, SDD (SD-KD, SD-DKD) and WKD (WKD-L, WKD-F) against NumPy re-implementations written
+"""The 2022-2025 frontier: WTTM, SDD (SD-KD, SD-DKD), WKD (WKD-L, WKD-F) and MGD against NumPy re-implementations written
 from the reference code (zkxufo/TTM distiller_zoo/wttm.py; SDD-CVPR2024 mdistiller/models/cifar/utils.py `SPP`,
-distillers/KD.py `sdd_kd_loss`, distillers/SDD_DKD.py `multi_dkd`; JiamingLv/WKD mdistiller/distillers/WKD.py), on NCHW
+distillers/KD.py `sdd_kd_loss`, distillers/SDD_DKD.py `multi_dkd`; JiamingLv/WKD mdistiller/distillers/WKD.py; yzd-v/MGD
+cls/mmcls/distillation/losses/mgd.py), on NCHW
 arrays and with the references' index order and masks, their detach points, refusals, configs and one digits run."""
 
 import importlib.util
@@ -19,7 +20,7 @@ from kdjax import methods  # noqa: F401  (registers the methods)
 from kdjax import models
 from kdjax import train
 from kdjax.errors import ConfigError
-from kdjax.methods import sdd, wkd, wttm
+from kdjax.methods import mgd, sdd, wkd, wttm
 from tests.util import digits_config, load_digits_model, random_teacher
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -314,6 +315,64 @@ def test_wkd_cosine_decay_is_the_references():
     np.testing.assert_allclose(wkd.cosine_decay(epoch, 150.0, 240.0), expected, rtol=1e-6, atol=1e-7)
 
 
+# -------------------------------------------------------------------------------------------------------- MGD
+def np_conv(x, kernel, bias, pad):
+  """nn.Conv2d (NCHW, stride 1, zero padding `pad`) with a Flax kernel [kh, kw, in, out]."""
+  kh, kw = kernel.shape[:2]
+  xp = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+  h, w = xp.shape[2] - kh + 1, xp.shape[3] - kw + 1
+  out = np.zeros((x.shape[0], kernel.shape[3], h, w))
+  for i in range(kh):
+    for j in range(kw):
+      out += np.einsum('nchw,co->nohw', xp[:, :, i:i + h, j:j + w], kernel[i, j])
+  return out + bias[None, :, None, None]
+
+
+def np_mgd(preds_s, preds_t, params, mat):
+  # mgd.py MGDLoss: align (1x1) when the channels differ, masked by `mat`, generation conv3x3-ReLU-conv3x3, sum MSE / N
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+  if 'align' in p:
+    preds_s = np_conv(preds_s, p['align']['kernel'], p['align']['bias'], 0)
+  x = preds_s * mat
+  x = np_conv(x, p['generation0']['kernel'], p['generation0']['bias'], 1)
+  x = np_conv(np.maximum(x, 0), p['generation1']['kernel'], p['generation1']['bias'], 1)
+  return x, ((x - preds_t) ** 2).sum() / preds_t.shape[0]
+
+
+def _mgd_case(seed, c_s=3, c_t=5, hw=4, b=2):
+  rng = np.random.RandomState(seed)
+  f_s, f_t = rng.randn(b, c_s, hw, hw), rng.randn(b, c_t, hw, hw)
+  out = lambda f: models.ModelOutput(logits=jnp.zeros((b, 2)), embedding=jnp.zeros((b, 1)),
+                                     features=(jnp.asarray(np.transpose(f, (0, 2, 3, 1)), jnp.float32),))
+  return f_s, f_t, out(f_s), out(f_t)
+
+
+@pytest.mark.parametrize('ratio', [0.15, 1.0 - 1e-7])
+def test_mgd_matches_numpy(ratio):
+  """Without the 'sample' stream nothing is masked; with a ratio of almost 1 everything is, after the 1x1 align (a
+  zero map then reaches the generator, so its output is the generator's biases alone)."""
+  f_s, f_t, s_out, t_out = _mgd_case(0)
+  module = mgd.MGD(-1, 5, 'channel', ratio)
+  kw = dict(labels=None, indices=None, train=True, teacher_classify=None)
+  params = module.init(jax.random.key(1), s_out, t_out, **kw)
+  for rngs, mat in (({}, np.ones((2, 1, 1, 1))), ({'sample': jax.random.key(2)}, None)):
+    if mat is None:
+      if ratio < 0.5:
+        continue
+      mat = np.zeros((2, 1, 1, 1))
+    got = module.apply(params, s_out, t_out, rngs=rngs, **kw)['generated']
+    expected, loss = np_mgd(f_s, f_t, params['params'], mat)
+    np.testing.assert_allclose(np.transpose(np.asarray(got), (0, 3, 1, 2)), expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(mgd.mgd_loss(got, t_out.features[-1]), loss, rtol=1e-4)
+
+
+@pytest.mark.parametrize('kind,shape', [('channel', (64, 1, 1, 32)), ('pixel', (64, 4, 4, 1))])
+def test_mgd_masks_drop_whole_channels_or_positions_at_the_ratio(kind, shape):
+  mask = np.asarray(mgd.random_mask(jax.random.key(0), (64, 4, 4, 32), kind, 0.15))
+  assert mask.shape == shape and set(np.unique(mask)) == {0.0, 1.0}
+  assert abs((mask == 0).mean() - 0.15) < 0.03
+
+
 # ------------------------------------------------------------------------------------------ refusals, configs
 def _refusal(term, student, teacher, **cfg_sections):
   cfg = config_lib.base()
@@ -335,12 +394,13 @@ def test_pairs_the_methods_cannot_use_are_refused_in_one_line():
   assert 'does not expose that map' in _refusal('sdd_dkd', 'resnet8', 'mlp')
   assert 'convolutional feature maps' in _refusal('wkd_f', 'mlp', 'cnn_small')
   assert 'distill.wkd_f.grid' in _refusal('wkd_f', 'cnn_small', 'cnn_small', wkd_f=dict(grid=8))
+  assert 'at the same size' in _refusal('mgd', 'cnn_small', 'resnet8')
 
 
 def test_bad_options_are_refused_by_name():
   from kdjax import validate
   for path, value in (('wttm.gamma', 0.0), ('sdd.scales', (1, 3)), ('wkd_l.sinkhorn_iter', 0),
-                      ('wkd_f.eps', 0.0)):
+                      ('wkd_f.eps', 0.0), ('mgd.lambda_mgd', 1.0), ('mgd.mask', 'box')):
     cfg = digits_config('cnn_small')
     section, field = path.split('.')
     cfg.distill[section][field] = value
@@ -361,6 +421,8 @@ def test_reference_configs():
   assert (c.wkd_l.logit_weight, c.wkd_l.temperature, c.wkd_l.sinkhorn_iter, c.wkd_l.decay_start) == (600, 8, 10, 150)
   c = CIFAR100.get_config('wkd_f,resnet32x4,resnet8x4').distill
   assert dict(c.losses) == {'ce': 1.0, 'wkd_f': 0.08} and (c.wkd_f.mean_cov_ratio, c.wkd_f.grid) == (4.0, 1)
+  c = CIFAR100.get_config('mgd,resnet32x4,resnet8x4').distill
+  assert dict(c.losses) == {'ce': 1.0, 'mgd': 7e-5} and (c.mgd.lambda_mgd, c.mgd.mask, c.mgd.layer) == (0.15, 'channel', -1)
 
 
 # ------------------------------------------------------------------------------------------------ digits run
@@ -369,7 +431,7 @@ def test_frontier_terms_train_on_digits_with_a_frozen_teacher(tmp_path):
   each term finite, the training loss falls, the teacher stays bit-identical, WKD-F's regressor is trained."""
   teacher = random_teacher(str(tmp_path / 'teacher'), 'resnet8', seed=3)
   cfg = digits_config('resnet8', {'ce': 1.0, 'wttm': 1.0, 'sdd_kd': 0.9, 'sdd_dkd': 1.0, 'wkd_l': 1.0,
-                                  'wkd_f': 0.08}, epochs=2)
+                                  'wkd_f': 0.08, 'mgd': 7e-5}, epochs=2)
   cfg.teacher.update(model='resnet8', checkpoint=teacher)
   cfg.distill.dkd.warmup_epochs = 1
   cfg.distill.wkd_l.logit_weight = 30.0
@@ -378,7 +440,8 @@ def test_frontier_terms_train_on_digits_with_a_frozen_teacher(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, summary.trainer.teacher_vars))
   records = [json.loads(l) for l in open(tmp_path / 'run' / 'metrics.jsonl') if '"epoch"' in l]
   assert len(records) == 2
-  for term in ('wttm', 'sdd_kd', 'sdd_dkd', 'wkd_l', 'wkd_f'):
+  for term in ('wttm', 'sdd_kd', 'sdd_dkd', 'wkd_l', 'wkd_f', 'mgd'):
     assert all(np.isfinite(r[f'loss_{term}']) and r[f'loss_{term}'] > 0 for r in records), term
   assert records[1]['train_loss'] < records[0]['train_loss']
   assert 'regressor' in summary.state.params['extras']['wkd_f']
+  assert set(summary.state.params['extras']['mgd']) == {'generation0', 'generation1'}  # equal widths: no align

@@ -10,3 +10,4 @@ from kdjax.methods import repdistiller_zoo  # noqa: F401
 from kdjax.methods import wttm  # noqa: F401
 from kdjax.methods import sdd  # noqa: F401
 from kdjax.methods import wkd  # noqa: F401
+from kdjax.methods import mgd  # noqa: F401
