@@ -1,8 +1,9 @@
-"""The 2022-2025 frontier: WTTM, SDD (SD-KD, SD-DKD), WKD (WKD-L, WKD-F) and MGD against NumPy re-implementations written
-from the reference code (zkxufo/TTM distiller_zoo/wttm.py; SDD-CVPR2024 mdistiller/models/cifar/utils.py `SPP`,
-distillers/KD.py `sdd_kd_loss`, distillers/SDD_DKD.py `multi_dkd`; JiamingLv/WKD mdistiller/distillers/WKD.py; yzd-v/MGD
-cls/mmcls/distillation/losses/mgd.py), on NCHW
-arrays and with the references' index order and masks, their detach points, refusals, configs and one digits run."""
+"""The 2022-2025 frontier: WTTM, SDD (SD-KD, SD-DKD, SD-NKD), WKD (WKD-L, WKD-F), MGD and CRLD against NumPy
+re-implementations written from the reference code (zkxufo/TTM distiller_zoo/wttm.py; SDD-CVPR2024
+mdistiller/models/cifar/utils.py `SPP`, distillers/KD.py `sdd_kd_loss`, distillers/SDD_DKD.py `multi_dkd`,
+distillers/SDD_nkd.py; JiamingLv/WKD mdistiller/distillers/WKD.py; yzd-v/MGD cls/mmcls/distillation/losses/mgd.py;
+CRLD's distillers/CRLD.py), on NCHW arrays and with the references' index order and masks, their detach points,
+refusals, configs and one digits run."""
 
 import importlib.util
 import json
@@ -20,7 +21,7 @@ from kdjax import methods  # noqa: F401  (registers the methods)
 from kdjax import models
 from kdjax import train
 from kdjax.errors import ConfigError
-from kdjax.methods import mgd, sdd, wkd, wttm
+from kdjax.methods import crld, mgd, sdd, wkd, wttm
 from tests.util import digits_config, load_digits_model, random_teacher
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -166,6 +167,21 @@ def np_sdd_dkd(patch_s, patch_t, target, alpha, beta, temp):
   return np.sum(np_dkd_rows(out_s, out_t, target_r, alpha, beta, temp) * index)
 
 
+def np_nkd_rows(s, t, label, temp, gamma):
+  # SDD_nkd.py nkd_loss: its mask `ones_like(s).scatter_(1, label, 1)` is all True, so no column is removed
+  n = s.shape[0]
+  rows = np.arange(n)
+  loss_t = -(np_softmax(t)[rows, label] * np_log_softmax(s)[rows, label])
+  loss_non = -gamma * temp ** 2 * (np_softmax(t / temp) * np_log_softmax(s / temp)).sum(1)
+  return loss_t + loss_non
+
+
+def np_sdd_nkd(patch_s, patch_t, target, temp, gamma):
+  out_s, out_t = _rows(patch_s), _rows(patch_t)
+  index, target_r = np_region_weights(out_t, target, len(target))
+  return np.sum(np_nkd_rows(out_s, out_t, target_r, temp, gamma) * index) / len(target_r)
+
+
 def _sdd_inputs(seed, hw, b=8, c=6, k=4):
   rng = np.random.RandomState(seed)
   f_s, f_t = rng.randn(b, c, hw, hw), rng.randn(b, c + 2, hw, hw) * 2
@@ -195,6 +211,8 @@ def test_sdd_regions_and_losses_match_numpy(scales, hw):
   np.testing.assert_allclose(sdd.sdd_kd_loss(r_s, r_t, jnp.asarray(y), 4.0), expected, rtol=1e-4, atol=1e-6)
   np.testing.assert_allclose(sdd.sdd_dkd_loss(r_s, r_t, jnp.asarray(y), 1.0, 8.0, 4.0),
                              np_sdd_dkd(p_s, p_t, y, 1.0, 8.0, 4.0), rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(sdd.sdd_nkd_loss(r_s, r_t, jnp.asarray(y), 4.0, 6.0),
+                             np_sdd_nkd(p_s, p_t, y, 4.0, 6.0), rtol=1e-4, atol=1e-6)
 
 
 def test_sdd_module_detaches_the_teacher_and_trains_the_student_head():
@@ -373,6 +391,34 @@ def test_mgd_masks_drop_whole_channels_or_positions_at_the_ratio(kind, shape):
   assert abs((mask == 0).mean() - 0.15) < 0.03
 
 
+# ------------------------------------------------------------------------------------------------------- CRLD
+def np_crld(s_w, s_s, t_w, t_s, temp, tau_w, tau_s, wv, cv):
+  # CRLD.py forward_train: per-example kd_loss (reduce=False), masks conf.ge(tau) of the teacher's softmax
+  kd = lambda s, t: (np_softmax(t / temp) * (np_log_softmax(t / temp) - np_log_softmax(s / temp))).sum(1) * temp ** 2
+  mask_w = np_softmax(t_w).max(1) >= tau_w
+  mask_s = np_softmax(t_s).max(1) >= tau_s
+  return wv * ((kd(s_w, t_w) + kd(s_s, t_s)) * mask_w).mean() + cv * ((kd(s_s, t_w) + kd(s_w, t_s)) * mask_s).mean()
+
+
+def test_crld_matches_numpy_and_detaches_the_masks():
+  s_w, t_w, _ = _logits(4, b=16, c=5, scale=2.0)
+  s_s, t_s, _ = _logits(5, b=16, c=5, scale=1.0)
+  tau_w, tau_s = 0.6, 0.62
+  mask_w, mask_s = np_softmax(t_w).max(1) >= tau_w, np_softmax(t_s).max(1) >= tau_s
+  assert 0 < mask_w.sum() < 16 and 0 < mask_s.sum() < 16  # both masks keep some examples and drop others
+  f32 = lambda a: jnp.asarray(a, jnp.float32)
+  loss = lambda sw, ss, tw, ts: crld.crld_loss((sw, tw), (ss, ts), tw, ts, 4.0, tau_w, tau_s, 2.0, 0.5)
+  np.testing.assert_allclose(loss(f32(s_w), f32(s_s), f32(t_w), f32(t_s)),
+                             np_crld(s_w, s_s, t_w, t_s, 4.0, tau_w, tau_s, 2.0, 0.5), rtol=1e-5, atol=1e-6)
+  g_w, g_s = jax.grad(loss, argnums=(0, 1))(f32(s_w), f32(s_s), f32(t_w), f32(t_s))
+  # an example masked out of both terms gets no gradient; the masks themselves carry none
+  dropped = ~mask_w & ~mask_s
+  assert dropped.any() and (~dropped).any()
+  assert float(jnp.abs(g_w[dropped]).sum()) == 0 and float(jnp.abs(g_s[dropped]).sum()) == 0
+  assert float(jnp.abs(g_w[~dropped]).sum()) > 0
+  assert float(jnp.abs(jax.grad(lambda t: jnp.sum(crld.confidence_mask(t, 0.5)))(f32(t_w))).sum()) == 0
+
+
 # ------------------------------------------------------------------------------------------ refusals, configs
 def _refusal(term, student, teacher, **cfg_sections):
   cfg = config_lib.base()
@@ -392,6 +438,7 @@ def _refusal(term, student, teacher, **cfg_sections):
 def test_pairs_the_methods_cannot_use_are_refused_in_one_line():
   assert 'does not expose that map' in _refusal('sdd_kd', 'cnn_small', 'resnet8')
   assert 'does not expose that map' in _refusal('sdd_dkd', 'resnet8', 'mlp')
+  assert 'does not expose that map' in _refusal('sdd_nkd', 'MobileNetV2', 'resnet8')
   assert 'convolutional feature maps' in _refusal('wkd_f', 'mlp', 'cnn_small')
   assert 'distill.wkd_f.grid' in _refusal('wkd_f', 'cnn_small', 'cnn_small', wkd_f=dict(grid=8))
   assert 'at the same size' in _refusal('mgd', 'cnn_small', 'resnet8')
@@ -400,7 +447,7 @@ def test_pairs_the_methods_cannot_use_are_refused_in_one_line():
 def test_bad_options_are_refused_by_name():
   from kdjax import validate
   for path, value in (('wttm.gamma', 0.0), ('sdd.scales', (1, 3)), ('wkd_l.sinkhorn_iter', 0),
-                      ('wkd_f.eps', 0.0), ('mgd.lambda_mgd', 1.0), ('mgd.mask', 'box')):
+                      ('wkd_f.eps', 0.0), ('mgd.lambda_mgd', 1.0), ('mgd.mask', 'box'), ('crld.tau_w', 1.5)):
     cfg = digits_config('cnn_small')
     section, field = path.split('.')
     cfg.distill[section][field] = value
@@ -416,31 +463,39 @@ def test_reference_configs():
   assert tuple(CIFAR100.get_config('sdd_kd,resnet32x4,ShuffleV1').distill.sdd.scales) == (1, 2, 4)
   c = CIFAR100.get_config('sdd_dkd,vgg13,vgg8').distill
   assert dict(c.losses) == {'ce': 1.0, 'sdd_dkd': 1.0} and c.dkd.beta == 6.0 and c.dkd.warmup_epochs == 20
+  c = CIFAR100.get_config('sdd_nkd,resnet56,resnet20').distill
+  assert dict(c.losses) == {'ce': 1.0, 'sdd_nkd': 1.0} and (c.dkd.beta, c.dkd.temperature) == (2.0, 4.0)
   c = CIFAR100.get_config('wkd_l,resnet32x4,resnet8x4').distill
   assert dict(c.losses) == {'ce': 1.0, 'wkd_l': 1.0}
   assert (c.wkd_l.logit_weight, c.wkd_l.temperature, c.wkd_l.sinkhorn_iter, c.wkd_l.decay_start) == (600, 8, 10, 150)
   c = CIFAR100.get_config('wkd_f,resnet32x4,resnet8x4').distill
   assert dict(c.losses) == {'ce': 1.0, 'wkd_f': 0.08} and (c.wkd_f.mean_cov_ratio, c.wkd_f.grid) == (4.0, 1)
   c = CIFAR100.get_config('mgd,resnet32x4,resnet8x4').distill
-  assert dict(c.losses) == {'ce': 1.0, 'mgd': 7e-5} and (c.mgd.lambda_mgd, c.mgd.mask, c.mgd.layer) == (0.15, 'channel', -1)
+  assert dict(c.losses) == {'ce': 1.0, 'mgd': 7e-5}
+  assert (c.mgd.lambda_mgd, c.mgd.mask, c.mgd.layer) == (0.15, 'channel', -1)
+  c = CIFAR100.get_config('crld,resnet32x4,resnet8x4').distill
+  assert dict(c.losses) == {'ce': 1.0, 'ce_strong': 1.0, 'crld': 1.0}
+  assert dict(c.crld) == {'temperature': 4.0, 'tau_w': 0.9, 'tau_s': 0.2, 'wv_weight': 2.0, 'cv_weight': 0.5}
 
 
 # ------------------------------------------------------------------------------------------------ digits run
 def test_frontier_terms_train_on_digits_with_a_frozen_teacher(tmp_path):
-  """Every new term at once on digits (resnet8 -> resnet8; the final 2x2 map pooled to 1, 2 and 4 regions a side):
-  each term finite, the training loss falls, the teacher stays bit-identical, WKD-F's regressor is trained."""
+  """Every new term at once on digits (resnet8 -> resnet8; the final 2x2 map pooled to 1, 2 and 4 regions a side;
+  CRLD with the strong view): each term finite, the training loss falls, the teacher stays bit-identical, WKD-F's
+  regressor and MGD's generator are trained parameters."""
   teacher = random_teacher(str(tmp_path / 'teacher'), 'resnet8', seed=3)
-  cfg = digits_config('resnet8', {'ce': 1.0, 'wttm': 1.0, 'sdd_kd': 0.9, 'sdd_dkd': 1.0, 'wkd_l': 1.0,
-                                  'wkd_f': 0.08, 'mgd': 7e-5}, epochs=2)
+  cfg = digits_config('resnet8', {'ce': 1.0, 'wttm': 1.0, 'sdd_kd': 0.9, 'sdd_dkd': 1.0, 'sdd_nkd': 1.0, 'wkd_l': 1.0,
+                                  'wkd_f': 0.08, 'mgd': 7e-5, 'crld': 1.0, 'ce_strong': 1.0}, epochs=2)
   cfg.teacher.update(model='resnet8', checkpoint=teacher)
   cfg.distill.dkd.warmup_epochs = 1
   cfg.distill.wkd_l.logit_weight = 30.0
+  cfg.distill.crld.update(tau_w=0.0, tau_s=0.0)  # a random teacher is never confident: keep every example
   before = load_digits_model(teacher, 'resnet8')
   summary = train.run(cfg, str(tmp_path / 'run'))
   jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, summary.trainer.teacher_vars))
   records = [json.loads(l) for l in open(tmp_path / 'run' / 'metrics.jsonl') if '"epoch"' in l]
   assert len(records) == 2
-  for term in ('wttm', 'sdd_kd', 'sdd_dkd', 'wkd_l', 'wkd_f', 'mgd'):
+  for term in ('wttm', 'sdd_kd', 'sdd_dkd', 'sdd_nkd', 'wkd_l', 'wkd_f', 'mgd', 'crld', 'ce_strong'):
     assert all(np.isfinite(r[f'loss_{term}']) and r[f'loss_{term}'] > 0 for r in records), term
   assert records[1]['train_loss'] < records[0]['train_loss']
   assert 'regressor' in summary.state.params['extras']['wkd_f']

@@ -11,3 +11,4 @@ from kdjax.methods import wttm  # noqa: F401
 from kdjax.methods import sdd  # noqa: F401
 from kdjax.methods import wkd  # noqa: F401
 from kdjax.methods import mgd  # noqa: F401
+from kdjax.methods import crld  # noqa: F401

@@ -1,5 +1,6 @@
 """SDD: scale decoupled distillation (Wei et al., CVPR 2024), as shicaiwei123/SDD-CVPR2024 trains it on CIFAR-100:
-SD-KD (mdistiller/distillers/KD.py `sdd_kd_loss`) and SD-DKD (mdistiller/distillers/SDD_DKD.py `multi_dkd`).
+SD-KD (mdistiller/distillers/KD.py `sdd_kd_loss`), SD-DKD (distillers/SDD_DKD.py `multi_dkd`) and SD-NKD
+(distillers/SDD_nkd.py `multi_nkd_loss`).
 
 The map each network's classifier pools (`cat.head_map`: `features[-1]`, or relu(`preact[-1]`) for wrn_*) is
 adaptive-average-pooled to 4x4, and that 4x4 to each scale of `distill.sdd.scales` (the reference's `SPP` with
@@ -7,8 +8,8 @@ adaptive-average-pooled to 4x4, and that 4x4 to each scale of `distill.sdd.scale
 with its bias, the student's differentiably), giving N = sum(s^2) region logits per example, region 0 the global one.
 The per-region loss (KD at T, or DKD) is weighted by the teacher's predictions: a local region whose correctness
 (teacher argmax == label) differs from the global prediction's is a complementary term, weight 2; the others
-(consistent terms, the global region included) weigh 1. The weighted sum is divided by N x B (SD-KD: its mean over
-the N x B rows; SD-DKD: its `dkd_loss` divides each row by N x B).
+(consistent terms, the global region included) weigh 1. The weighted sum is divided by N x B (SD-KD, SD-NKD: the
+sum over the N x B rows / their number; SD-DKD: its `dkd_loss` divides each row by N x B).
 """
 
 from __future__ import annotations
@@ -68,6 +69,21 @@ def sdd_dkd_loss(student_regions, teacher_regions, labels, alpha, beta, temperat
   return sdd_loss(student_regions, teacher_regions, labels, row)
 
 
+def nkd_row(s, t, y, temperature, gamma):
+  """SDD_nkd.py `nkd_loss` for one row: -p_t(y) log p_s(y) (T = 1, p_t detached) - gamma T^2 sum_c q_t(c) log q_s(c)
+  with q = softmax(z / T) over every class: its mask (`ones_like(..).scatter_(1, label, 1)`) keeps the target column
+  (the earlier NKD, unlike kdjax's 'nkd' term)."""
+  s, t = s.astype(jnp.float32), t.astype(jnp.float32)
+  target = -jax.lax.stop_gradient(jax.nn.softmax(t))[y] * jax.nn.log_softmax(s)[y]
+  q_t = jax.nn.softmax(t / temperature)
+  return target - gamma * temperature ** 2 * jnp.sum(q_t * jax.nn.log_softmax(s / temperature))
+
+
+def sdd_nkd_loss(student_regions, teacher_regions, labels, temperature, gamma):
+  """SD-NKD: each row's `nkd_row`, weighted (SDD_nkd.py `multi_nkd_loss`)."""
+  return sdd_loss(student_regions, teacher_regions, labels, lambda s, t, y: nkd_row(s, t, y, temperature, gamma))
+
+
 class SDD(nn.Module):
   student_kind: str
   teacher_kind: str
@@ -116,6 +132,12 @@ def _sdd_dkd(ctx: distill.Context, cfg):
   return dkd.warmup_factor(ctx.epoch, c.warmup_epochs) * loss
 
 
+def _sdd_nkd(ctx: distill.Context, cfg):
+  out, c = ctx.extras['sdd_nkd'], cfg.dkd
+  loss = sdd_nkd_loss(out['regions_s'], out['regions_t'], ctx.labels, c.temperature, c.beta)
+  return dkd.warmup_factor(ctx.epoch, c.warmup_epochs) * loss
+
+
 SCALES = ((1, 2, 4), (1, 2), (1,))
 OPTIONS = distill.Options(dict(scales=(1, 2, 4), temperature=4.0),
                           ranges=dict(temperature=distill.Range(0.0, low_ok=False)),
@@ -139,3 +161,10 @@ distill.register('sdd_dkd', distill.Method(
     _sdd_dkd, module=_module_for('sdd_dkd'), check=_check_for('sdd_dkd'), teacher0_network=True,
     hparams=('dkd.alpha', 'dkd.beta', 'dkd.temperature'), options=OPTIONS,
     recipe=distill.Recipe(weights={'ce': 1.0, 'sdd_dkd': 1.0}, pairs=PAIRS)))
+# SD-NKD: SDD_nkd.py reads cfg.DKD (T 4 as the temperature, BETA as gamma: 8, or the per-pair 2 / 6 of
+# configs/cifar100/sdd_nkd/*.yaml, the same as DKD's; WARMUP 20) and CE 1; here config.distill.dkd's temperature, beta
+# and warmup_epochs.
+distill.register('sdd_nkd', distill.Method(
+    _sdd_nkd, module=_module_for('sdd_nkd'), check=_check_for('sdd_nkd'), teacher0_network=True,
+    hparams=('dkd.beta', 'dkd.temperature'), options=OPTIONS,
+    recipe=distill.Recipe(weights={'ce': 1.0, 'sdd_nkd': 1.0}, pairs=PAIRS)))
