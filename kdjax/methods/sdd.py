@@ -140,7 +140,7 @@ def _sdd_nkd(ctx: distill.Context, cfg):
 
 SCALES = ((1, 2, 4), (1, 2), (1,))
 OPTIONS = distill.Options(dict(scales=(1, 2, 4), temperature=4.0),
-                          ranges=dict(temperature=distill.Range(0.0, low_ok=False)),
+                          ranges=dict(temperature=distill.Range(0.0, low_ok=False), scales=distill.Range(1)),
                           choices=dict(scales=SCALES), section='sdd')
 
 # The `--M` of the repository's teacher_*.sh commands, per pair (README: `--M [1,2,4]`, the default for the others).
