@@ -326,6 +326,23 @@ def test_wkd_f_matches_numpy(grid, hw):
                              np_wkd_f(f_s, f_t, 4.0, 1e-5, grid), rtol=1e-5, atol=1e-6)
 
 
+def test_wkd_f_bottleneck_projector_matches_numpy():
+  """WKD _common.py ConvRegBottleNeck (equal sizes): conv1 1x1 -> conv2 3x3 -> conv3 1x1, BN, ReLU; BN here with its
+  initial running statistics (eval mode)."""
+  rng = np.random.RandomState(0)
+  f = rng.randn(2, 3, 4, 4)
+  reg = wkd.BottleneckReg(5, hidden=6)
+  x = jnp.asarray(np.transpose(f, (0, 2, 3, 1)), jnp.float32)
+  variables = reg.init(jax.random.key(0), x)
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), variables['params'])
+  y = np_conv(np_conv(np_conv(f, p['conv1']['kernel'], p['conv1']['bias'], 0), p['conv2']['kernel'],
+                      p['conv2']['bias'], 1), p['conv3']['kernel'], p['conv3']['bias'], 0)
+  y = np.maximum(y / np.sqrt(1 + 1e-5) * p['bn']['scale'][None, :, None, None] + p['bn']['bias'][None, :, None, None],
+                 0)
+  np.testing.assert_allclose(np.transpose(np.asarray(reg.apply(variables, x)), (0, 3, 1, 2)), y, rtol=1e-4,
+                             atol=1e-5)
+
+
 def test_wkd_cosine_decay_is_the_references():
   for epoch in (0.0, 148.5, 149.0, 150.0, 151.2, 200.0, 239.0):
     e = math.floor(epoch) + 1
@@ -442,12 +459,14 @@ def test_pairs_the_methods_cannot_use_are_refused_in_one_line():
   assert 'convolutional feature maps' in _refusal('wkd_f', 'mlp', 'cnn_small')
   assert 'distill.wkd_f.grid' in _refusal('wkd_f', 'cnn_small', 'cnn_small', wkd_f=dict(grid=8))
   assert 'at the same size' in _refusal('mgd', 'cnn_small', 'resnet8')
+  assert 'bottleneck projector' in _refusal('wkd_f', 'cnn_small', 'resnet8', wkd_f=dict(projector='bottleneck'))
 
 
 def test_bad_options_are_refused_by_name():
   from kdjax import validate
   for path, value in (('wttm.gamma', 0.0), ('sdd.scales', (1, 3)), ('wkd_l.sinkhorn_iter', 0),
-                      ('wkd_f.eps', 0.0), ('mgd.lambda_mgd', 1.0), ('mgd.mask', 'box'), ('crld.tau_w', 1.5)):
+                      ('wkd_f.eps', 0.0), ('mgd.lambda_mgd', 1.0), ('mgd.mask', 'box'), ('crld.tau_w', 1.5),
+                      ('wkd_f.projector', 'mlp')):
     cfg = digits_config('cnn_small')
     section, field = path.split('.')
     cfg.distill[section][field] = value

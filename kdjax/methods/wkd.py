@@ -9,8 +9,9 @@ softmax(z_t / T) over the C - 1 other classes, with the class-to-class cost take
 regularisation `sinkhorn_lambda` (u starts at 1/n; v = w_t / (K^T u + 1e-8), u = w_s / (K v + 1e-8)); the student
 gets the gradient through the iterations, as in the reference. Term: target term + logit_weight x decay x distance.
 
-WKD-F ('wkd_f'): the student's map `features[hint_layer]` goes through RepDistiller's ConvReg (conv-BN-ReLU, as the
-reference's 'conv1x1' projector) to the teacher map's shape; each channel is a Gaussian with the spatial mean and
+WKD-F ('wkd_f'): the student's map `features[hint_layer]` goes through RepDistiller's ConvReg (conv-BN-ReLU, the
+reference's 'conv1x1' projector, its CIFAR-100 configs') or the 'bottleneck' one (1x1-3x3-1x1 convs, BN, ReLU; the
+default of its ImageNet configs, for maps of equal size) to the teacher map's shape; each channel is a Gaussian with the spatial mean and
 sqrt(unbiased variance + eps) per grid cell; the squared Gaussian Wasserstein distance of diagonal Gaussians is
 mean_cov_ratio x |mu_s - mu_t|^2 + |sigma_s - sigma_t|^2, summed over channels and cells, over the batch and cells.
 Term: decay x that.
@@ -31,6 +32,7 @@ import jax.numpy as jnp
 from kdjax import distill
 from kdjax.errors import ConfigError
 from kdjax.methods import feature
+from kdjax.models import layers
 
 
 def cosine_decay(epoch, start: float, end: float):
@@ -155,15 +157,34 @@ def wkd_feature_loss(f_s, f_t, mean_cov_ratio: float = 4.0, eps: float = 1e-5, g
   return mean_cov_ratio * jnp.sum((mu_s - mu_t) ** 2) / n + jnp.sum((sd_s - sd_t) ** 2) / n
 
 
+class BottleneckReg(nn.Module):
+  """WKD's `ConvRegBottleNeck` for equal sizes (`use_relu=True`): conv1x1 to `hidden`, conv3x3, conv1x1 to the
+  teacher's channels (all biased, PyTorch's default init), BN, ReLU."""
+  teacher_channels: int
+  hidden: int = 256
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    c = x.shape[-1]
+    x = layers.conv(self.hidden, 1, padding=0, use_bias=True, fan_in=c, name='conv1')(x)
+    x = layers.conv(self.hidden, 3, padding=1, use_bias=True, fan_in=self.hidden * 9, name='conv2')(x)
+    x = layers.conv(self.teacher_channels, 1, padding=0, use_bias=True, fan_in=self.hidden, name='conv3')(x)
+    return nn.relu(layers.batch_norm(train, name='bn')(x))
+
+
 class WKDF(nn.Module):
   hint_layer: int
   teacher_hw: tuple
   teacher_channels: int
+  projector: str = 'conv1x1'
 
   @nn.compact
   def __call__(self, student, teacher, *, labels, indices, train, teacher_classify):
     del teacher, labels, indices, teacher_classify
-    reg = feature.ConvReg(self.teacher_hw, self.teacher_channels, name='regressor')
+    if self.projector == 'bottleneck':
+      reg = BottleneckReg(self.teacher_channels, name='regressor')
+    else:
+      reg = feature.ConvReg(self.teacher_hw, self.teacher_channels, name='regressor')
     return {'projected': reg(student.features[self.hint_layer], train)}
 
 
@@ -173,6 +194,10 @@ def _check_f(cfg, student_shapes, teacher_shapes, info):
   feature._require_maps('wkd_f', student_shapes, 'student', [i])
   feature._require_maps('wkd_f', teacher_shapes, 'teacher', [i])
   h, w = teacher_shapes.features[i].shape[1:3]
+  if cfg.wkd_f.projector == 'bottleneck' and tuple(student_shapes.features[i].shape[1:3]) != (h, w):
+    raise ConfigError(f'wkd_f\'s bottleneck projector keeps the size, but the student features[{i}] is '
+                      f'{student_shapes.features[i].shape[1]}x{student_shapes.features[i].shape[2]} and the '
+                      f'teacher\'s {h}x{w}; use distill.wkd_f.projector = \'conv1x1\'')
   if min(h, w) < cfg.wkd_f.grid or h * w < 2:
     raise ConfigError(f'wkd_f needs at least 2 positions per grid cell; the teacher features[{i}] is {h}x{w} and '
                       f'distill.wkd_f.grid is {cfg.wkd_f.grid}')
@@ -181,7 +206,7 @@ def _check_f(cfg, student_shapes, teacher_shapes, info):
 def _wkd_f_module(cfg, student_shapes, teacher_shapes, info):
   _check_f(cfg, student_shapes, teacher_shapes, info)
   t = teacher_shapes.features[cfg.wkd_f.hint_layer]
-  return WKDF(cfg.wkd_f.hint_layer, tuple(t.shape[1:3]), t.shape[-1])
+  return WKDF(cfg.wkd_f.hint_layer, tuple(t.shape[1:3]), t.shape[-1], cfg.wkd_f.projector)
 
 
 def _wkd_f(ctx: distill.Context, cfg):
@@ -197,9 +222,11 @@ distill.register('wkd_f', distill.Method(
     _wkd_f, module=_wkd_f_module, check=_check_f,
     hparams=('wkd_f.mean_cov_ratio', 'wkd_f.eps', 'wkd_f.decay_start', 'wkd_f.decay_end'),
     options=distill.Options(
-        dict(hint_layer=-1, mean_cov_ratio=4.0, eps=1e-5, grid=1, decay_start=150.0, decay_end=240.0),
+        dict(hint_layer=-1, mean_cov_ratio=4.0, eps=1e-5, grid=1, decay_start=150.0, decay_end=240.0,
+             projector='conv1x1'),
         ranges=dict(hint_layer=distill.Range(-100), mean_cov_ratio=distill.Range(0.0),
                     eps=distill.Range(0.0, low_ok=False), grid=distill.Range(1), decay_start=distill.Range(0.0),
-                    decay_end=distill.Range(0.0))),
+                    decay_end=distill.Range(0.0)),
+        choices=dict(projector=('conv1x1', 'bottleneck'))),
     recipe=distill.Recipe(weights={'ce': 1.0, 'wkd_f': 0.08}, digits={'wkd_f.decay_start': 5.0,
                                                                        'wkd_f.decay_end': 10.0})))
