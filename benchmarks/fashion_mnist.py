@@ -5,7 +5,8 @@ Every stage is one program of several students (kdjax sweeps): the teacher over 
 over 3 seeds; Hinton KD over alpha in {0.5, 0.9} x T in {2, 4, 8} x 3 seeds; DKD and RKD over 3 seeds. The students
 distill from the seed-0 teacher (`teacher.index`), whose logits are computed once for the whole training set (no
 augmentation) and reused every epoch. SGD momentum 0.9, lr 0.05 cosine, weight decay 5e-4, batch 128; the teacher
-trains for 4 epochs, the students for 10. About 30 minutes on 2 CPU cores.
+trains for 4 epochs, the students for 10. About 30 minutes on 2 CPU cores without the WTTM and WKD-L rows (their
+reference CIFAR-100 weights, 3 seeds each; SDD and WKD-F need convolutional student maps, which the MLP has not).
 
   python benchmarks/fashion_mnist.py --workdir=/tmp/fashion_bench
 """
@@ -96,7 +97,8 @@ def main():
   # DKD at mdistiller's CIFAR-100 setting (alpha 1, beta 8, T 4), then at beta 1: the first does not train this
   # MLP at this learning rate (see benchmarks/README.md).
   for name, losses, beta in (('dkd', {'ce': 1.0, 'dkd': 1.0}, 8.0), ('dkd_beta1', {'ce': 1.0, 'dkd': 1.0}, 1.0),
-                             ('rkd', {'ce': 1.0, 'rkd': 1.0}, None)):
+                             ('rkd', {'ce': 1.0, 'rkd': 1.0}, None), ('wttm', {'ce': 1.0, 'wttm': 4.0}, None),
+                             ('wkd-l', {'ce': 1.0, 'wkd_l': 1.0}, None)):
     cfg = student(teacher_dir, losses, args.student_epochs)
     cfg.distill.dkd.warmup_epochs = 2  # mdistiller's 20 of 240 epochs, scaled
     if beta is not None:

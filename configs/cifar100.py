@@ -2,31 +2,36 @@ r"""CIFAR-100 distillation benchmark: the teacher/student pairs of the CRD, DKD 
 
 Config string 'method,teacher,student' (default kd,resnet32x4,resnet8x4). Methods: every registered method with a
 `distill.Recipe` (kdjax's: kd, fitnet at sp vid, rkd pkt, crd, dkd, simkd, dist nkd ctkd, reviewkd ofd cat_kd, mlkd,
-nst cc fsp ab ft kdsvd; ab, ft, fsp with RepDistiller's 30-epoch pre-training stage first, config.distill.init,
-counted in config.epochs = 270), and any method registered from outside kdjax with one: its recipe (weights,
-pre-training stage, per-pair settings, variants) is read from the registry, so this file names no method. A method
-that cannot apply to a pair is refused in one line naming it and the models. The item `ls` (anywhere in the string,
-e.g. `dkd,resnet32x4,resnet8x4,ls`) runs kd, dkd or ctkd with logit standardization and the LS authors' settings
-(below; any method's `Recipe.variants` are such items). Pairs (teacher -> student): resnet32x4->resnet8x4,
-wrn_40_2->wrn_16_2, wrn_40_2->wrn_40_1, vgg13->vgg8, resnet110->resnet32, resnet56->resnet20,
-resnet32x4->ShuffleV1, resnet32x4->ShuffleV2, wrn_40_2->ShuffleV1, vgg13->MobileNetV2, ResNet50->MobileNetV2 (other
-model pairs are accepted too; DKD then uses mdistiller's default beta 8).
-The item `mlkd_recipe` sets the lr and epochs of MLKD's per-pair yaml (kdjax/methods/mlkd.py; any method's
+nst cc fsp ab ft kdsvd, wttm, sdd_kd sdd_dkd sdd_nkd, wkd_l wkd_f, mgd, crld; ab, ft, fsp with RepDistiller's
+30-epoch pre-training stage first, config.distill.init, counted in config.epochs = 270), and any method registered
+from outside kdjax with one: its recipe (weights, pre-training stage, per-pair settings, variants) is read from the
+registry, so this file names no method. A method that cannot apply to a pair is refused in one line naming it and
+the models. The item `ls` (anywhere in the string, e.g. `dkd,resnet32x4,resnet8x4,ls`) runs kd, dkd or ctkd with
+logit standardization and the LS authors' settings (below; any method's `Recipe.variants` are such items). Pairs
+(teacher -> student): resnet32x4->resnet8x4, wrn_40_2->wrn_16_2, wrn_40_2->wrn_40_1, vgg13->vgg8,
+resnet110->resnet32, resnet56->resnet20, resnet32x4->ShuffleV1, resnet32x4->ShuffleV2, wrn_40_2->ShuffleV1,
+vgg13->MobileNetV2, ResNet50->MobileNetV2 (other model pairs are accepted too; DKD then uses mdistiller's default
+beta 8). The item `mlkd_recipe` sets the lr and epochs of MLKD's per-pair yaml (kdjax/methods/mlkd.py; any method's
 `Recipe.training` is the item '<method>_recipe'), e.g. 'mlkd,resnet32x4,resnet8x4,mlkd_recipe' (lr 0.025).
 
 Recipe (RepDistiller train_student.py, also mdistiller's and SimKD's CIFAR-100 recipe): 240 epochs, batch 64, SGD
 momentum 0.9, lr 0.05 (0.01 for MobileNetV2/ShuffleV1/ShuffleV2 students), x0.1 at epochs 150/180/210, weight decay
 5e-4. Loss weights are the references' flags: KD `-r 0.1 -a 0.9 -b 0` (T = 4); FitNet/AT/SP/RKD/PKT/VID/CRD
-`-r 1 -a 0 -b <w>` with w = 100/1000/3000/1/30000/1/0.8 (RepDistiller scripts/run_cifar_distill.sh); DKD ce 1,
-alpha 1, beta per pair, T 4, 20 warmup epochs (mdistiller configs/cifar100/dkd/*.yaml); SimKD `-c 0 -d 0 -b 1`
-(DefangChen/SimKD README), factor 2. DIST ce 1, dist 2 (beta 1, gamma 1, tau 4; image_classification_sota
-dist_cifar.yaml); NKD ce 1, nkd 1 (temperature 3, gamma 3.5; cls_KD's CIFAR-100 config); CTKD ce 0.1, ctkd 0.9
-(learned global temperature 1 + 20 sigmoid(t), reversal strength cosine 0 -> 1 over 10 epochs; zhengli97/CTKD).
-Logit standardization (`ls`): KD ce 0.1, kd 9, T 2; DKD ce 1, alpha 9, beta 9 x the pair's beta, T 2; CTKD ce 0.1,
-ctkd 9 (sunshangquan/logit-standardization-KD tools/train.py and CTKD/scripts/run_cifar_distill.sh).
-ReviewKD ce 1, reviewkd 5 (mdistiller reviewkd.yaml), OFD ce 1, ofd 0.001 (mdistiller cfg.py); CAT-KD ce 1 and the
-CAT weight, CAM resolution and normalisation per pair (the CAT-KD repo's configs/cifar100/CAT_KD/*.yaml). Each
-method's settings and their sources are in its file (`Recipe` beside its `distill.register`).
+`-r 1 -a 0 -b <w>` with w = 100/1000/3000/1/30000/1/0.8 (RepDistiller scripts/run_cifar_distill.sh); DKD ce 1, alpha 1,
+beta per pair, T 4, 20 warmup epochs (mdistiller configs/cifar100/dkd/*.yaml); SimKD `-c 0 -d 0 -b 1` (DefangChen/SimKD
+README), factor 2. DIST ce 1, dist 2 (beta 1, gamma 1, tau 4; image_classification_sota dist_cifar.yaml); NKD ce 1,
+nkd 1 (temperature 3, gamma 3.5; cls_KD's CIFAR-100 config); CTKD ce 0.1, ctkd 0.9 (learned global temperature 1 +
+20 sigmoid(t), reversal strength cosine 0 -> 1 over 10 epochs; zhengli97/CTKD). Logit standardization (`ls`): KD ce
+0.1, kd 9, T 2; DKD ce 1, alpha 9, beta 9 x the pair's beta, T 2; CTKD ce 0.1, ctkd 9
+(sunshangquan/logit-standardization-KD tools/train.py and CTKD/scripts/run_cifar_distill.sh). ReviewKD ce 1,
+reviewkd 5 (mdistiller reviewkd.yaml), OFD ce 1, ofd 0.001 (mdistiller cfg.py); CAT-KD ce 1 and the CAT weight, CAM
+resolution and normalisation per pair (the CAT-KD repo's configs/cifar100/CAT_KD/*.yaml). WTTM ce 1, wttm 4 (gamma
+0.2; zkxufo/TTM README); SD-KD ce 0.1, sdd_kd 0.9 (T 4), SD-DKD ce 1, sdd_dkd 1 and SD-NKD ce 1, sdd_nkd 1 (DKD's
+options), the pooling scales per pair (SDD-CVPR2024's scripts); WKD-L ce 1, wkd_l 1 (inner weight 600, T 8) and
+WKD-F ce 1, wkd_f 0.08 (JiamingLv/WKD configs/cifar100/wkd_*/res32x4_res8x4.yaml, for every pair); MGD ce 1, mgd
+7e-5 (mask ratio 0.15; yzd-v/MGD's ImageNet configs); CRLD ce 1, ce_strong 1, crld 1 (within-view 2, cross-view 0.5,
+T 4, confidence thresholds 0.9 and 0.2; CFG.CRLD). Each method's settings and their sources are in its file
+(`Recipe` beside its `distill.register`).
 
 The teacher is trained first with the same recipe (lr 0.05) and cached (config.teacher.checkpoint = ''), or taken
 from a checkpoint: a kdjax run's workdir or a published PyTorch teacher imported with

@@ -7,3 +7,8 @@ from kdjax.methods import logit  # noqa: F401
 from kdjax.methods import review, ofd, cat  # noqa: F401
 from kdjax.methods import mlkd  # noqa: F401
 from kdjax.methods import repdistiller_zoo  # noqa: F401
+from kdjax.methods import wttm  # noqa: F401
+from kdjax.methods import sdd  # noqa: F401
+from kdjax.methods import wkd  # noqa: F401
+from kdjax.methods import mgd  # noqa: F401
+from kdjax.methods import crld  # noqa: F401
