@@ -6,8 +6,8 @@ from kdjax import config_lib
 
 # LLVM at -O0 for every test program, in this process (conftest.py) and in the launch.py subprocesses: the programs
 # are tiny and compiled once each, so compiling them, not running them, is the tests' cost (tests/test_sweep.py +
-# test_methods_nst_cc_fsp_ab_ft_kdsvd.py: 191 s -> 121 s). Code generation only: every comparison a test makes is between runs at
-# the same level, or against NumPy at a tolerance.
+# test_methods_nst_cc_fsp_ab_ft_kdsvd.py: 191 s -> 121 s). Code generation only: every comparison a test makes is
+# between runs at the same level, or against NumPy at a tolerance.
 FAST_COMPILE = '--xla_backend_optimization_level=0'
 
 
