@@ -235,14 +235,30 @@ def test_nonfinite_loss_stops_a_run_and_saves_nothing_after(tmp_path):
   assert ckpt_lib.Checkpointer(str(tmp_path)).latest_step() is None
 
 
-def test_a_diverging_student_of_a_sweep_is_frozen_and_the_others_train(tmp_path):
+def test_a_diverging_student_of_a_sweep_is_frozen_and_the_others_train(tmp_path, caplog):
   cfg = digits_config('mlp', epochs=2)
   cfg.sweep = 'optimizer.lr=0.05,1e6'
-  summary = train.run(cfg, str(tmp_path))
+  with caplog.at_level('WARNING'):
+    summary = train.run(cfg, str(tmp_path))
   params = _params(summary)
   assert all(np.isfinite(a).all() for a in jax.tree.leaves(params))
   good, bad = summary['students']
   assert good['test_accuracy'] > 0.8 and np.isfinite(bad['test_accuracy'])
+  # The warning names the student and the step; it diverged in epoch 1 ...
+  warnings = [r.getMessage() for r in caplog.records if 'diverged' in r.getMessage()]
+  assert len(warnings) == 1, warnings
+  assert warnings[0].startswith("student 'optimizer.lr=1e+06' diverged: ") and 'trains no further' in warnings[0]
+  step = int(warnings[0].split(' at step ')[1].split(';')[0])
+  epoch_end = summary.trainer.steps_per_epoch
+  assert 1 <= step <= epoch_end
+  # ... so its parameters at the end of epoch 1 are its final ones, while the other student trained on.
+  ckpt = ckpt_lib.open_for_reading(str(tmp_path))
+  try:
+    at_epoch_1 = jax.tree.map(np.asarray, ckpt.restore(epoch_end, ckpt_lib.abstract(summary.state)).params)
+  finally:
+    ckpt.close()
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a[1], b[1]), at_epoch_1, params)
+  assert not np.array_equal(at_epoch_1['student']['head']['kernel'][0], params['student']['head']['kernel'][0])
 
 
 def test_a_second_process_on_the_same_workdir_is_refused(tmp_path):
