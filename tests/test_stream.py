@@ -312,7 +312,9 @@ def test_imagenet_mock_config_runs(jpegs, tmp_path):
   cfg.teacher.cache_dir = str(tmp_path / 'teachers')
   summary = train.run(cfg, str(tmp_path / 'run'))
   assert summary['test_count'] == CLASSES * VAL_PER_CLASS
-  assert 0.0 <= summary['test_accuracy'] <= 1.0 and 'test_agreement' in summary
+  # The classes differ in mean colour: one epoch of the teacher then the student already beats chance (1/3; 8 of 12
+  # measured), and the student follows its teacher (agreement 1.0 measured).
+  assert summary['test_accuracy'] >= 0.5 and summary['test_agreement'] >= 0.75
   for name in ('kd', 'dkd', 'dist'):
     for pair in module.PAIRS:
       c = module.get_config(f'{name},{pair[0]},{pair[1]}')
