@@ -4,6 +4,7 @@ import dataclasses
 import os
 
 import jax
+import pytest
 
 from kdjax import compile_cache
 from kdjax import trainer as trainer_lib
@@ -195,6 +196,7 @@ print('KEY', trainer_lib.build(cfg, data_lib.load(cfg.data), sharding.make_mesh(
 """
 
 
+@pytest.mark.slow
 def test_the_key_is_the_same_in_another_process(digits, tmp_path):
   """Nothing of one process (an object's address in a repr, a temporary path) may enter the key."""
   import subprocess

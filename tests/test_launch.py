@@ -12,13 +12,13 @@ from tests.util import FAST_COMPILE
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _launch(*args, env_extra=None):
+def _launch(*args, env_extra=None, timeout=300):
   env = dict(os.environ)
   env.pop('JAX_PLATFORMS', None)  # let kdjax.platform choose, as on a user's machine without a GPU
   env['XLA_FLAGS'] = FAST_COMPILE  # no fake devices: one CPU device, as on a user's machine
   env.update(env_extra or {})
   return subprocess.run([sys.executable, os.path.join(ROOT, 'launch.py'), *args], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=300)
+                        capture_output=True, text=True, timeout=timeout)
 
 
 def test_override_takes_effect_and_runs_quietly_on_cpu(tmp_path):
@@ -63,19 +63,6 @@ def _table(text: str) -> dict:
   return {l.split()[0]: float(l.split()[-1]) for l in lines[2:]}
 
 
-def test_quickstart_suite_prints_its_table(tmp_path):
-  short = [f'--config.suite.{run}.epochs=2' for run in ('teacher', 'scratch', 'kd')]
-  r = _launch('--config=configs/quickstart.py', f'--workdir={tmp_path}', *short)
-  assert r.returncode == 0, r.stderr[-3000:]
-  table = _table(r.stdout)
-  assert list(table) == ['teacher', 'scratch', 'kd']
-  # Two epochs already learn digits (10 classes: chance is 0.1; measured 0.87-0.92 at these settings).
-  assert all(acc > 0.75 for acc in table.values()), table
-  # The KD run read the teacher that the suite trained first.
-  kd_config = json.load(open(tmp_path / 'kd' / 'config.json'))
-  assert kd_config['teacher']['checkpoint'] == str(tmp_path / 'teacher')
-
-
 # The README's quickstart figures differ from CPU to CPU by a test image or so (float32 sums in another order).
 README_TOLERANCE = 3 / 360  # 3 of the 360 digits test images
 
@@ -86,12 +73,15 @@ def test_quickstart_gives_the_readme_table(tmp_path):
   readme = open(os.path.join(ROOT, 'README.md')).read()
   block = readme.split('The quickstart prints')[1].split('```')[1]
   claimed = _table(block)
-  r = _launch('--config=configs/quickstart.py', f'--workdir={tmp_path}', env_extra={'XLA_FLAGS': ''})
+  r = _launch('--config=configs/quickstart.py', f'--workdir={tmp_path}', env_extra={'XLA_FLAGS': ''}, timeout=900)
   assert r.returncode == 0, r.stderr[-3000:]
   got = _table(r.stdout)
   assert list(got) == list(claimed) == ['teacher', 'scratch', 'kd']
   for run, acc in claimed.items():
     assert got[run] == pytest.approx(acc, abs=README_TOLERANCE + 1e-9), (run, got, claimed)
+  # The KD run read the teacher that the suite trained first.
+  kd_config = json.load(open(tmp_path / 'kd' / 'config.json'))
+  assert kd_config['teacher']['checkpoint'] == str(tmp_path / 'teacher')
 
 
 def test_sigterm_during_startup_exits_143_with_one_line(tmp_path):

@@ -69,6 +69,7 @@ def test_a_method_registered_from_outside_is_in_the_schema_validated_and_a_recip
   assert str(e.value) == 'config.distill.toy.scale must be >= 0.0, got -0.5'
 
 
+@pytest.mark.slow
 def test_a_method_registered_from_outside_sweeps_and_trains(toy, tmp_path):
   """Two students of one program: scale 0 (CE alone) and scale 20 (pulled to a random teacher's logits). The pulled
   student agrees with the teacher more and learns the labels less; a negative scale is refused by name first."""

@@ -11,6 +11,7 @@ from kdjax import train
 from tests.util import digits_config, real_data
 
 
+@pytest.mark.slow
 def test_mlp_learns_real_fashion_mnist(tmp_path):
   real_data()
   cfg = digits_config('mlp', epochs=3)

@@ -102,6 +102,7 @@ def test_resume_mid_epoch_is_bit_exact(jpegs, reference_run, tmp_path, monkeypat
   jax.tree.map(np.testing.assert_array_equal, _params(reference_run), _params(resumed))
 
 
+@pytest.mark.slow
 def test_rolled_scan_dispatch_matches(jpegs, reference_run, tmp_path):
   # The accelerators' dispatch: K = 2 steps in a rolled lax.scan; the epoch's third step is the first of a
   # dispatch whose second step is masked (its batch zeros), so the stream must not advance past it.
@@ -299,6 +300,7 @@ def test_auto_pipeline(jpegs):
   assert stream.choose(data) == 'device'
 
 
+@pytest.mark.slow
 def test_imagenet_mock_config_runs(jpegs, tmp_path):
   """configs/imagenet.py:mock end to end: a teacher trained first on the streamed folder, then KD from it."""
   import importlib.util
@@ -323,6 +325,7 @@ def test_imagenet_mock_config_runs(jpegs, tmp_path):
                                                                                      'stream')
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('arg', ['dkd,resnet34_imagenet,resnet18_imagenet',
                                  'dist,resnet50_imagenet,mobilenetv1_imagenet'])
 def test_imagenet_configs_trace(arg):
@@ -344,6 +347,7 @@ def test_imagenet_configs_trace(arg):
   assert ts.params['student'] and set(metrics) >= {'loss', f'loss_{arg.split(",")[0]}'}
 
 
+@pytest.mark.slow
 def test_tfds_imagenet_streams(tmp_path):
   import tensorflow_datasets as tfds
   cfg = stream_config('', epochs=1)

@@ -81,6 +81,7 @@ def test_every_student_trains_exactly_as_alone(teacher_dir, tmp_path):
   assert not np.allclose(p[0], p[1]) and not np.allclose(p[0], p[2])
 
 
+@pytest.mark.slow
 def test_a_batchnorm_conv_student_trains_as_alone_vmapped_and_unrolled(teacher_dir, tmp_path):
   """A tiny conv student with BatchNorm: its parameters, running statistics and optimizer state in a sweep, vmapped
   and unrolled, are those of the same student trained alone. (The MLP student above has dropout and CRD's memory
@@ -107,6 +108,7 @@ def test_a_batchnorm_conv_student_trains_as_alone_vmapped_and_unrolled(teacher_d
   assert not np.allclose(jax.tree.leaves(stats)[0], 0.0)
 
 
+@pytest.mark.slow
 def test_sweep_on_four_devices_matches_one(teacher_dir, tmp_path):
   def run(num_devices, mesh_students, name):
     cfg = _kd_config(teacher_dir, {'ce': 0.5, 'kd': 0.5}, num_devices=num_devices)
@@ -121,6 +123,7 @@ def test_sweep_on_four_devices_matches_one(teacher_dir, tmp_path):
   _assert_close(run(4, 2, 'grid2x2'), one)    # 2 students x 2 batch halves
 
 
+@pytest.mark.slow
 def test_teacher_cache_gives_the_same_students(teacher_dir, tmp_path):
   def run(mode):
     cfg = _kd_config(teacher_dir, {'ce': 0.5, 'kd': 0.5})
@@ -135,6 +138,7 @@ def test_teacher_cache_gives_the_same_students(teacher_dir, tmp_path):
   _assert_close(run('on'), run('off'))
 
 
+@pytest.mark.slow
 def test_sweep_resumes_exactly(teacher_dir, tmp_path, monkeypatch):
   def cfg():
     c = _kd_config(teacher_dir, {'ce': 0.5, 'kd': 0.5}, epochs=2)
@@ -163,6 +167,7 @@ def test_sweep_resumes_exactly(teacher_dir, tmp_path, monkeypatch):
   assert [r['distill.temperature'] for r in rows] == ['2', '4'] and all(r['epochs'] == '2' for r in rows)
 
 
+@pytest.mark.slow
 def test_results_files(teacher_dir, tmp_path):
   cfg = _kd_config(teacher_dir, {'ce': 0.5, 'kd': 0.5}, epochs=2)
   config_lib.alpha_losses(cfg, 0.5)
@@ -245,6 +250,7 @@ def test_a_sweep_too_large_for_memory_is_refused_before_training(teacher_dir, tm
   assert not os.path.exists(tmp_path / 'checkpoints' / '0') and not os.path.exists(tmp_path / 'metrics.jsonl')
 
 
+@pytest.mark.slow
 def test_launch_refuses_a_bad_sweep_in_one_line(tmp_path):
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   proc = subprocess.run([sys.executable, 'launch.py', '--config=configs/kd_cifar10.py:digits',
@@ -260,6 +266,7 @@ def test_launch_refuses_a_bad_sweep_in_one_line(tmp_path):
   assert 'Traceback' not in proc.stderr
 
 
+@pytest.mark.slow
 def test_vmapped_and_unrolled_students_agree(teacher_dir, tmp_path):
   # The accelerators batch the students with vmap; the CPU unrolls them. Both are the same computation.
   def run(loop):

@@ -136,6 +136,7 @@ def test_resume_after_sigterm_and_after_crash_matches_uninterrupted(tmp_path, mo
   jax.tree.map(np.testing.assert_array_equal, reference, resumed)
 
 
+@pytest.mark.slow
 def test_four_devices_match_one(tmp_path):
   assert jax.device_count() >= 4
   results = {}
@@ -190,6 +191,7 @@ def _epoch_records(workdir):
   return [l for l in lines if 'epoch' in l]
 
 
+@pytest.mark.slow
 def test_records_are_written_once_per_epoch_whatever_the_interruptions(tmp_path, monkeypatch):
   ref_dir = str(tmp_path / 'ref')
   train.run(digits_config(**RESUME_CFG), ref_dir)
@@ -270,6 +272,7 @@ def test_a_second_process_on_the_same_workdir_is_refused(tmp_path):
     train.run(digits_config('mlp', epochs=1), '')
 
 
+@pytest.mark.slow
 def test_resuming_with_another_config_is_refused_by_field(tmp_path):
   work = str(tmp_path / 'run')
   train.run(digits_config('mlp', epochs=1), work)
@@ -291,6 +294,7 @@ def test_resuming_with_another_config_is_refused_by_field(tmp_path):
   assert json.load(open(os.path.join(work, 'config.json')))['batch_size'] == 32
 
 
+@pytest.mark.slow
 def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(tmp_path, caplog):
   work = str(tmp_path / 'run')
   reference = _params(train.run(digits_config('mlp', epochs=3), str(tmp_path / 'ref')))
@@ -308,6 +312,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(tmp_pat
   assert [r['epoch'] for r in _epoch_records(work)] == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_a_damaged_cached_teacher_is_set_aside_and_trained_again(tmp_path, caplog):
   cfg = digits_config('mlp', {'ce': 0.1, 'kd': 0.9}, epochs=1)
   cfg.teacher.update(model='mlp', kwargs={'hidden': (16,)}, cache_dir=str(tmp_path / 'cache'), recipe={'epochs': 1})
@@ -326,6 +331,7 @@ def test_a_damaged_cached_teacher_is_set_aside_and_trained_again(tmp_path, caplo
   assert np.isfinite(summary['test_accuracy'])
 
 
+@pytest.mark.slow
 def test_an_unfinished_explicit_teacher_is_refused(tmp_path, monkeypatch):
   teacher = str(tmp_path / 'teacher')
   _interrupt_at_dispatch(monkeypatch, 30, lambda: os.kill(os.getpid(), signal.SIGTERM))
@@ -341,6 +347,7 @@ def test_an_unfinished_explicit_teacher_is_refused(tmp_path, monkeypatch):
   assert train.run(cfg, str(tmp_path / 's'))['test_accuracy'] > 0.5
 
 
+@pytest.mark.slow
 def test_a_run_from_before_a_new_config_field_still_resumes(tmp_path):
   work = str(tmp_path / 'run')
   train.run(digits_config('mlp', epochs=1), work)
