@@ -162,6 +162,7 @@ def test_every_ingredient_of_the_program_is_in_the_key(executables, digits, monk
   assert compile_cache.program_key('p', {}) == k1
 
 
+@pytest.mark.slow
 def test_a_damaged_entry_is_ignored_with_one_warning_and_written_again(executables, digits, caplog):
   fresh = _train(_experiment(_tiny(), digits))
   for p in executables.iterdir():
@@ -216,6 +217,7 @@ def test_the_initial_state_compiled_in_a_thread_is_the_same(digits, monkeypatch)
   jax.tree.map(np.testing.assert_array_equal, threaded, jax.device_get(_experiment(_tiny(), digits).init_state()))
 
 
+@pytest.mark.slow
 def test_the_teachers_shapes_and_evaluation_are_cached(executables, digits, tmp_path, monkeypatch):
   from kdjax import teacher as teacher_lib
   from tests.util import random_teacher
