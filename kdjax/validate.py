@@ -128,15 +128,13 @@ def check(cfg):
     value = flat.get(path, _MISSING)
     if value is not _MISSING and value not in allowed:
       raise ConfigError(f'config.{path} must be one of {", ".join(map(repr, allowed))}, got {value!r}')
-  for path, limits in ranges().items():
-    value = flat.get(path, _MISSING)
-    if value is _MISSING:  # a field of the distill.init section that a config file left out (kdjax/stages.py)
-      continue
-    items = list(enumerate(value)) if isinstance(value, (tuple, list)) else [(None, value)]
-    for i, item in items:
-      refusal = limits.refusal(item)
-      if refusal:
-        raise ConfigError(f'config.{path}{"" if i is None else f"[{i}]"} {refusal}')
+  every = ranges()
+  for path, limits in every.items():
+    _check_range(path, flat.get(path, _MISSING), limits)
+  for i, entry in enumerate(plain.get('teachers') or []):  # each a dict of teacher-section fields
+    for field, value in dict(entry).items():
+      if f'teacher.{field}' in every:
+        _check_range(f'teachers[{i}].{field}', value, every[f'teacher.{field}'])
   _check_models(cfg)
   _check_losses(cfg)
   _check_schedule(cfg)
@@ -144,6 +142,16 @@ def check(cfg):
   _check_views(cfg)
   from kdjax.data import stream
   stream.check_config(cfg)
+
+
+def _check_range(path: str, value, limits: Range):
+  if value is _MISSING:  # a field of the distill.init section that a config file left out (kdjax/stages.py)
+    return
+  items = list(enumerate(value)) if isinstance(value, (tuple, list)) else [(None, value)]
+  for i, item in items:
+    refusal = limits.refusal(item)
+    if refusal:
+      raise ConfigError(f'config.{path}{"" if i is None else f"[{i}]"} {refusal}')
 
 
 def _check_models(cfg):

@@ -4,6 +4,7 @@ import dataclasses
 import os
 
 import jax
+import pytest
 
 from kdjax import compile_cache
 from kdjax import trainer as trainer_lib
@@ -161,6 +162,7 @@ def test_every_ingredient_of_the_program_is_in_the_key(executables, digits, monk
   assert compile_cache.program_key('p', {}) == k1
 
 
+@pytest.mark.slow
 def test_a_damaged_entry_is_ignored_with_one_warning_and_written_again(executables, digits, caplog):
   fresh = _train(_experiment(_tiny(), digits))
   for p in executables.iterdir():
@@ -195,6 +197,7 @@ print('KEY', trainer_lib.build(cfg, data_lib.load(cfg.data), sharding.make_mesh(
 """
 
 
+@pytest.mark.slow
 def test_the_key_is_the_same_in_another_process(digits, tmp_path):
   """Nothing of one process (an object's address in a repr, a temporary path) may enter the key."""
   import subprocess
@@ -214,6 +217,7 @@ def test_the_initial_state_compiled_in_a_thread_is_the_same(digits, monkeypatch)
   jax.tree.map(np.testing.assert_array_equal, threaded, jax.device_get(_experiment(_tiny(), digits).init_state()))
 
 
+@pytest.mark.slow
 def test_the_teachers_shapes_and_evaluation_are_cached(executables, digits, tmp_path, monkeypatch):
   from kdjax import teacher as teacher_lib
   from tests.util import random_teacher

@@ -75,6 +75,7 @@ def trace(cfg):
   return exp.trace_train_step()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name,arg', CONFIGS, ids=[f'{n}:{a}' for n, a in CONFIGS])
 def test_config_builds_and_traces(name, arg):
   cfg = load_config(name, arg)

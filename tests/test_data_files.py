@@ -14,6 +14,7 @@ from kdjax import config_lib
 from kdjax import data as data_lib
 from kdjax import errors
 from kdjax.data import files
+from tests.util import real_data
 
 FASHION = data_lib.DEBIAN_FASHION_MNIST
 
@@ -351,10 +352,8 @@ def test_missing_fashion_mnist_names_the_debian_package(tmp_path, monkeypatch):
   assert 'apt-get install dataset-fashion-mnist' in message
 
 
-@pytest.mark.skipif(not os.path.isdir(FASHION),
-                    reason=f'{FASHION} is missing: Debian\'s dataset-fashion-mnist package provides it '
-                           '(.ci/run installs it when apt-get works)')
 def test_real_fashion_mnist_from_the_debian_package(tmp_path):
+  real_data(FASHION)  # .ci/run installs it
   c = config_lib.base().data
   c.update(name='fashion_mnist', cache_dir=str(tmp_path / 'cache'))
   for ds in (data_lib.load(c), data_lib.load(c)):  # decoded, then from the cache

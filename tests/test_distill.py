@@ -35,6 +35,7 @@ METHOD_RUNS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', sorted(METHOD_RUNS))
 def test_method_step_learns_and_keeps_teacher_frozen(name, resnet_teacher, tmp_path):
   spec = METHOD_RUNS[name]
@@ -51,6 +52,7 @@ def test_method_step_learns_and_keeps_teacher_frozen(name, resnet_teacher, tmp_p
   assert second['train_loss'] < first['train_loss']
 
 
+@pytest.mark.slow
 def test_simkd_predicts_through_the_teacher_head(resnet_teacher, tmp_path):
   cfg = digits_config('resnet8', {'simkd': 1.0}, epochs=1)
   cfg.teacher.update(model='resnet14', checkpoint=resnet_teacher)
@@ -116,6 +118,7 @@ def test_simkd_projector_shapes_for_mismatched_pairs(student, teacher):
   assert len(variables['params']) == min(len(s.features), len(t.features)) - 1
 
 
+@pytest.mark.slow
 def test_simkd_rejects_teachers_whose_head_is_not_on_the_pooled_map(digits_teacher, tmp_path):
   cfg = digits_config('resnet8', {'simkd': 1.0}, epochs=1)
   cfg.teacher.update(model='cnn_small', checkpoint=digits_teacher[0])
@@ -123,6 +126,7 @@ def test_simkd_rejects_teachers_whose_head_is_not_on_the_pooled_map(digits_teach
     train.run(cfg, str(tmp_path))
 
 
+@pytest.mark.slow
 def test_omitted_class_is_learned_from_soft_targets_alone(digits_teacher, tmp_path):
   cfg = digits_config('mlp', {'ce': 0.1, 'kd': 0.9}, epochs=20, data__omit_class=3)
   cfg.student.kwargs = {'hidden': (64,)}
@@ -136,6 +140,7 @@ def test_omitted_class_is_learned_from_soft_targets_alone(digits_teacher, tmp_pa
   assert summary['test_class_accuracy'][3] == pytest.approx(summary['test_omitted_accuracy'])
 
 
+@pytest.mark.slow
 def test_subclass_teacher_matches_a_plain_teacher_and_student_distills_subclasses(digits_teacher, tmp_path):
   cfg = digits_config('cnn_small', epochs=15)
   cfg.student.subclasses = 2
@@ -160,6 +165,7 @@ def test_subclass_teacher_matches_a_plain_teacher_and_student_distills_subclasse
     train.run(student, str(tmp_path / 'bad'))
 
 
+@pytest.mark.slow
 def test_finetune_from_checkpoint_with_frozen_backbone(digits_teacher, tmp_path):
   cfg = digits_config('cnn_small', epochs=1)
   cfg.student.update(init_checkpoint=digits_teacher[0], freeze_backbone=True)
@@ -171,6 +177,7 @@ def test_finetune_from_checkpoint_with_frozen_backbone(digits_teacher, tmp_path)
   assert summary['test_accuracy'] >= 0.9  # it started from a trained network
 
 
+@pytest.mark.slow
 def test_finetune_rejects_another_architecture(digits_teacher, tmp_path):
   cfg = digits_config('mlp', epochs=1)
   cfg.student.init_checkpoint = digits_teacher[0]

@@ -53,7 +53,9 @@ def _random_keras(name, num_classes, seed):
   return net
 
 
-@pytest.fixture(scope='module', params=list(BUILDERS))
+# ResNet50V2 (slow) and MobileNetV2 (the fast tier's Keras import).
+@pytest.fixture(scope='module',
+                params=[pytest.param('resnet50v2_imagenet', marks=pytest.mark.slow), 'mobilenetv2_imagenet'])
 def keras_model(request, tmp_path_factory):
   name = request.param
   net = _random_keras(name, 7, seed=len(name))

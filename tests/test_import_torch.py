@@ -206,6 +206,7 @@ IMAGENET_CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', list(IMAGENET_CASES))
 def test_imported_imagenet_logits_match_torch(name, tmp_path):
   tnet = randomize(IMAGENET_CASES[name](), seed=len(name), size=64)

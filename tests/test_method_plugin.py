@@ -69,6 +69,7 @@ def test_a_method_registered_from_outside_is_in_the_schema_validated_and_a_recip
   assert str(e.value) == 'config.distill.toy.scale must be >= 0.0, got -0.5'
 
 
+@pytest.mark.slow
 def test_a_method_registered_from_outside_sweeps_and_trains(toy, tmp_path):
   """Two students of one program: scale 0 (CE alone) and scale 20 (pulled to a random teacher's logits). The pulled
   student agrees with the teacher more and learns the labels less; a negative scale is refused by name first."""
@@ -97,6 +98,51 @@ def _outside(limits: distill.Range, current):
   """A value just below `limits`, of the type of the field's `current` value."""
   value = limits.low - 1 if limits.low_ok else limits.low
   return int(value) if isinstance(current, int) else float(value)
+
+
+def _above(limits: distill.Range, current):
+  """A value just above `limits` (None when the range has no upper bound), of the type of `current`."""
+  if limits.high is None:
+    return None
+  value = limits.high if not limits.high_ok else limits.high + 1
+  return int(value) if isinstance(current, int) else float(value)
+
+
+def _refused(cfg, path):
+  with pytest.raises(errors.ConfigError) as e:
+    validate.check(cfg)
+  message = str(e.value)
+  assert message.startswith(f'config.{path}') and '\n' not in message, (path, message)
+
+
+def test_every_bound_of_every_range_is_enforced():
+  """Both ends: a value past the upper bound of each bounded field (a fraction of 1, momentum 1) is refused too."""
+  schema = sweep.flatten(config_lib.base().to_dict())
+  bounded = {p: r for p, r in validate.ranges().items() if r.high is not None}
+  assert 'data.val_fraction' in bounded and 'optimizer.momentum' in bounded
+  for path, limits in bounded.items():
+    cfg = digits_config()
+    *parents, leaf = path.split('.')
+    node = cfg
+    for p in parents:
+      node = node[p]
+    current = node[leaf]
+    first = current[0] if isinstance(current, tuple) else schema[path]
+    bad = _above(limits, first)
+    node[leaf] = (bad,) + current[1:] if isinstance(current, tuple) else bad
+    _refused(cfg, path)
+
+
+def test_every_numeric_teacher_field_is_checked_in_each_entry_of_teachers():
+  """`config.teachers` entries are teacher sections: their numeric fields have the teacher section's ranges."""
+  teacher = config_lib.base().teacher.to_dict()
+  numeric = sorted(f for f, v in teacher.items() if _numeric(v))
+  assert {'index', 'seed', 'subclasses'} <= set(numeric)
+  for field in numeric:
+    cfg = digits_config('mlp', {'ce': 0.5, 'kd': 0.5})
+    cfg.teacher.model = 'mlp'
+    cfg.teachers = [{'model': 'mlp', field: _outside(validate.ranges()[f'teacher.{field}'], teacher[field])}]
+    _refused(cfg, f'teachers[0].{field}')
 
 
 def test_every_numeric_field_of_the_schema_has_a_range_that_validate_enforces():

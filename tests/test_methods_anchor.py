@@ -73,6 +73,7 @@ def _digits_cfg(method, teacher_dir, epochs=2, **overrides):
 
 
 # ----------------------------------------------------------------------------------------------- training runs
+@pytest.mark.slow
 @pytest.mark.parametrize('method', ANCHOR_METHODS)
 def test_method_trains_on_digits_with_a_frozen_teacher(method, teacher_dir, tmp_path):
   _, target = _teacher_shapes()
@@ -296,6 +297,7 @@ def _refusals(cfg, teacher_name, student_name, methods) -> dict:
   return refused
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('teacher_name,student_name', CIFAR100.PAIRS)
 def test_every_method_lowers_on_every_benchmark_pair(teacher_name, student_name):
   """One trace per pair with every method's terms enabled at once: each method's loss and extra modules are traced
@@ -328,6 +330,7 @@ def test_every_method_lowers_on_every_benchmark_pair(teacher_name, student_name)
         assert metrics[f'loss_{term}'].shape == (1,), (m, term)  # one student
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('method', CIFAR100.METHODS)
 def test_each_method_config_lowers_alone(method):
   """Each config as written (the union above shares one set of student logits), in bfloat16 compute."""

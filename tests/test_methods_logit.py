@@ -211,6 +211,7 @@ def test_reference_configs_of_the_new_methods():
 
 
 # -------------------------------------------------------------------------------------------- one digits run
+@pytest.mark.slow
 def test_new_terms_train_on_digits_with_a_learned_temperature_per_student(tmp_path):
   """DIST + NKD + CTKD (with LS) at once, two students of a t_end sweep: the temperature is a trained parameter of
   each student (stacked on the students axis, in the train state), the teacher stays frozen."""

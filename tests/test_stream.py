@@ -103,6 +103,7 @@ def test_resume_mid_epoch_is_bit_exact(jpegs, reference_run, tmp_path, monkeypat
   jax.tree.map(np.testing.assert_array_equal, _params(reference_run), _params(resumed))
 
 
+@pytest.mark.slow
 def test_rolled_scan_dispatch_matches(jpegs, reference_run, tmp_path):
   # The accelerators' dispatch: K = 2 steps in a rolled lax.scan; the epoch's third step is the first of a
   # dispatch whose second step is masked (its batch zeros), so the stream must not advance past it.
@@ -300,6 +301,7 @@ def test_auto_pipeline(jpegs):
   assert stream.choose(data) == 'device'
 
 
+@pytest.mark.slow
 def test_imagenet_mock_config_runs(jpegs, tmp_path):
   """configs/imagenet.py:mock end to end: a teacher trained first on the streamed folder, then KD from it."""
   import importlib.util
@@ -313,7 +315,9 @@ def test_imagenet_mock_config_runs(jpegs, tmp_path):
   cfg.teacher.cache_dir = str(tmp_path / 'teachers')
   summary = train.run(cfg, str(tmp_path / 'run'))
   assert summary['test_count'] == CLASSES * VAL_PER_CLASS
-  assert 0.0 <= summary['test_accuracy'] <= 1.0 and 'test_agreement' in summary
+  # The classes differ in mean colour: one epoch of the teacher then the student already beats chance (1/3; 8 of 12
+  # measured), and the student follows its teacher (agreement 1.0 measured).
+  assert summary['test_accuracy'] >= 0.5 and summary['test_agreement'] >= 0.75
   for name in ('kd', 'dkd', 'dist'):
     for pair in module.PAIRS:
       c = module.get_config(f'{name},{pair[0]},{pair[1]}')
@@ -322,6 +326,7 @@ def test_imagenet_mock_config_runs(jpegs, tmp_path):
                                                                                      'stream')
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('arg', ['dkd,resnet34_imagenet,resnet18_imagenet',
                                  'dist,resnet50_imagenet,mobilenetv1_imagenet'])
 def test_imagenet_configs_trace(arg):
@@ -343,6 +348,7 @@ def test_imagenet_configs_trace(arg):
   assert ts.params['student'] and set(metrics) >= {'loss', f'loss_{arg.split(",")[0]}'}
 
 
+@pytest.mark.slow
 def test_tfds_imagenet_streams(tmp_path):
   import tensorflow_datasets as tfds
   cfg = stream_config('', epochs=1)

@@ -137,6 +137,7 @@ def test_resume_after_sigterm_and_after_crash_matches_uninterrupted(tmp_path, mo
   jax.tree.map(np.testing.assert_array_equal, reference, resumed)
 
 
+@pytest.mark.slow
 def test_four_devices_match_one(tmp_path):
   assert jax.device_count() >= 4
   results = {}
@@ -191,6 +192,7 @@ def _epoch_records(workdir):
   return [l for l in lines if 'epoch' in l]
 
 
+@pytest.mark.slow
 def test_records_are_written_once_per_epoch_whatever_the_interruptions(tmp_path, monkeypatch):
   ref_dir = str(tmp_path / 'ref')
   train.run(digits_config(**RESUME_CFG), ref_dir)
@@ -236,14 +238,30 @@ def test_nonfinite_loss_stops_a_run_and_saves_nothing_after(tmp_path):
   assert ckpt_lib.Checkpointer(str(tmp_path)).latest_step() is None
 
 
-def test_a_diverging_student_of_a_sweep_is_frozen_and_the_others_train(tmp_path):
+def test_a_diverging_student_of_a_sweep_is_frozen_and_the_others_train(tmp_path, caplog):
   cfg = digits_config('mlp', epochs=2)
   cfg.sweep = 'optimizer.lr=0.05,1e6'
-  summary = train.run(cfg, str(tmp_path))
+  with caplog.at_level('WARNING'):
+    summary = train.run(cfg, str(tmp_path))
   params = _params(summary)
   assert all(np.isfinite(a).all() for a in jax.tree.leaves(params))
   good, bad = summary['students']
   assert good['test_accuracy'] > 0.8 and np.isfinite(bad['test_accuracy'])
+  # The warning names the student and the step; it diverged in epoch 1 ...
+  warnings = [r.getMessage() for r in caplog.records if 'diverged' in r.getMessage()]
+  assert len(warnings) == 1, warnings
+  assert warnings[0].startswith("student 'optimizer.lr=1e+06' diverged: ") and 'trains no further' in warnings[0]
+  step = int(warnings[0].split(' at step ')[1].split(';')[0])
+  epoch_end = summary.trainer.steps_per_epoch
+  assert 1 <= step <= epoch_end
+  # ... so its parameters at the end of epoch 1 are its final ones, while the other student trained on.
+  ckpt = ckpt_lib.open_for_reading(str(tmp_path))
+  try:
+    at_epoch_1 = jax.tree.map(np.asarray, ckpt.restore(epoch_end, ckpt_lib.abstract(summary.state)).params)
+  finally:
+    ckpt.close()
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a[1], b[1]), at_epoch_1, params)
+  assert not np.array_equal(at_epoch_1['student']['head']['kernel'][0], params['student']['head']['kernel'][0])
 
 
 def test_a_second_process_on_the_same_workdir_is_refused(tmp_path):
@@ -255,6 +273,7 @@ def test_a_second_process_on_the_same_workdir_is_refused(tmp_path):
     train.run(digits_config('mlp', epochs=1), '')
 
 
+@pytest.mark.slow
 def test_resuming_with_another_config_is_refused_by_field(tmp_path):
   work = str(tmp_path / 'run')
   train.run(digits_config('mlp', epochs=1), work)
@@ -276,6 +295,7 @@ def test_resuming_with_another_config_is_refused_by_field(tmp_path):
   assert json.load(open(os.path.join(work, 'config.json')))['batch_size'] == 32
 
 
+@pytest.mark.slow
 def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(tmp_path, caplog):
   work = str(tmp_path / 'run')
   reference = _params(train.run(digits_config('mlp', epochs=3), str(tmp_path / 'ref')))
@@ -293,6 +313,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(tmp_pat
   assert [r['epoch'] for r in _epoch_records(work)] == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_a_damaged_cached_teacher_is_set_aside_and_trained_again(tmp_path, caplog):
   cfg = digits_config('mlp', {'ce': 0.1, 'kd': 0.9}, epochs=1)
   cfg.teacher.update(model='mlp', kwargs={'hidden': (16,)}, cache_dir=str(tmp_path / 'cache'), recipe={'epochs': 1})
@@ -311,6 +332,7 @@ def test_a_damaged_cached_teacher_is_set_aside_and_trained_again(tmp_path, caplo
   assert np.isfinite(summary['test_accuracy'])
 
 
+@pytest.mark.slow
 def test_an_unfinished_explicit_teacher_is_refused(tmp_path, monkeypatch):
   teacher = str(tmp_path / 'teacher')
   _interrupt_at_dispatch(monkeypatch, 30, lambda: os.kill(os.getpid(), signal.SIGTERM))
@@ -326,6 +348,7 @@ def test_an_unfinished_explicit_teacher_is_refused(tmp_path, monkeypatch):
   assert train.run(cfg, str(tmp_path / 's'))['test_accuracy'] > 0.5
 
 
+@pytest.mark.slow
 def test_a_run_from_before_a_new_config_field_still_resumes(tmp_path):
   work = str(tmp_path / 'run')
   train.run(digits_config('mlp', epochs=1), work)

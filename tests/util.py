@@ -6,9 +6,24 @@ from kdjax import config_lib
 
 # LLVM at -O0 for every test program, in this process (conftest.py) and in the launch.py subprocesses: the programs
 # are tiny and compiled once each, so compiling them, not running them, is the tests' cost (tests/test_sweep.py +
-# test_methods_featb.py: 191 s -> 121 s). Code generation only: every comparison a test makes is between runs at
-# the same level, or against NumPy at a tolerance.
+# test_methods_nst_cc_fsp_ab_ft_kdsvd.py: 191 s -> 121 s). Code generation only: every comparison a test makes is
+# between runs at the same level, or against NumPy at a tolerance.
 FAST_COMPILE = '--xla_backend_optimization_level=0'
+
+FASHION_MNIST = '/usr/share/datasets/fashion-mnist'  # Debian's dataset-fashion-mnist
+
+
+def real_data(path: str = FASHION_MNIST, package: str = 'dataset-fashion-mnist') -> str:
+  """`path` when it exists; else the calling test skips, saying which Debian package provides it. Under CI=true
+  (.ci/run sets it) a missing real data set fails the test instead: CI must run every real-data test."""
+  import os
+  import pytest
+  if os.path.isdir(path):
+    return path
+  reason = f'{path} is missing: `apt-get install {package}` provides it'
+  if os.environ.get('CI', '').lower() == 'true':
+    pytest.fail(f'{reason}; CI=true, where a real-data test may not skip')
+  pytest.skip(reason)
 
 
 def digits_config(model='cnn_small', losses=None, epochs=3, **overrides) -> ml_collections.ConfigDict:

@@ -266,6 +266,7 @@ def test_several_teacher_config_errors(teachers, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ composed digits run
+@pytest.mark.slow
 def test_three_families_with_dot_mlkd_and_two_teachers_train_on_digits(teachers, tmp_path):
   """kd (logits, the two teachers' ensemble) + at (features, teacher 1) + rkd (embeddings) + MLKD with its strong
   view, trained with DOT: two epochs on digits; the loss falls and both teachers stay frozen."""
