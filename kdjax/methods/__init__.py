@@ -7,3 +7,4 @@ from kdjax.methods import logit  # noqa: F401
 from kdjax.methods import review, ofd, cat  # noqa: F401
 from kdjax.methods import mlkd  # noqa: F401
 from kdjax.methods import repdistiller_zoo  # noqa: F401
+from kdjax.methods import deit  # noqa: F401
