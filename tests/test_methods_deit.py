@@ -84,7 +84,8 @@ def test_digits_run_of_a_tiny_distilled_vit_reports_each_head_and_their_average(
   images = jnp.asarray((ds.test.images / 255.0 - np.array(ds.mean)) / np.array(ds.std), jnp.float32)
   labels = np.asarray(ds.test.labels)
   t_model = models.create('cnn_small', num_classes=10)
-  t_top1 = np.asarray(t_model.apply(load_digits_model(teacher, 'cnn_small'), images).logits).argmax(1)
+  t_logits = np.asarray(t_model.apply(load_digits_model(teacher, 'cnn_small'), images).logits, np.float64)
+  t_top1 = t_logits.argmax(1)
   student = models.create('vit_test_distilled', num_classes=10)
   for i, s in enumerate(outcome.summary['students']):
     variables = {'params': jax.tree.map(lambda a: a[i], outcome.state.params['student'])}
@@ -99,4 +100,27 @@ def test_digits_run_of_a_tiny_distilled_vit_reports_each_head_and_their_average(
     # head 0.09.
     assert s['test_cls_head_accuracy'] > 0.5, s
     assert np.mean(dist.argmax(1) == t_top1) > np.mean(cls.argmax(1) == t_top1) + 0.2, s
-    assert 0.0 <= s['test_agreement'] <= s['test_top5_agreement'] <= 1.0 and s['test_teacher_kl'] > 0.0
+    # The agreement metrics of every KD run, recomputed: top-5 agreement and KL(p_teacher || p_student).
+    top5 = np.mean([t in np.argsort(-row)[:5] for t, row in zip(t_top1, avg)])
+    log_t, log_s = np_log_softmax(t_logits), np_log_softmax(avg.astype(np.float64))
+    kl = np.mean(np.sum(np.exp(log_t) * (log_t - log_s), 1))
+    assert s['test_top5_agreement'] == pytest.approx(top5, abs=1.5 / len(labels))
+    assert s['test_teacher_kl'] == pytest.approx(kl, rel=1e-4) and kl > 0.01
+    assert s['test_agreement'] < s['test_top5_agreement'] < 1.0
+
+
+def test_teacher_agreement_sums_match_numpy_and_skip_padding():
+  from kdjax import step
+  rng = np.random.default_rng(3)
+  s, t = rng.normal(size=(2, 12, 10)) * 2.0
+  mask = np.array([1.0] * 9 + [0.0] * 3)
+  got = step.teacher_agreement(jnp.asarray(s, jnp.float32), jnp.asarray(t, jnp.float32), jnp.asarray(mask))
+  keep = mask > 0
+  s, t = s[keep], t[keep]
+  log_t, log_s = np_log_softmax(t), np_log_softmax(s)
+  expected = {'agree': np.sum(s.argmax(1) == t.argmax(1)),
+              'agree5': sum(a in np.argsort(-row)[:5] for a, row in zip(t.argmax(1), s)),
+              'kl': np.sum(np.exp(log_t) * (log_t - log_s))}
+  assert 0 < expected['agree'] < expected['agree5'] < 9
+  for k, v in expected.items():
+    np.testing.assert_allclose(float(got[k]), v, rtol=1e-5, err_msg=k)
