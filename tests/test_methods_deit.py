@@ -68,17 +68,18 @@ def _heads(model, variables, images):
 
 
 def test_digits_run_of_a_tiny_distilled_vit_reports_each_head_and_their_average(tmp_path):
-  """Two students of one program (soft distillation, tau 1 and 4) with a random CNN teacher: the class head learns
-  the labels, the distillation head the teacher; the evaluation's heads and average equal the student's own."""
+  """Two students of one program (soft distillation, tau 1 and 4, beside a small 'kd' term on the class head) with
+  a random CNN teacher: the class head learns the labels, the distillation head the teacher; the evaluation's heads
+  and average equal the student's own."""
   teacher = random_teacher(str(tmp_path / 'teacher'), 'cnn_small')
-  cfg = digits_config('vit_test_distilled', {'ce': 0.5, 'deit': 0.5}, epochs=3, optimizer__lr=0.003)
+  cfg = digits_config('vit_test_distilled', {'ce': 0.5, 'deit': 0.5, 'kd': 0.05}, epochs=3, optimizer__lr=0.003)
   cfg.optimizer.name = 'adamw'
   cfg.teacher.update(model='cnn_small', checkpoint=teacher)
   cfg.distill.deit.kind = 'soft'
   cfg.sweep = 'distill.deit.tau=1,4'
   outcome = train.run(cfg, str(tmp_path / 'run'))
   records = [json.loads(l) for l in open(tmp_path / 'run' / 'metrics.jsonl') if '"epoch"' in l]
-  assert len(records) == 6 and all(np.isfinite(r['loss_deit']) for r in records)
+  assert len(records) == 6 and all(np.isfinite(r['loss_deit']) and np.isfinite(r['loss_kd']) for r in records)
 
   ds = load_data(cfg.data)
   images = jnp.asarray((ds.test.images / 255.0 - np.array(ds.mean)) / np.array(ds.std), jnp.float32)
@@ -96,8 +97,7 @@ def test_digits_run_of_a_tiny_distilled_vit_reports_each_head_and_their_average(
       assert s[key] == pytest.approx(np.mean(logits.argmax(1) == labels), abs=1.5 / len(labels)), (i, key)
     assert s['test_agreement'] == pytest.approx(np.mean(avg.argmax(1) == t_top1), abs=1.5 / len(labels))
     # The class head learns the labels; the distillation head follows the (random) teacher. Measured (both
-    # students): class head 0.71 / 0.70 accurate, distillation head agreeing with the teacher 0.88 / 0.87, the class
-    # head 0.09.
+    # students): class head 0.71 accurate, distillation head agreeing with the teacher 0.83, the class head 0.09.
     assert s['test_cls_head_accuracy'] > 0.5, s
     assert np.mean(dist.argmax(1) == t_top1) > np.mean(cls.argmax(1) == t_top1) + 0.2, s
     # The agreement metrics of every KD run, recomputed: top-5 agreement and KL(p_teacher || p_student).
