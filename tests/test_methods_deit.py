@@ -62,6 +62,14 @@ def test_refuses_a_student_without_the_token(tmp_path):
                           'ViT) (student vit_test, teacher cnn_small)')
 
 
+def test_refuses_a_distilled_student_without_a_term_for_its_second_head(tmp_path):
+  cfg = digits_config('vit_test_distilled', {'ce': 1.0}, epochs=1)
+  with pytest.raises(ConfigError) as e:
+    train.run(cfg, str(tmp_path / 'run'))
+  assert str(e.value) == ('student vit_test_distilled has a distillation token, but no term of config.distill.losses '
+                          'trains its head (deit would): add one, or use the model without the token')
+
+
 def _heads(model, variables, images):
   out = model.apply(variables, images)
   return np.asarray(out.cls_logits), np.asarray(out.dist_logits), np.asarray(out.logits)

@@ -53,7 +53,7 @@ def _check(cfg, student, teacher, info):
 
 
 distill.register('deit', distill.Method(
-    _deit, check=_check, hparams=('deit.tau',),
+    _deit, check=_check, hparams=('deit.tau',), trains_dist_head=True,
     options=distill.Options(defaults={'kind': 'hard', 'tau': 1.0},
                             ranges={'tau': distill.Range(0.0, low_ok=False)},
                             choices={'kind': ('hard', 'soft')})))
