@@ -158,6 +158,14 @@ def test_import_of_deit_and_timm_files_and_one_line_mismatches(tmp_path):
     assert meta['num_classes'] == 10 and meta['image_shape'] == [16, 16, 3]
     np.testing.assert_allclose(m.apply(variables, jnp.asarray(x)).logits, expected, rtol=1e-5, atol=2e-5)
 
+  cut = str(tmp_path / 'cut.safetensors')
+  with open(st, 'rb') as f, open(cut, 'wb') as g:
+    g.write(f.read()[:-100])
+  with pytest.raises(ConfigError) as e:
+    import_torch.load_state_dict(cut)
+  assert str(e.value) == (f'cannot read {cut}: SafetensorError: Error while deserializing header: incomplete '
+                          'metadata, file not fully covered')
+
   sd = _state_dict(net)
   with pytest.raises(CheckpointMismatchError) as e:  # another image size: the position embeddings differ
     import_torch.convert(sd, 'vit_test_distilled', image_shape=(32, 32, 3))
