@@ -8,7 +8,9 @@ Accepted files: the state_dicts of the CIFAR models of RepDistiller (HobbitLong/
 (DefangChen/SimKD) and mdistiller (megvii-research/mdistiller), which share their module names; torchvision's ImageNet
 `resnet18/34/50` and `mobilenet_v2` (as `resnet18_imagenet` ... `mobilenetv2_imagenet`, e.g. the files
 `torchvision.models.resnet34(weights=...)` caches) and mdistiller's ImageNet MobileNetV1 (`mobilenetv1_imagenet`),
-with `--image_size 224 --dataset imagenet2012`. Saved as
+with `--image_size 224 --dataset imagenet2012`; timm's and DeiT's ViTs (`deit_tiny`, `deit_small_distilled`, ...:
+kdjax/models/vit.py), from DeiT's release `.pth` files or timm's `.safetensors` files (read with the safetensors
+package, which holds tensors only: no torch needed, nothing run). Saved as
 `{'model': state_dict, ...}` (RepDistiller, SimKD, mdistiller teachers), `{'net': state_dict, ...}`,
 `{'state_dict': state_dict, ...}` or a bare state_dict; a `module.` prefix (DataParallel) is stripped. The file is
 read with `torch.load(weights_only=True)`, which runs no code from it; a file that this refuses (e.g. a checkpoint
@@ -460,9 +462,11 @@ def _quiet_orbax(record) -> bool:
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(
       prog='python -m kdjax.tools.import_torch',
-      description='Convert a PyTorch state_dict of a RepDistiller / SimKD / mdistiller CIFAR model into a kdjax '
-                  'checkpoint directory usable as config.teacher.checkpoint.')
-  parser.add_argument('checkpoint', help='the .pth file: {"model": sd}, {"net": sd} or a bare state_dict')
+      description='Convert a PyTorch state_dict (a RepDistiller / SimKD / mdistiller CIFAR model, a torchvision '
+                  'ImageNet model, a timm / DeiT ViT; .pth or .safetensors) into a kdjax checkpoint directory '
+                  'usable as config.teacher.checkpoint.')
+  parser.add_argument('checkpoint', help='the .pth file ({"model": sd}, {"net": sd} or a bare state_dict) or a '
+                                         '.safetensors file')
   parser.add_argument('out_dir', help='output workdir; the checkpoint goes to OUT_DIR/checkpoints')
   parser.add_argument('--model', required=True, help='kdjax model name, e.g. resnet32x4, wrn_40_2, ShuffleV2')
   parser.add_argument('--num_classes', type=int, default=None,
