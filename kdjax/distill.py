@@ -158,6 +158,9 @@ class Method:
   options: Options | None = None
   # The references' recipe (`Recipe`): a method with one is a `configs/cifar100.py:METHOD,...` config.
   recipe: Recipe | None = None
+  # True when the loss trains the head of a student's distillation token (DeiT's `dist_logits`): a student with the
+  # token needs such a term, or its second head (half of its eval-mode prediction) would stay untrained.
+  trains_dist_head: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -447,6 +450,11 @@ class Distiller:
     pick = lambda name: teacher_shapes[name] if isinstance(teacher_shapes, dict) else teacher_shapes
     for name, (_, method) in self.terms.items():
       check_pair(name, method, self.cfg, student_shapes, pick(name), info)
+    if student_shapes.dist_logits is not None and not any(m.trains_dist_head for _, m in self.terms.values()):
+      trainers = sorted(n for n, m in METHODS.items() if m.trains_dist_head)
+      raise ConfigError(f'student {info.name("student")} has a distillation token, but no term of '
+                        f'config.distill.losses trains its head ({", ".join(trainers)} would): add one, or use the '
+                        'model without the token')
     if self.module_methods:
       self.extras = Extras({n: m.module(self.cfg, student_shapes, pick(n), info)
                             for n, m in self.module_methods.items()})

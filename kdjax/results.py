@@ -24,8 +24,14 @@ from kdjax.errors import ConfigError
 
 SPLITS = ('train', 'val', 'test')
 # A swept field whose name equals one of these columns gets a prefix in the rows, so it cannot overwrite a metric.
+# The last value of each of these, where a run has it, is a column `last_<key>` of results.csv and of the tables
+# (header, whether it is a fraction shown in %): the agreement with the teacher, the accuracy of each head of a
+# student with a distillation token.
+_LAST_METRICS = {'test_agreement': ('agreement', True), 'test_top5_agreement': ('top-5 agreement', True),
+                 'test_teacher_kl': ('KL to teacher', False), 'test_cls_head_accuracy': ('cls head acc', True),
+                 'test_dist_head_accuracy': ('dist head acc', True)}
 _ROW_COLUMNS = ('index', 'name', 'seed', 'best_epoch', 'epochs', 'test_accuracy_at_best', 'best_test_accuracy',
-                'last_test_accuracy', 'last_test_agreement')
+                'last_test_accuracy') + tuple(f'last_{k}' for k in _LAST_METRICS)
 _MAX_CURVES_WITH_LEGEND = 10
 
 
@@ -49,8 +55,9 @@ class Run:
     return any('val_accuracy' in r for r in self.history)
 
   @property
-  def has_agreement(self) -> bool:
-    return any('test_agreement' in r for r in self.history)
+  def last_metrics(self) -> list[str]:
+    """The keys of `_LAST_METRICS` that some record of this run has."""
+    return [k for k in _LAST_METRICS if any(k in r for r in self.history)]
 
   def label(self, field: str) -> str:
     return self.labels.get(field) or field
@@ -97,7 +104,7 @@ def _read_history(path: str) -> list[dict]:
   return [latest[k] for k in sorted(latest)]
 
 
-_NUMERIC_SUFFIXES = ('accuracy', 'agreement', 'loss')
+_NUMERIC_SUFFIXES = ('accuracy', 'agreement', 'loss', '_kl')
 
 
 def _number(value) -> bool:
@@ -227,8 +234,8 @@ def student_rows(run: Run) -> list[dict]:
         'best_test_accuracy': max(tests) if tests else None,
         'last_test_accuracy': tests[-1] if tests else None,
     })
-    if run.has_agreement:
-      row['last_test_agreement'] = _last(records, 'test_agreement')
+    for key in run.last_metrics:
+      row[f'last_{key}'] = _last(records, key)
     row['epochs'] = records[-1]['epoch'] if records else None
     rows.append(row)
   return rows
@@ -293,22 +300,22 @@ def _points(run: Run) -> list[_Point]:
   return list(points.values())
 
 
-def _mean_std(values: list[float]) -> str:
+def _mean_std(values: list[float], percent: bool = True) -> str:
   if not values:
     return '-'
-  mean = 100 * float(np.mean(values))
+  scale, digits = (100, 2) if percent else (1, 4)
+  mean = scale * float(np.mean(values))
   if len(values) == 1:
-    return f'{mean:.2f}'
-  return f'{mean:.2f} ± {100 * float(np.std(values, ddof=1)):.2f}'
+    return f'{mean:.{digits}f}'
+  return f'{mean:.{digits}f} ± {scale * float(np.std(values, ddof=1)):.{digits}f}'
 
 
-def _metric_columns(has_val: bool, has_agreement: bool) -> list[tuple[str, str]]:
-  """(header, row column) of the table's accuracy columns."""
+def _metric_columns(has_val: bool, last_metrics) -> list[tuple[str, str]]:
+  """(header, row column) of the table's metric columns; `last_metrics`: the `_LAST_METRICS` keys to show."""
   columns = [('last test acc', 'last_test_accuracy'), ('best test acc', 'best_test_accuracy')]
   if has_val:
     columns += [('best val acc', 'best_val_accuracy'), ('last val acc', 'last_val_accuracy')]
-  if has_agreement:
-    columns.append(('agreement', 'last_test_agreement'))
+  columns += [(_LAST_METRICS[k][0], f'last_{k}') for k in _LAST_METRICS if k in last_metrics]
   return columns
 
 
@@ -337,7 +344,8 @@ def _point_cells(run: Run, point: _Point, metrics: list[tuple[str, str]]) -> lis
   rows = _val_rows(run, point)
   cells = [str(point.n)]
   for _, column in metrics:
-    cells.append(_mean_std([float(r[column]) for r in rows if r.get(column) is not None]))
+    percent = _LAST_METRICS.get(column[len('last_'):], ('', True))[1]
+    cells.append(_mean_std([float(r[column]) for r in rows if r.get(column) is not None], percent))
   return cells
 
 
@@ -378,7 +386,7 @@ def pivot(run: Run) -> tuple[list, list, np.ndarray]:
 
 def grid_table(run: Run) -> str:
   """The console table: one row per grid point, accuracies in % as mean ± sample std over its seeds."""
-  metrics = _metric_columns(run.has_val, run.has_agreement)
+  metrics = _metric_columns(run.has_val, run.last_metrics)
   rows = [[run.label(f) for f in run.axes] + ['n'] + [h for h, _ in metrics]]
   for point in _points(run):
     rows.append([_fmt_value(point.values[f]) for f in run.axes] + _point_cells(run, point, metrics))
@@ -403,7 +411,7 @@ def compare(runs: Sequence[Run | str]) -> str:
   labels = {}
   for r in runs:
     labels.update({f: l for f, l in r.labels.items() if l})
-  metrics = _metric_columns(any(r.has_val for r in runs), any(r.has_agreement for r in runs))
+  metrics = _metric_columns(any(r.has_val for r in runs), {k for r in runs for k in r.last_metrics})
   rows = [['run'] + [labels.get(f, f) for f in fields] + ['n'] + [h for h, _ in metrics]]
   for name, run in zip(names, runs):
     for point in _points(run):

@@ -354,7 +354,8 @@ def _student_step(parts, step, params, state, opt_state, hp, rng, teacher_vars, 
 def eval_step(parts: Parts, ts: TrainState, teacher_vars, batch: dict, hparams: dict) -> dict:
   """Per student [S], the sums over `batch` = {'images', 'labels', 'mask' (optional: padding rows 0)}: 'loss'
   (cross-entropy), 'top1', 'top5', 'count', 'class_correct' and 'class_count' [S, classes]; with a teacher
-  'agree' (top-1 agreement with it); in an omitted-class run the bias-adjusted 'top1_adj', 'class_correct_adj'."""
+  `teacher_agreement`'s sums; with a distillation token 'top1_cls' and 'top1_dist' (each head alone); in an
+  omitted-class run the bias-adjusted 'top1_adj', 'class_correct_adj'."""
   num_classes = parts.data.num_classes
   top_k = min(5, num_classes)
   omitted = parts.data.omitted
@@ -374,9 +375,12 @@ def eval_step(parts: Parts, ts: TrainState, teacher_vars, batch: dict, hparams: 
     onehot = jax.nn.one_hot(y, num_classes) * mask[:, None]
     sums = {'loss': jnp.sum(nll * mask), 'top1': jnp.sum(top1 * mask), 'top5': jnp.sum(top5 * mask),
             'count': jnp.sum(mask), 'class_correct': onehot.T @ top1, 'class_count': jnp.sum(onehot, 0)}
-    if t_out is not None:  # teacher-student top-1 agreement (the ensemble's, with several teachers)
-      t_logits = teacher_lib.combine(parts.cfg, parts.teacher, t_out)[0].logits
-      sums['agree'] = jnp.sum((jnp.argmax(logits, -1) == jnp.argmax(t_logits, -1)).astype(jnp.float32) * mask)
+    if t_out is not None:  # agreement with the teacher (the ensemble's, with several teachers)
+      sums.update(teacher_agreement(logits, teacher_lib.combine(parts.cfg, parts.teacher, t_out)[0].logits, mask,
+                                    top_k))
+    if ctx.student.dist_logits is not None:  # DeiT: each head alone (`logits` is their average)
+      for name, head in (('top1_cls', ctx.student.cls_logits), ('top1_dist', ctx.student.dist_logits)):
+        sums[name] = jnp.sum((jnp.argmax(head, -1) == y).astype(jnp.float32) * mask)
     if adjust:
       adjusted = logits.at[:, omitted].add(adjust)
       top1_adj = (jnp.argmax(adjusted, -1) == y).astype(jnp.float32)
@@ -384,6 +388,18 @@ def eval_step(parts: Parts, ts: TrainState, teacher_vars, batch: dict, hparams: 
     return sums
 
   return map_students(one, parts.students_loop, ts.params, ts.state, hparams)
+
+
+def teacher_agreement(logits, t_logits, mask, top_k: int = 5) -> dict:
+  """Sums over the rows of `mask` of how the student follows its teacher: 'agree' (the same top-1 class),
+  'agree5' (the teacher's top-1 class among the student's top `top_k`) and 'kl' (KL(p_teacher || p_student) at
+  temperature 1, in nats)."""
+  t_top1 = jnp.argmax(t_logits, -1)
+  agree = (jnp.argmax(logits, -1) == t_top1).astype(jnp.float32)
+  agree5 = jnp.any(jax.lax.top_k(logits, top_k)[1] == t_top1[:, None], axis=-1).astype(jnp.float32)
+  log_t = jax.nn.log_softmax(t_logits.astype(jnp.float32), -1)
+  kl = jnp.sum(jnp.exp(log_t) * (log_t - jax.nn.log_softmax(logits.astype(jnp.float32), -1)), -1)
+  return {'agree': jnp.sum(agree * mask), 'agree5': jnp.sum(agree5 * mask), 'kl': jnp.sum(kl * mask)}
 
 
 def eval_scan(parts: Parts, ts: TrainState, teacher_vars, batches: dict, hparams: dict) -> dict:

@@ -293,13 +293,15 @@ def _setup(cfg, sweep: sweep_lib.Sweep, workdir: str, restart: bool) -> _Run:
                  ', '.join(f'{k}: {len(v)} values' for k, v in sweep.axes.items()) or 'no axes',
                  f', {len(sweep.seeds)} seeds' if len(sweep.seeds) > 1 else '',
                  'x'.join(str(n) for n in mesh.devices.shape))
-  ckpt = ckpt_lib.Checkpointer(workdir, keep=base.keep_checkpoints)
   select = 'val' if ds.val is not None else 'test'
   if select == 'test':
     logging.info('no validation split (data.val_fraction = 0): the best checkpoint is chosen by test accuracy')
+  # Traced before the checkpoint folder is made: a model or method that refuses its inputs (an image size, a pair)
+  # leaves the workdir as it was.
   abstract = trainer.init_state(abstract=True)
   # A sweep too large for memory is refused before its whole program compiles (unrolled: minutes, or an hour).
   memory.check(memory.estimate_before_compile(trainer, abstract), sweep.size)
+  ckpt = ckpt_lib.Checkpointer(workdir, keep=base.keep_checkpoints)
   if not ckpt.manager.all_steps():  # a fresh run: the initial state's program compiles beside the step's
     trainer.start_init_compile()
   memory.check(trainer.compile(abstract), sweep.size)

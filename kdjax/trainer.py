@@ -453,8 +453,10 @@ class Trainer:
   # ------------------------------------------------------------------------------------------------------- eval
   def evaluate(self, ts) -> list[dict]:
     """Per student: {split}_loss, {split}_accuracy, {split}_top5, {split}_count, per-class accuracy and, with a
-    teacher, {split}_agreement (top-1 agreement with it), for val (if any) and test; omitted-class runs add
-    {split}_omitted_accuracy and the bias-adjusted {split}_*_adjusted."""
+    teacher, {split}_agreement, {split}_top5_agreement and {split}_teacher_kl (`step.teacher_agreement`), for val
+    (if any) and test; a student with a distillation token adds {split}_cls_head_accuracy and
+    {split}_dist_head_accuracy; omitted-class runs add {split}_omitted_accuracy and the bias-adjusted
+    {split}_*_adjusted."""
     out = [{} for _ in range(self.num_students)]
     states = ts.groups if self.grouped else (ts,)
     for name, batches in self.source.eval_batches():
@@ -476,8 +478,12 @@ def eval_record(name: str, s: dict, omitted: int = -1) -> dict:
   o = {f'{name}_loss': float(s['loss']) / n, f'{name}_accuracy': float(s['top1']) / n,
        f'{name}_top5': float(s['top5']) / n, f'{name}_count': int(n),
        f'{name}_class_accuracy': (s['class_correct'] / np.maximum(s['class_count'], 1)).tolist()}
-  if 'agree' in s:
-    o[f'{name}_agreement'] = float(s['agree']) / n
+  if 'agree' in s:  # with a teacher (step.teacher_agreement)
+    o.update({f'{name}_agreement': float(s['agree']) / n, f'{name}_top5_agreement': float(s['agree5']) / n,
+              f'{name}_teacher_kl': float(s['kl']) / n})
+  if 'top1_cls' in s:  # a distillation token: each head alone ({name}_accuracy is their average)
+    o.update({f'{name}_cls_head_accuracy': float(s['top1_cls']) / n,
+              f'{name}_dist_head_accuracy': float(s['top1_dist']) / n})
   if omitted >= 0:
     o[f'{name}_omitted_accuracy'] = float(s['class_correct'][omitted] / max(s['class_count'][omitted], 1))
     if 'top1_adj' in s:

@@ -46,6 +46,8 @@ def _epoch_record(rng, epoch, student, val=True, agreement=True):
     r.update(val_loss=float(rng.uniform(0.1, 2)), val_accuracy=float(rng.uniform(0.3, 1)), val_top5=1.0)
   if agreement:
     r['test_agreement'] = float(rng.uniform(0.5, 1))
+    r['test_top5_agreement'] = float(rng.uniform(0.8, 1))
+    r['test_teacher_kl'] = float(rng.uniform(0.05, 2))
   return r
 
 
@@ -75,7 +77,9 @@ def _expected(history, index):
   best = int(np.argmax(val))  # the first epoch that reaches the maximum
   return {'best_val_accuracy': val[best], 'best_epoch': records[best]['epoch'], 'last_val_accuracy': val[-1],
           'test_accuracy_at_best': test[best], 'best_test_accuracy': test.max(), 'last_test_accuracy': test[-1],
-          'last_test_agreement': records[-1]['test_agreement'], 'epochs': records[-1]['epoch']}
+          'last_test_agreement': records[-1]['test_agreement'],
+          'last_test_top5_agreement': records[-1]['test_top5_agreement'],
+          'last_test_teacher_kl': records[-1]['test_teacher_kl'], 'epochs': records[-1]['epoch']}
 
 
 def _table_rows(text):
@@ -116,7 +120,7 @@ def test_table_shows_mean_and_sample_std_over_seeds_and_the_pivot(grid):
                                   'seeds 0, 1; model selection on val; wall 1:15')
   header, rows = _table_rows(text)
   assert header == ['α (label weight)', 'distill.temperature', 'n', 'last test acc', 'best test acc',
-                    'best val acc', 'last val acc', 'agreement']
+                    'best val acc', 'last val acc', 'agreement', 'top-5 agreement', 'KL to teacher']
   assert len(rows) == len(ALPHAS) * len(TEMPERATURES)
   means = np.zeros((len(ALPHAS), len(TEMPERATURES)))
   for i, a in enumerate(ALPHAS):
@@ -126,9 +130,11 @@ def test_table_shows_mean_and_sample_std_over_seeds_and_the_pivot(grid):
       row = next(r for r in rows if r[:2] == [f'{a:g}', f'{t:g}'])
       assert row[2] == str(len(SEEDS))
       for cell, column in zip(row[3:], ['last_test_accuracy', 'best_test_accuracy', 'best_val_accuracy',
-                                        'last_val_accuracy', 'last_test_agreement']):
+                                        'last_val_accuracy', 'last_test_agreement', 'last_test_top5_agreement']):
         values = 100 * np.array([e[column] for e in expected])
         assert cell == f'{values.mean():.2f} ± {np.std(values, ddof=1):.2f}', column
+      kl = np.array([e['last_test_teacher_kl'] for e in expected])  # in nats, not in %
+      assert row[-1] == f'{kl.mean():.4f} ± {np.std(kl, ddof=1):.4f}'
       means[i, j] = 100 * np.mean([e['last_test_accuracy'] for e in expected])
 
   v0, v1, matrix = results.pivot(results.load_run(workdir))

@@ -12,3 +12,4 @@ from kdjax.methods import sdd  # noqa: F401
 from kdjax.methods import wkd  # noqa: F401
 from kdjax.methods import mgd  # noqa: F401
 from kdjax.methods import crld  # noqa: F401
+from kdjax.methods import deit  # noqa: F401

@@ -30,11 +30,20 @@ class ModelOutput:
   features: tuple = ()   # per-stage maps, NHWC (or [B, D] for MLPs), compute dtype
   preact: tuple = ()     # the same stages before their final activation
   subclass_logits: jax.Array | None = None  # [B, num_classes * subclasses] when the head has subclasses
+  # A backbone with a distillation token (DeiT): the class head's and the distillation head's logits [B, classes].
+  # `logits` is then the class head's in training and their average in eval mode (DeiT's inference rule).
+  cls_logits: jax.Array | None = None
+  dist_logits: jax.Array | None = None
 
 
 def pooled_embedding(model: 'Classifier') -> bool:
   """Whether the head sits directly on the global average of the last feature map (SimKD relies on it)."""
   return getattr(model.backbone, 'pooled_embedding', True)
+
+
+def distilled(model: 'Classifier') -> bool:
+  """Whether the backbone has a distillation token (DeiT) and so the Classifier a second head, `head_dist`."""
+  return bool(getattr(getattr(model, 'backbone', model), 'distilled', False))
 
 
 def convolutional(model: 'Classifier') -> bool:
@@ -47,6 +56,10 @@ class Classifier(nn.Module):
 
   With `subclasses` S > 1 (subclass distillation) the head has num_classes * S outputs, class c owning columns
   c*S .. c*S+S-1; `logits` are then the class logits, logsumexp over each class's subclasses.
+
+  A backbone with a distillation token (`distilled`) returns a fourth value, that token's embedding, which a second
+  head `head_dist` (num_classes outputs) maps to `dist_logits`; `logits` are the class head's in training and the
+  mean of both heads in eval mode (timm's VisionTransformerDistilled).
   """
   backbone: nn.Module
   num_classes: int
@@ -58,13 +71,22 @@ class Classifier(nn.Module):
   def setup(self):
     self.head = Head(self.num_classes * self.subclasses, dropout_rate=self.head_dropout, init=self.head_init,
                      dtype=self.dtype)
+    if distilled(self):
+      if self.subclasses > 1:
+        raise ConfigError('a model with a distillation token cannot have subclasses (student/teacher.subclasses)')
+      self.head_dist = Head(self.num_classes, dropout_rate=self.head_dropout, init=self.head_init, dtype=self.dtype)
 
   def __call__(self, x, train: bool = False) -> ModelOutput:
-    features, preact, embedding = self.backbone(x.astype(self.dtype), train)
+    features, preact, embedding, *token = self.backbone(x.astype(self.dtype), train)
     embedding = embedding.astype(jnp.float32)
     raw = self.head(embedding, train)
-    return ModelOutput(logits=self._class_logits(raw), embedding=embedding, features=tuple(features),
-                       preact=tuple(preact), subclass_logits=raw if self.subclasses > 1 else None)
+    out = ModelOutput(logits=self._class_logits(raw), embedding=embedding, features=tuple(features),
+                      preact=tuple(preact), subclass_logits=raw if self.subclasses > 1 else None)
+    if not token:
+      return out
+    dist = self.head_dist(token[0].astype(jnp.float32), train)
+    return out.replace(logits=out.logits if train else (out.logits + dist) / 2, cls_logits=out.logits,
+                       dist_logits=dist)
 
   def classify(self, embedding, train: bool = False):
     return self._class_logits(self.head(embedding, train))

@@ -222,14 +222,16 @@ class Head(nn.Module):
   num_classes: int
   dropout_rate: float = 0.0
   # 'torch': PyTorch's Linear default; 'normal': N(0, 0.01) weights and zero bias (RepDistiller's VGG and
-  # MobileNetV2, torchvision's MobileNetV2); 'zero_bias': default weights, zero bias (RepDistiller's WRN).
+  # MobileNetV2, torchvision's MobileNetV2); 'zero_bias': default weights, zero bias (RepDistiller's WRN);
+  # 'trunc_normal': truncated N(0, 0.02) weights and zero bias (timm's ViT / DeiT).
   init: str = 'torch'
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, embedding, train: bool = False):
     fan_in = embedding.shape[-1]
-    kernel_init = nn.initializers.normal(0.01) if self.init == 'normal' else torch_uniform_fan_in()
+    kernel_init = {'normal': nn.initializers.normal(0.01),
+                   'trunc_normal': nn.initializers.truncated_normal(0.02)}.get(self.init, torch_uniform_fan_in())
     bias_init = torch_bias_init(fan_in) if self.init == 'torch' else nn.initializers.zeros
     kernel = self.param('kernel', kernel_init, (fan_in, self.num_classes), jnp.float32)
     bias = self.param('bias', bias_init, (self.num_classes,), jnp.float32)

@@ -8,7 +8,9 @@ Accepted files: the state_dicts of the CIFAR models of RepDistiller (HobbitLong/
 (DefangChen/SimKD) and mdistiller (megvii-research/mdistiller), which share their module names; torchvision's ImageNet
 `resnet18/34/50` and `mobilenet_v2` (as `resnet18_imagenet` ... `mobilenetv2_imagenet`, e.g. the files
 `torchvision.models.resnet34(weights=...)` caches) and mdistiller's ImageNet MobileNetV1 (`mobilenetv1_imagenet`),
-with `--image_size 224 --dataset imagenet2012`. Saved as
+with `--image_size 224 --dataset imagenet2012`; timm's and DeiT's ViTs (`deit_tiny`, `deit_small_distilled`, ...:
+kdjax/models/vit.py), from DeiT's release `.pth` files or timm's `.safetensors` files (read with the safetensors
+package, which holds tensors only: no torch needed, nothing run). Saved as
 `{'model': state_dict, ...}` (RepDistiller, SimKD, mdistiller teachers), `{'net': state_dict, ...}`,
 `{'state_dict': state_dict, ...}` or a bare state_dict; a `module.` prefix (DataParallel) is stripped. The file is
 read with `torch.load(weights_only=True)`, which runs no code from it; a file that this refuses (e.g. a checkpoint
@@ -67,9 +69,13 @@ class FamilyRule:
 
   `head`: the reference's classifier module (our `head`). `renames`: regex substitutions applied, in order, to the
   dotted module path that the generic rule derives from our backbone path (e.g. 'layer1.0.downsample_conv').
+  `tensors`: parameters of the backbone itself (not of a layer) that keep their name (ViT's 'cls_token').
+  `head_dist`: the reference's distillation head (our `head_dist`, a DeiT with a distillation token).
   """
   head: str
   renames: tuple[tuple[str, str], ...] = ()
+  tensors: tuple[str, ...] = ()
+  head_dist: str = 'head_dist'
 
 
 # Keyed by the backbone class ('module.QualName'); a model is importable iff its backbone class is listed here.
@@ -95,6 +101,8 @@ FAMILY_RULES: dict[str, FamilyRule] = {
     'kdjax.models.imagenet.MobileNetV1': FamilyRule('fc'),
     # torchvision.models.mobilenet_v2: `features.{i}...`, classifier = Sequential(Dropout, Linear).
     'kdjax.models.imagenet.MobileNetV2ImageNet': FamilyRule('classifier.1'),
+    # timm's VisionTransformer / VisionTransformerDistilled (DeiT): our module names are timm's.
+    'kdjax.models.vit.ViT': FamilyRule('head', tensors=('cls_token', 'dist_token', 'pos_embed')),
 }
 
 # (collection, leaf name) -> PyTorch parameter/buffer name.
@@ -167,10 +175,12 @@ def _slots(name: str, model, shapes) -> list[_Slot]:
   for path, s in flax.traverse_util.flatten_dict(flax.core.unfreeze(shapes)).items():
     collection, top, *modules, leaf = path
     torch_leaf = _LEAF_NAMES.get((collection, leaf))
+    if top == 'backbone' and not modules and leaf in rule.tensors:
+      torch_leaf = leaf
     if torch_leaf is None:
       raise ConfigError(f'model {name!r} has a variable {"/".join(path)} with no PyTorch counterpart')
-    if top == 'head':
-      prefix = '.'.join([rule.head] + list(modules))
+    if top in ('head', 'head_dist'):
+      prefix = '.'.join([rule.head if top == 'head' else rule.head_dist] + list(modules))
     elif top == 'backbone':
       prefix = torch_module_path(rule, tuple(modules))
     else:
@@ -189,8 +199,10 @@ def _shape(a) -> tuple[int, ...]:
 
 
 def convert(state_dict: Mapping[str, Any], model: str, num_classes: int | None = None,
-            image_shape=(32, 32, 3)) -> dict:
-  """Maps a (bare, prefix-stripped) PyTorch state_dict onto the variables of `models.create(model, num_classes)`.
+            image_shape=(32, 32, 3), model_kwargs: Mapping[str, Any] | None = None) -> dict:
+  """Maps a (bare, prefix-stripped) PyTorch state_dict onto the variables of
+  `models.create(model, num_classes, **model_kwargs)` for inputs of `image_shape` (a ViT's position embeddings
+  depend on it).
 
   `state_dict` values are array-likes (numpy arrays; `load_state_dict` turns tensors into those). `num_classes`
   defaults to the classifier's output width in the state_dict. Returns {'params': ..., 'batch_stats': ...} as jax
@@ -198,7 +210,7 @@ def convert(state_dict: Mapping[str, Any], model: str, num_classes: int | None =
   """
   if num_classes is None:
     num_classes = _infer_num_classes(state_dict, model)
-  net = models.create(model, num_classes=num_classes)
+  net = models.create(model, num_classes=num_classes, **dict(model_kwargs or {}))
   x = jax.ShapeDtypeStruct((1,) + tuple(image_shape), jnp.float32)
   shapes = jax.eval_shape(lambda x: net.init(jax.random.key(0), x, train=False), x)
   slots = _slots(model, net, shapes)
@@ -288,6 +300,30 @@ _OTHER_MAGICS = ((b'\x93NUMPY', 'a NumPy .npy file'), (b'\x89HDF\r\n\x1a\n', 'an
                  'kdjax.tools.import_keras)'), (b'\x1f\x8b', 'a gzip file'))
 
 
+def _is_safetensors(path: str) -> bool:
+  """A safetensors file: an 8-byte little-endian header length, then that many bytes of JSON starting with '{'."""
+  with open(path, 'rb') as f:
+    head = f.read(9)
+  return len(head) == 9 and head[8:9] == b'{' and 2 <= int.from_bytes(head[:8], 'little') <= os.path.getsize(path)
+
+
+def load_safetensors(path: str) -> dict[str, np.ndarray]:
+  """A .safetensors file (timm's and the Hugging Face hub's weights) as {key: numpy array}; the format holds tensors
+  only, so nothing in it runs. bfloat16 tensors come back as float32."""
+  try:
+    from safetensors import safe_open
+  except ImportError as e:
+    raise ConfigError('reading a .safetensors file needs the safetensors package: pip install safetensors') from e
+  out = {}
+  try:
+    with safe_open(path, framework='numpy') as f:
+      for key in f.keys():
+        out[key] = np.asarray(f.get_tensor(key), dtype=np.float32 if f.get_slice(key).get_dtype() == 'BF16' else None)
+  except Exception as e:  # pylint: disable=broad-except  (a damaged header or a cut file)
+    raise ConfigError(f'cannot read {path}: {type(e).__name__}: {" ".join(str(e).split())[:300]}') from None
+  return extract_state_dict(out)
+
+
 def _kind_of_file(path: str) -> str | None:
   """None for a file that may be torch.save's output, else what it is instead (for a one-line refusal)."""
   with open(path, 'rb') as f:
@@ -324,7 +360,8 @@ def _torch_reason(e: Exception) -> tuple[str, bool]:
 
 
 def load_state_dict(path: str, trust_file: bool = False) -> dict[str, np.ndarray]:
-  """Reads a .pth/.pt/.tar file of any of the accepted layouts into {key: numpy array}. Imports torch.
+  """Reads a .pth/.pt/.tar file of any of the accepted layouts (or a .safetensors file: `load_safetensors`) into
+  {key: numpy array}. Imports torch for the former.
 
   The file is read with `torch.load(weights_only=True)`, which builds tensors and plain containers only and runs no
   code from the file. A file it refuses (e.g. a RepDistiller checkpoint that also pickles an argparse.Namespace) is
@@ -333,6 +370,8 @@ def load_state_dict(path: str, trust_file: bool = False) -> dict[str, np.ndarray
   you trust. A damaged or truncated file is refused either way."""
   if not os.path.isfile(path):
     raise CheckpointNotFoundError(f'PyTorch checkpoint {path} does not exist')
+  if _is_safetensors(path):
+    return load_safetensors(path)
   kind = _kind_of_file(path)
   if kind is not None:
     raise ConfigError(f'{path} is not a PyTorch checkpoint: {kind}')
@@ -423,9 +462,11 @@ def _quiet_orbax(record) -> bool:
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(
       prog='python -m kdjax.tools.import_torch',
-      description='Convert a PyTorch state_dict of a RepDistiller / SimKD / mdistiller CIFAR model into a kdjax '
-                  'checkpoint directory usable as config.teacher.checkpoint.')
-  parser.add_argument('checkpoint', help='the .pth file: {"model": sd}, {"net": sd} or a bare state_dict')
+      description='Convert a PyTorch state_dict (a RepDistiller / SimKD / mdistiller CIFAR model, a torchvision '
+                  'ImageNet model, a timm / DeiT ViT; .pth or .safetensors) into a kdjax checkpoint directory '
+                  'usable as config.teacher.checkpoint.')
+  parser.add_argument('checkpoint', help='the .pth file ({"model": sd}, {"net": sd} or a bare state_dict) or a '
+                                         '.safetensors file')
   parser.add_argument('out_dir', help='output workdir; the checkpoint goes to OUT_DIR/checkpoints')
   parser.add_argument('--model', required=True, help='kdjax model name, e.g. resnet32x4, wrn_40_2, ShuffleV2')
   parser.add_argument('--num_classes', type=int, default=None,
