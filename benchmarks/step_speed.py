@@ -342,26 +342,33 @@ def main(argv):
           results.setdefault(name, []).append(r)
           print(f'  {pair} {name}: {json.dumps(r)}', flush=True)
       print(f'{pair}: repeat {rep + 1} done, load average {os.getloadavg()[0]:.2f}', flush=True)
-    base = None
-    for name, rs in results.items():
-      rs = [r for r in rs if r]
+    base, base_reps = None, None
+    for name, reps in results.items():
+      rs = [r for r in reps if r]
       if not rs:
         continue
       med = {key: statistics.median(r[key] for r in rs) for key in rs[0] if isinstance(rs[0][key], (int, float))}
+      rates = [r['img_s'] if r else None for r in reps]
       if name == 'PyTorch eager':
-        base = med['img_s']
+        base, base_reps = med['img_s'], rates
+      # Each repeat's contender against the same repeat's PyTorch eager (interleaved: the same moment's load).
+      ratios = [a / b for a, b in zip(rates, base_reps or []) if a and b]
       if 'k' in rs[0]:
         loop = '' if rs[0]['k'] == 1 else f' {rs[0]["loop"]}'
         name = name.replace('K=0 auto', f'K={rs[0]["k"]}{loop}').replace(' auto', loop)
-      rows.append((pair, name, med, len(rs), base))
+      rows.append((pair, name, med, len(rs), base, [r for r in rates if r], ratios))
       detail = ', '.join(f'{k} {v:.2f}' for k, v in med.items() if k not in ('img_s', 'k', 'threads'))
-      print(f'  {name}: {med["img_s"]:,.0f} img/s; {detail}', flush=True)
+      print(f'  {name}: {med["img_s"]:,.0f} img/s (repeats: {", ".join(f"{r:,.1f}" for r in rates if r)}); '
+            f'{detail}', flush=True)
+  print(f'\nload average {os.getloadavg()[0]:.2f} at the end; img/s: median (min-max over repeats); vs PyTorch '
+        'eager: ratio of the medians (min-max of the per-repeat ratios)')
   print('\n| pair | contender | img/s | vs PyTorch eager | first step | of which setup / compile | runs |')
   print('|---|---|---|---|---|---|---|')
-  for pair, name, med, n, base in rows:
-    ratio = f'{med["img_s"] / base:.2f}x' if base else '—'
+  for pair, name, med, n, base, rates, ratios in rows:
+    ratio = f'{med["img_s"] / base:.2f}x ({min(ratios):.2f}-{max(ratios):.2f})' if base and ratios else '—'
     parts = f'{med["setup"]:.1f} s / {med["compile"]:.1f} s' if 'setup' in med else '—'
-    print(f'| {pair} | {name} | {med["img_s"]:,.0f} | {ratio} | {med["first_step"]:.1f} s | {parts} | {n} |')
+    print(f'| {pair} | {name} | {med["img_s"]:,.0f} ({min(rates):,.0f}-{max(rates):,.0f}) | {ratio} | '
+          f'{med["first_step"]:.1f} s | {parts} | {n} |')
 
 
 if __name__ == '__main__':
