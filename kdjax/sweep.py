@@ -402,13 +402,12 @@ def _program_config(cfg, values: dict, overrides: list, numeric: str):
       continue
     for path, v in settings.items():
       try:
-        current = get(c, path)
+        get(c, path)
       except KeyError:
         raise ConfigError(f'config.sweep_overrides: no such config field {path!r} (for {axis}={value})') from None
       if path.split('.')[0] not in GROUP_FIELDS:
         raise ConfigError(f'config.sweep_overrides: {path} is shared by every group of the program and cannot be '
                           f'set for {axis}={value}')
-      del current
       _set(c, path, v)
   return c
 

@@ -1,8 +1,6 @@
 """Function matching (configs/funmatch.py): gradient clipping, a cosine whose length a sweep may vary, the teacher's
 own run without the consistent views, and the digits recipe run end to end for a few epochs."""
 
-import importlib.util
-import os
 
 import jax
 import jax.numpy as jnp
@@ -16,16 +14,12 @@ from kdjax import sweep as sweep_lib
 from kdjax import teacher as teacher_lib
 from kdjax import train
 from kdjax.errors import ConfigError
-from tests.util import digits_config
+from tests.util import config_module, digits_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _funmatch(arg):
-  spec = importlib.util.spec_from_file_location('funmatch', os.path.join(ROOT, 'configs', 'funmatch.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return config_module('funmatch.py').get_config(arg)
 
 
 def test_clip_norm_rescales_the_gradient_to_its_global_norm():

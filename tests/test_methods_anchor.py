@@ -2,9 +2,7 @@
 memory bank behaves as RepDistiller's, DKD warms up as mdistiller's, and every CIFAR-100 benchmark config lowers."""
 
 import functools
-import importlib.util
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -26,22 +24,14 @@ from kdjax.data import device as device_data
 from kdjax.errors import ConfigError
 from kdjax.methods import dkd
 from kdjax.methods.feature import ConvReg
-from tests.util import digits_config
+from tests.util import config_module, digits_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ANCHOR_METHODS = ('fitnet', 'at', 'sp', 'rkd', 'pkt', 'vid', 'crd', 'dkd')
 # cnn_small -> a narrower cnn_small: different channels everywhere, so every projector/regressor is exercised.
 STUDENT_KWARGS = {'channels': (16, 32), 'hidden': (32,)}
 
 
-def _load_cifar100_configs():
-  spec = importlib.util.spec_from_file_location('cifar100_configs', os.path.join(ROOT, 'configs', 'cifar100.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-CIFAR100 = _load_cifar100_configs()
+CIFAR100 = config_module('cifar100.py')
 
 
 def _numpy(tree):

@@ -5,10 +5,8 @@ distillers/SDD_nkd.py; JiamingLv/WKD mdistiller/distillers/WKD.py; yzd-v/MGD cls
 CRLD's distillers/CRLD.py), on NCHW arrays and with the references' index order and masks, their detach points,
 refusals, configs and one digits run."""
 
-import importlib.util
 import json
 import math
-import os
 
 import jax
 import jax.numpy as jnp
@@ -22,32 +20,14 @@ from kdjax import models
 from kdjax import train
 from kdjax.errors import ConfigError
 from kdjax.methods import crld, mgd, sdd, wkd, wttm
-from tests.util import digits_config, load_digits_model, random_teacher
+from tests.util import config_module, digits_config, load_digits_model, np_log_softmax, np_softmax, random_teacher
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RTOL, ATOL = 2e-5, 1e-6
 
 
-def _load_cifar100_configs():
-  spec = importlib.util.spec_from_file_location('cifar100_configs_frontier',
-                                                os.path.join(ROOT, 'configs', 'cifar100.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+CIFAR100 = config_module('cifar100.py')
 
 
-CIFAR100 = _load_cifar100_configs()
-
-
-def np_softmax(z, axis=-1):
-  z = z - z.max(axis=axis, keepdims=True)
-  e = np.exp(z)
-  return e / e.sum(axis=axis, keepdims=True)
-
-
-def np_log_softmax(z, axis=-1):
-  z = z - z.max(axis=axis, keepdims=True)
-  return z - np.log(np.exp(z).sum(axis=axis, keepdims=True))
 
 
 def _logits(seed, b=6, c=7, scale=3.0):

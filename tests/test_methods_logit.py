@@ -2,10 +2,8 @@
 written from the reference code (image_classification_sota dist_kd.py, cls_KD nkd.py, zhengli97/CTKD), CTKD's
 gradient reversal and curriculum, the LS configs, and one shared digits run of the three new terms."""
 
-import importlib.util
 import json
 import math
-import os
 
 import jax
 import jax.numpy as jnp
@@ -19,31 +17,14 @@ from kdjax import methods  # noqa: F401  (registers the methods)
 from kdjax import models
 from kdjax import train
 from kdjax.methods import logit
-from tests.util import digits_config, load_digits_model, random_teacher
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.util import config_module, digits_config, load_digits_model, np_log_softmax, np_softmax, random_teacher
 
 
-def _load_cifar100_configs():
-  spec = importlib.util.spec_from_file_location('cifar100_configs_logit', os.path.join(ROOT, 'configs', 'cifar100.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
-
-CIFAR100 = _load_cifar100_configs()
+CIFAR100 = config_module('cifar100.py')
 
 
 # --------------------------------------------------------------------------------------------- NumPy references
-def np_softmax(z, axis=-1):
-  z = z - z.max(axis=axis, keepdims=True)
-  e = np.exp(z)
-  return e / e.sum(axis=axis, keepdims=True)
-
-
-def np_log_softmax(z, axis=-1):
-  z = z - z.max(axis=axis, keepdims=True)
-  return z - np.log(np.exp(z).sum(axis=axis, keepdims=True))
 
 
 def np_standardize(z):

@@ -18,7 +18,7 @@ from kdjax import step as step_lib
 from kdjax import sweep as sweep_lib
 from kdjax import train
 from kdjax import trainer as trainer_lib
-from tests.util import digits_config, random_teacher
+from tests.util import config_module, digits_config, random_teacher
 
 RTOL, ATOL = 2e-5, 2e-6  # float32 round-off, as tests/test_sweep.py
 TABLE = 'method=kd,crd,ab; student.model=resnet8,cnn_small'
@@ -233,13 +233,9 @@ def test_table_results_text(table):
 def test_the_digits_table_config_and_the_report(tmp_path):
   """`configs/cifar100.py:table,resnet32x4,digits` (CI's stand-in of the CIFAR-100 table) runs as one program, and
   the report tool redraws its table."""
-  import importlib.util
   import subprocess
   import sys
-  spec = importlib.util.spec_from_file_location('cifar100_config', 'configs/cifar100.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  cfg = module.get_config('table,resnet32x4,digits')
+  cfg = config_module('cifar100.py').get_config('table,resnet32x4,digits')
   assert cfg.sweep == 'method=ce,kd,dkd,crd,fitnet,ab; student.model=resnet8,cnn_small'
   teacher = random_teacher(str(tmp_path / 'teacher'), 'resnet20')
   with cfg.unlocked():

@@ -1,8 +1,14 @@
 """Small configs shared by the tests: one student shape and few distinct programs, so compilations are shared."""
 
+import importlib.util
+import os
+
 import ml_collections
+import numpy as np
 
 from kdjax import config_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # LLVM at -O0 for every test program, in this process (conftest.py) and in the launch.py subprocesses: the programs
 # are tiny and compiled once each, so compiling them, not running them, is the tests' cost (tests/test_sweep.py +
@@ -71,3 +77,22 @@ def load_digits_model(workdir: str, model: str, **kw):
   m = models.create(model, num_classes=10, **kw)
   target = jax.eval_shape(lambda: m.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1))))
   return jax.tree.map(np.array, ckpt_lib.load_model(workdir, target)[0])
+
+
+def config_module(name: str):
+  """A config file of configs/ ('cifar100.py') loaded as a module (its `get_config`, its tables)."""
+  spec = importlib.util.spec_from_file_location(f'kdjax_test_configs_{name[:-3]}', os.path.join(ROOT, 'configs', name))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def np_softmax(z, axis=-1):
+  z = z - z.max(axis=axis, keepdims=True)
+  e = np.exp(z)
+  return e / e.sum(axis=axis, keepdims=True)
+
+
+def np_log_softmax(z, axis=-1):
+  z = z - z.max(axis=axis, keepdims=True)
+  return z - np.log(np.exp(z).sum(axis=axis, keepdims=True))
