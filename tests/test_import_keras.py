@@ -124,6 +124,7 @@ def test_layout_mismatch_is_refused_when_loading(keras_model, tmp_path):
   teacher_lib.check_meta(meta, out, name, 7, kwargs={'layout': 'keras'})
 
 
+@pytest.mark.slow
 def test_fine_tuning_starts_from_a_keras_file(keras_model):
   """`student.init_checkpoint` naming a `.h5` file: the backbone is the file's, the head new (10 classes, not 7);
   without the Keras layout the file is refused in one line."""

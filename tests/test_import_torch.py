@@ -96,7 +96,8 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize('name', list(CASES))
+@pytest.mark.parametrize('name', [pytest.param(n, marks=pytest.mark.slow) if n in ('wrn_16_2', 'ShuffleV2', 'mobile_half')
+                                  else n for n in CASES])
 def test_imported_logits_match_torch(name, tmp_path):
   build, num_classes, wrap, via = CASES[name]
   tnet = randomize(build(num_classes), seed=len(name))

@@ -144,6 +144,7 @@ def _bank(state):
   return state.state['extras']['memory']['crd']
 
 
+@pytest.mark.slow
 def test_crd_memory_update_matches_reference(crd_steps):
   exp, (s0, s1, s2), _ = crd_steps[1]
   n = len(exp.ds.train)
@@ -178,6 +179,7 @@ def test_crd_memory_update_matches_reference(crd_steps):
     assert _bank(s2)[f'z_{side}'] == bank1[f'z_{side}']
 
 
+@pytest.mark.slow
 def test_crd_memory_survives_checkpoint_round_trip(crd_steps, tmp_path):
   _, (_, _, s2), ts = crd_steps[1]
   ckpt = ckpt_lib.Checkpointer(str(tmp_path))
@@ -191,6 +193,7 @@ def test_crd_memory_survives_checkpoint_round_trip(crd_steps, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, s2.params, step_lib.student(_numpy(restored), 0).params)
 
 
+@pytest.mark.slow
 def test_crd_four_devices_match_one(crd_steps):
   assert jax.device_count() >= 4
   one, four = crd_steps[1][1][-1], crd_steps[4][1][-1]
@@ -200,6 +203,7 @@ def test_crd_four_devices_match_one(crd_steps):
   assert crd_steps[4][2].state['extras']['memory']['crd']['memory_s'].sharding.is_fully_replicated
 
 
+@pytest.mark.slow
 def test_crd_eval_does_not_touch_memory(crd_steps):
   exp, _, ts = crd_steps[1]
   bank = _numpy(_bank(ts))

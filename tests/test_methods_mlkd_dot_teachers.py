@@ -226,6 +226,7 @@ def test_ensemble_and_per_term_teachers_feed_the_right_terms(teachers):
   assert exp.teacher_table is not None
 
 
+@pytest.mark.slow
 def test_cached_outputs_of_several_teachers_give_the_uncached_step(teachers):
   """digits is not augmented, so both teachers' outputs are computed once and read back: the same step as running
   the two teachers every step (a DOT step, MLKD's strong view computed live beside the cached weak outputs)."""

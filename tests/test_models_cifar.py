@@ -132,7 +132,8 @@ def test_resnet8_train_step_runs_on_small_inputs():
   assert all(jax.tree_util.tree_leaves(changed))
 
 
-@pytest.mark.parametrize('name', ['resnet8', 'wrn_16_1', 'ShuffleV2'])
+@pytest.mark.parametrize('name', [pytest.param('resnet8', marks=pytest.mark.slow), 'wrn_16_1',
+                                  pytest.param('ShuffleV2', marks=pytest.mark.slow)])
 def test_bfloat16_forward_is_close_to_float32(name):
   """Stated tolerance: with bfloat16 activations (float32 parameters and BatchNorm statistics) the logits stay
   within 3% (relative L2) of the float32 logits, and the top-1 predictions agree on at least 90% of inputs."""

@@ -53,16 +53,20 @@ def _single(cfg, student: sweep_lib.Student, workdir):
   """Student `student` of a sweep, trained alone: its own config, the sweep's data seed."""
   alone = student.cfg
   with alone.unlocked():
-    alone.sweep, alone.seeds = '', 1
+    alone.sweep, alone.seeds, alone.students_loop = '', 1, 'auto'
   return train.run(alone, workdir)
 
 
-def test_every_student_trains_exactly_as_alone(teacher_dir, tmp_path):
+@pytest.mark.parametrize('loop', ['unroll', pytest.param('vmap', marks=pytest.mark.slow)])
+def test_every_student_trains_exactly_as_alone(teacher_dir, tmp_path, loop):
+  """An MLP student with dropout and CRD (its memory bank is state), unrolled (the CPU's choice) and vmapped."""
   cfg = _kd_config(teacher_dir)
   cfg.sweep = 'distill.temperature=2,4; optimizer.lr=0.05,0.1'
   cfg.sweep_mode = 'zip'
   cfg.seeds = 2
+  cfg.students_loop = loop
   summary = train.run(cfg, str(tmp_path / 'sweep'))
+  assert summary.trainer.parts.students_loop == loop
   sweep = summary.trainer.sweep
   assert [s.name for s in sweep.students] == [
       'distill.temperature=2 optimizer.lr=0.05 seed=0', 'distill.temperature=2 optimizer.lr=0.05 seed=1',
@@ -84,8 +88,7 @@ def test_every_student_trains_exactly_as_alone(teacher_dir, tmp_path):
 @pytest.mark.slow
 def test_a_batchnorm_conv_student_trains_as_alone_vmapped_and_unrolled(teacher_dir, tmp_path):
   """A tiny conv student with BatchNorm: its parameters, running statistics and optimizer state in a sweep, vmapped
-  and unrolled, are those of the same student trained alone. (The MLP student above has dropout and CRD's memory
-  bank, unrolled; test_vmapped_and_unrolled_students_agree carries that to vmap.)"""
+  and unrolled, are those of the same student trained alone."""
   cfg = _kd_config(teacher_dir, {'ce': 0.5, 'kd': 0.5})
   cfg.student.model, cfg.student.kwargs = 'cnn_small', {'channels': (4, 8), 'hidden': (16,)}
   cfg.sweep, cfg.sweep_mode = 'distill.temperature=2,4; optimizer.lr=0.05,0.1', 'zip'
