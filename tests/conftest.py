@@ -27,19 +27,3 @@ def digits_teacher(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('digits_teacher'))
   summary = train.run(digits_config('cnn_small', epochs=15), workdir)
   return workdir, summary
-
-
-# Slow tests of the files that mark none themselves (the kill loop, the multi-process faults, the CLI error rows
-# that each start launch.py): the fast tier (`-m "not slow"`) leaves them out; test_multihost.py's two-process run
-# and its one-process refusals stay in it.
-SLOW = ('tests/test_cli_errors.py::test_kill_loop_ends_as_an_uninterrupted_run',
-        'tests/test_cli_errors.py::test_bad_command_is_one_line_and_touches_nothing',
-        'tests/test_multihost.py::test_sigterm_to_one_process_stops_all_and_the_relaunch_resumes_exactly',
-        'tests/test_multihost.py::test_mismatched_process_counts_are_one_line_each',
-        'tests/test_multihost.py::test_batch_that_does_not_divide_over_all_devices_is_one_line')
-
-
-def pytest_collection_modifyitems(config, items):
-  for item in items:
-    if item.nodeid.split('[')[0] in SLOW:
-      item.add_marker(pytest.mark.slow)

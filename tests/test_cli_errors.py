@@ -65,6 +65,7 @@ ROWS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('args, first_words', ROWS, ids=[' '.join(a[1:]) or a[0] for a, _ in ROWS])
 def test_bad_command_is_one_line_and_touches_nothing(args, first_words, finished):
   before = _digest(finished)

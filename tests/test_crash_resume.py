@@ -145,6 +145,7 @@ def _assert_same_run(work, reference):
   assert strip(_epochs(work)) == strip(_epochs(reference))
 
 
+@pytest.mark.slow
 def test_kill_loop_ends_as_an_uninterrupted_run(tmp_path):
   """Three SIGKILLs of one run, each rerun resuming from the newest finalized step, then its end:
   1. once an epoch is recorded and a checkpoint finalized (the test's kill lands wherever the run then is);
@@ -199,6 +200,7 @@ def jpegs(tmp_path_factory):
   return jpeg_folder.write(str(tmp_path_factory.mktemp('jpegs')), 3, 8, 4, side=12)
 
 
+@pytest.mark.slow
 def test_streamed_run_killed_mid_epoch_resumes_bit_identical(jpegs, tmp_path):
   """The streaming pipeline (Grain, one worker process: it dies with the run): SIGKILL mid-epoch, then the rerun
   reads the batches the uninterrupted run read from the checkpoint's stream position, and ends with its arrays."""

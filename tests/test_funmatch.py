@@ -69,6 +69,7 @@ def test_the_teachers_own_run_has_no_views_and_keeps_its_cache_key():
   assert teacher_lib.cache_dir(plain, 'digits') == teacher_lib.cache_dir(cfg, 'digits')
 
 
+@pytest.mark.slow
 def test_funmatch_digits_runs(digits_teacher, tmp_path, caplog):
   """configs/funmatch.py:digits for 3 epochs against the shared trained digits teacher: kd alone, mixup on every
   batch, the teacher run every step (not cached), and the student learns (well above the 10 % of chance)."""

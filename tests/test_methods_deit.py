@@ -75,6 +75,7 @@ def _heads(model, variables, images):
   return np.asarray(out.cls_logits), np.asarray(out.dist_logits), np.asarray(out.logits)
 
 
+@pytest.mark.slow
 def test_digits_run_of_a_tiny_distilled_vit_reports_each_head_and_their_average(tmp_path):
   """Two students of one program (soft distillation, tau 1 and 4, beside a small 'kd' term on the class head) with
   a random CNN teacher: the class head learns the labels, the distillation head the teacher; the evaluation's heads

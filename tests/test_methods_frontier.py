@@ -478,6 +478,7 @@ def test_reference_configs():
 
 
 # ------------------------------------------------------------------------------------------------ digits run
+@pytest.mark.slow
 def test_frontier_terms_train_on_digits_with_a_frozen_teacher(tmp_path):
   """Every new term at once on digits (resnet8 -> resnet8; the final 2x2 map pooled to 1, 2 and 4 regions a side;
   CRLD with the strong view): each term finite, the training loss falls, the teacher stays bit-identical, WKD-F's

@@ -170,6 +170,7 @@ def test_two_processes_train_the_teacher_once_and_equal_one_process(two_processe
   assert f'epoch 1/{EPOCHS}' not in out1 and 'done:' not in out1 and 'Traceback' not in out0 + out1
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_process_stops_all_and_the_relaunch_resumes_exactly(two_processes, reference,
                                                                             tmp_path):
   root, _ = two_processes
@@ -223,6 +224,7 @@ def test_process_id_out_of_range_is_one_line(tmp_path):
   assert _errors(r.stderr) == ['error: --process_id=2 is out of range for --num_processes=2 (0..1)']
 
 
+@pytest.mark.slow
 def test_mismatched_process_counts_are_one_line_each(tmp_path):
   # Process 0 was told there are three, process 1 two: refused at kdjax's handshake, on both, as soon as they meet.
   with Processes(_args(tmp_path / 'w', tmp_path / 'c'), timeout=30, num_processes=[3, 2]) as procs:
@@ -234,6 +236,7 @@ def test_mismatched_process_counts_are_one_line_each(tmp_path):
     assert 'Traceback' not in text
 
 
+@pytest.mark.slow
 def test_batch_that_does_not_divide_over_all_devices_is_one_line(tmp_path):
   single = {k: v for k, v in OVERRIDES.items() if k != 'sweep'}  # one student: the data axis is all 4 devices
   with Processes(_args(tmp_path / 'w', tmp_path / 'c', dict(single, batch_size=30))) as procs:

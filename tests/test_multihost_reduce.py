@@ -48,6 +48,7 @@ def _assert_states_close(got, want):
     np.testing.assert_allclose(a[key], b[key], err_msg=key, **TOL)
 
 
+@pytest.mark.slow
 def test_one_bn_student_over_two_processes_equals_one_device(tmp_path):
   """cnn_small (BatchNorm after each conv), 64 images a step: 16 on each of the 4 devices, 32 in each process. The
   reference is this config on one device, where each BatchNorm statistic is of the whole batch; the 2 x 2 run
@@ -78,6 +79,7 @@ def jpegs(tmp_path_factory):
   return jpeg_folder.write(str(tmp_path_factory.mktemp('jpegs')), 3, 8, 4, side=12)
 
 
+@pytest.mark.slow
 def test_streamed_two_processes_equal_one_process_on_four_devices(jpegs, tmp_path):
   """The streaming pipeline: each of 2 processes reads its strided half of every global batch (4 of 8 images) and
   places it on its 2 devices; one process on 4 devices reads whole batches. Same parameters, optimizer state and

@@ -89,6 +89,7 @@ def test_the_groups_of_a_table(table):
   assert isinstance(out.state, step_lib.TableState) and len(out.state.groups) == 5
 
 
+@pytest.mark.slow
 def test_every_student_of_a_table_trains_as_alone(table, tmp_path):
   _, out = table
   sweep, ours = out.trainer.sweep, _host(out.state)
@@ -126,6 +127,7 @@ def test_records_and_results_of_a_table(table):
   assert saved['skipped'][0]['values'] == {'method': 'ab', 'student.model': 'cnn_small'}
 
 
+@pytest.mark.slow
 def test_a_table_resumes_exactly(table, teacher_dir, tmp_path, monkeypatch):
   _, reference = table
   work = str(tmp_path / 'work')
@@ -151,6 +153,7 @@ def test_a_table_resumes_exactly(table, teacher_dir, tmp_path, monkeypatch):
   assert len(epochs) == len(set(epochs)) == 4 * 2 + 4
 
 
+@pytest.mark.slow
 def test_vmapped_groups_train_as_alone(teacher_dir, tmp_path):
   cfg = _config(teacher_dir, 'method=kd,crd', epochs=1, students_loop='vmap')
   cfg.seeds = 2
@@ -230,6 +233,7 @@ def test_table_results_text(table):
   assert 'n/a' in ab  # AB on cnn_small was left out
 
 
+@pytest.mark.slow
 def test_the_digits_table_config_and_the_report(tmp_path):
   """`configs/cifar100.py:table,resnet32x4,digits` (CI's stand-in of the CIFAR-100 table) runs as one program, and
   the report tool redraws its table."""
@@ -287,6 +291,7 @@ def test_paper_table_marks_the_best_and_the_published_numbers(tmp_path):
   assert lines[3] == '| dkd | **76.50 ± 0.71** (76.32) | n/a (76.45) |'
 
 
+@pytest.mark.slow
 def test_accelerator_benchmark_smoke():
   """benchmarks/accelerator.py --smoke: the accelerator script's code path on the CPU, every row measured."""
   import subprocess
@@ -303,6 +308,7 @@ def test_accelerator_benchmark_smoke():
   assert any(l.startswith('auto settings these figures would change: ') for l in lines)
 
 
+@pytest.mark.slow
 def test_a_table_killed_mid_epoch_resumes_bit_identical(tmp_path):
   """launch.py on a table of KD (1 epoch) and AB (its 2-epoch stage first: 3 epochs): SIGKILL inside AB's third
   epoch, after KD's group ended; the rerun resumes from the newest finalized step and ends with every array and
