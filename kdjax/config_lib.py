@@ -41,22 +41,9 @@ def _distill() -> dict:
   )
 
 
-def base() -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  c.seed = 0                # initialisation and dropout (and, unless data.seed is set, the data order)
-  # Sweeps (kdjax.sweep): numeric fields -> values, trained as students of one program against one teacher pass.
-  c.sweep = ''              # 'field=v1,v2,...; field2=...', e.g. 'alpha=0.1,0.9; distill.temperature=1,4'
-  c.sweep_mode = 'grid'     # grid (every combination) | zip (element-wise)
-  c.sweep_labels = ''       # 'field=display name; ...' for tables and figures
-  # Per program point of a table ('method=' / 'student.model=' axes): 'AXIS=VALUE: field=literal, ...; ...', e.g.
-  # 'student.model=ShuffleV1: optimizer.lr=0.01; method=crd: distill.crd.feat_dim=64'
-  c.sweep_overrides = ''
-  c.sweep_skip_inapplicable = False  # a method that cannot apply to a pair: left out (True) or refused (False)
-  c.seeds = 1               # N > 1: every grid point trained with seeds seed, seed + 1, ..., seed + N - 1
-  c.mesh_students = 0       # devices along the students axis of the (students x data) mesh; 0 = auto
-  c.students_loop = 'auto'  # how the step runs the students: vmap | unroll | auto (unroll on the CPU, else vmap)
-  c.steps_loop = 'auto'     # a dispatch's K steps: scan (rolled) | unroll | auto (unroll on the CPU, else scan)
-  c.data = dict(
+def _data() -> ml_collections.ConfigDict:
+  """`config.data`: the dataset, its splits and subsets, augmentation and the input pipeline."""
+  return ml_collections.ConfigDict(dict(
       name='digits',        # digits | mnist | fashion_mnist | kmnist | cifar10 | cifar100 | folder
       seed=-1,              # batch order and augmentation; -1 = config.seed (a sweep shares its base seed's)
       # torchvision's files (CIFAR pickles, MNIST-family IDX) or a folder of images, read by what it holds
@@ -90,7 +77,25 @@ def base() -> ml_collections.ConfigDict:
       erasing=dict(prob=0.0),  # random erasing of a box (to the mean pixel), per example with this probability
       # RandomResizedCrop back to the data's size (+ a random horizontal flip with `flip`)
       inception_crop=dict(enabled=False, min_scale=0.08, max_scale=1.0, flip=True),
-  )
+  ))
+
+
+def base() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0                # initialisation and dropout (and, unless data.seed is set, the data order)
+  # Sweeps (kdjax.sweep): numeric fields -> values, trained as students of one program against one teacher pass.
+  c.sweep = ''              # 'field=v1,v2,...; field2=...', e.g. 'alpha=0.1,0.9; distill.temperature=1,4'
+  c.sweep_mode = 'grid'     # grid (every combination) | zip (element-wise)
+  c.sweep_labels = ''       # 'field=display name; ...' for tables and figures
+  # Per program point of a table ('method=' / 'student.model=' axes): 'AXIS=VALUE: field=literal, ...; ...', e.g.
+  # 'student.model=ShuffleV1: optimizer.lr=0.01; method=crd: distill.crd.feat_dim=64'
+  c.sweep_overrides = ''
+  c.sweep_skip_inapplicable = False  # a method that cannot apply to a pair: left out (True) or refused (False)
+  c.seeds = 1               # N > 1: every grid point trained with seeds seed, seed + 1, ..., seed + N - 1
+  c.mesh_students = 0       # devices along the students axis of the (students x data) mesh; 0 = auto
+  c.students_loop = 'auto'  # how the step runs the students: vmap | unroll | auto (unroll on the CPU, else vmap)
+  c.steps_loop = 'auto'     # a dispatch's K steps: scan (rolled) | unroll | auto (unroll on the CPU, else scan)
+  c.data = _data()
   # The network being trained: the student, or the teacher-to-be in a supervised run.
   c.student = dict(model='cnn_small', kwargs={}, subclasses=1,
                    init_checkpoint='',     # start from this run's/imported checkpoint (fine-tuning)
