@@ -11,6 +11,7 @@ already holds a summary.json is read back, not rerun; an unfinished one resumes.
   python benchmarks/scarce_labels.py --out=runs/scarce                  # the full benchmark (see benchmarks/README)
   python benchmarks/scarce_labels.py --out=/tmp/scarce_smoke --smoke    # digits, 2 fractions, a few minutes
   python benchmarks/scarce_labels.py --out=/tmp/zip_check --verify_zip  # the zipped program against separate runs
+  python benchmarks/scarce_labels.py --out=runs/scarce --collect        # table + figure of the finished programs
 """
 
 import argparse
@@ -217,6 +218,8 @@ def main():
   parser.add_argument('--steps', type=int, default=0, help='optimizer steps per student (0: the config default)')
   parser.add_argument('--smoke', action='store_true', help='digits, fractions 5 and 100, 40 steps: the mechanics')
   parser.add_argument('--verify_zip', action='store_true', help='the zipped program against separate runs, digits')
+  parser.add_argument('--collect', action='store_true', help='table and figure of the finished programs only: '
+                      'train nothing, leave out (and name) the unfinished ones')
   args = parser.parse_args()
   from absl import logging
   logging.set_verbosity(logging.WARNING)
@@ -236,6 +239,9 @@ def main():
   for f in fractions:
     for g in groups:
       arg = f'{f},{g}{suffix}'
+      if args.collect and not os.path.exists(os.path.join(out, 'runs', f'{f}pct', g, 'summary.json')):
+        print(f'[{arg}: not finished, left out]', flush=True)
+        continue
       summary, walls[(f, g)] = run_program(arg, os.path.join(out, 'runs', f'{f}pct', g))
       for method, values in program_accuracies(os.path.join(out, 'runs', f'{f}pct', g), g).items():
         acc[((g, method), f)] = values
