@@ -50,7 +50,12 @@ PAIRS = {
     'resnet20-resnet8': ('resnet20', 'resnet8', (32, 32, 3), 100, 64, 'kd'),
     'resnet32x4-resnet8x4': ('resnet32x4', 'resnet8x4', (32, 32, 3), 100, 64, 'kd'),
     'resnet32x4-resnet8x4-simkd': ('resnet32x4', 'resnet8x4', (32, 32, 3), 100, 64, 'simkd'),
+    # A ViT student of a CNN teacher: DeiT-Ti's width and depth (192, 12 blocks, 3 heads) at 32 px, patch 4 (64
+    # tokens); PyTorch side: timm's own deit_tiny_patch16_224 built with the same image and patch size.
+    'resnet20-deit_tiny': ('resnet20', 'deit_tiny', (32, 32, 3), 100, 64, 'kd'),
 }
+# Students built with other than their registered settings (the same on both sides).
+STUDENT_KWARGS = {'deit_tiny': {'patch_size': 4}}
 
 flags.DEFINE_list('pairs', list(PAIRS), f'Pairs to time: {", ".join(PAIRS)}.')
 flags.DEFINE_integer('repeats', 3, 'Processes per contender (interleaved); the table reports medians.')
@@ -113,6 +118,7 @@ def kdjax_worker(pair: str) -> dict:
                         (0.25,) * shape[-1], 'crop_flip' if shape[0] == 32 else 'none')
   c = config_lib.base()
   c.student.model, c.teacher.model = student_name, teacher_name
+  c.student.kwargs = STUDENT_KWARGS.get(student_name, {})
   c.distill.losses = {'ce': 0.1, 'kd': 0.9} if method == 'kd' else {'simkd': 1.0}
   c.distill.cache_teacher = 'off'
   # A run's length (the CIFAR recipes' 240 epochs) decides the auto dispatch setting; only a few steps are timed.
@@ -206,7 +212,14 @@ def torch_net(name: str, shape, classes: int):
       'resnet8': lambda: ref.CifarResNet(8, (16, 16, 32, 64), classes),
       'resnet32x4': lambda: ref.CifarResNet(32, (32, 64, 128, 256), classes),
       'resnet8x4': lambda: ref.CifarResNet(8, (32, 64, 128, 256), classes),
+      'deit_tiny': lambda: _timm_deit_tiny(h, classes),
   }[name]()
+
+
+def _timm_deit_tiny(size: int, classes: int):
+  import timm  # a test extra (requirements-test.txt)
+  return timm.create_model('deit_tiny_patch16_224', pretrained=False, img_size=size,
+                           num_classes=classes, **STUDENT_KWARGS['deit_tiny'])
 
 
 def torch_worker(pair: str, compiled: bool) -> dict:
