@@ -78,7 +78,12 @@ def test_extras_of_another_shape_or_none_are_refused_before_anything_is_written(
   with pytest.raises(errors.CheckpointMismatchError,
                      match=r"holds no extra module of this run's methods \(crd\); it holds none"):
     train.run(cfg, str(tmp / 'none'))
-  for name in ('reshaped', 'none'):
+  cfg = _crd_config(tmp)
+  cfg.sweep = 'method=kd,crd'  # a program of two groups
+  cfg.distill.extras_checkpoint = first
+  with pytest.raises(errors.ConfigError, match='method=kd: distill.extras_checkpoint starts every student'):
+    train.run(cfg, str(tmp / 'table'))
+  for name in ('reshaped', 'none', 'table'):
     assert not os.path.isdir(tmp / name / 'checkpoints')
 
 
@@ -128,3 +133,23 @@ def test_imported_crd_embeddings_equal_repdistillers_through_the_file(tmp_path):
   np.testing.assert_allclose(got['embed_t'], want_t, rtol=1e-5, atol=1e-6)
   with pytest.raises(errors.CheckpointMismatchError, match=r"state_dict key 'embed_x.linear.weight' is of no crd"):
     torch_extras.convert({'embed_x.linear.weight': np.zeros((2, 2))}, 'crd')
+
+
+@pytest.mark.slow
+def test_api_save_carries_the_extras(crd_run):
+  """`api.save`'s model checkpoint holds the student and its extras: a run's teacher and its extras checkpoint."""
+  from kdjax import api, data
+  from kdjax import checkpoint as ckpt_lib
+  tmp, _, _ = crd_run
+  cfg = _crd_config(tmp)
+  ds = data.load(cfg.data)
+  program = api.init(cfg, ds)
+  api.save(str(tmp / 'saved'), program, program.state)
+  one = jax.device_get(step_lib.student(program.state, 0))
+  shapes = lambda tree: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
+  params, state = extras_init.restore(str(tmp / 'saved'), shapes(one.params['extras']), shapes(one.state['extras']))
+  jax.tree.map(np.testing.assert_array_equal, one.params['extras'], jax.device_get(params))
+  jax.tree.map(np.testing.assert_array_equal, one.state['extras'], jax.device_get(state))
+  student, _ = ckpt_lib.load_model(str(tmp / 'saved'), shapes(program.variables(program.state)))
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(program.variables(program.state)),
+               jax.device_get(student))
