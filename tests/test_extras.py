@@ -99,14 +99,22 @@ def _randomised(module: torch.nn.Module, seed: int):
 
 
 @pytest.mark.parametrize('s_hw,t_hw', [(8, 4), (4, 8), (6, 4)])  # stride-2 conv, transposed conv, VALID conv
-def test_imported_fitnet_regressor_equals_repdistillers(s_hw, t_hw):
+def test_imported_fitnet_regressor_equals_repdistillers(s_hw, t_hw, tmp_path):
   ref = _randomised(torch_reference.ConvReg((2, 3, s_hw, s_hw), (2, 5, t_hw, t_hw)), seed=s_hw + t_hw)
   x = np.random.RandomState(0).randn(2, s_hw, s_hw, 3).astype(np.float32)
   with torch.no_grad():
     want = ref(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy().transpose(0, 2, 3, 1)
-  v = torch_extras.convert({k: t.numpy() for k, t in ref.state_dict().items()}, 'fitnet')
-  got = feature.ConvReg((t_hw, t_hw), 5).apply(
-      {'params': v['params']['regressor'], 'batch_stats': v['batch_stats']['regressor']}, jnp.asarray(x))
+  torch.save(ref.state_dict(), tmp_path / 'regressor.pth')
+  assert import_torch.main(['--extras', 'fitnet', str(tmp_path / 'regressor.pth'), str(tmp_path / 'out')]) == 0
+  # Read back as a run reads it: FitNet's module, its parameters and BatchNorm statistics (state['extras']).
+  module = feature.FitNet(0, (t_hw, t_hw), 5)
+  student = types.SimpleNamespace(features=[jnp.asarray(x)])
+  call = dict(labels=None, indices=None, teacher_classify=None)
+  init = jax.eval_shape(lambda: module.init(jax.random.key(0), student, None, train=False, **call))
+  params, state = extras_init.restore(str(tmp_path / 'out'), {'fitnet': init['params']},
+                                      {'batch_stats': {'fitnet': init['batch_stats']}})
+  got = module.apply({'params': params['fitnet'], 'batch_stats': state['batch_stats']['fitnet']}, student, None,
+                     train=False, **call)['hint']
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
