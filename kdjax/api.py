@@ -248,9 +248,13 @@ def _load_teacher_vars(cfg, data, mesh, teacher):
 
 def save(workdir: str, program: Program, state, i: int = 0, name: str | None = None):
   """Writes student `i`'s network as a model checkpoint: a later run's `config.teacher.checkpoint` or
-  `student.init_checkpoint`, or `api.init(..., teacher_vars=api.load(...))`."""
+  `student.init_checkpoint`, or `api.init(..., teacher_vars=api.load(...))`. Its methods' extra modules ride along:
+  a later run's `config.distill.extras_checkpoint`."""
   cfg = program.sweep.base
   meta = {'model': cfg.student.model, 'model_kwargs': cfg.student.kwargs.to_dict(),
           'num_classes': program.parts.data.num_classes, 'subclasses': cfg.student.subclasses,
           'dataset': name or cfg.data.name, 'image_shape': list(program.parts.data.image_shape)}
-  ckpt_lib.save_model(workdir, jax.device_get(program.variables(state, i)), meta, step=int(state.step))
+  one = step_lib.student(state, i)
+  extras = {'params': one.params['extras'], 'state': one.state['extras']}
+  ckpt_lib.save_model(workdir, jax.device_get(program.variables(state, i)), meta, step=int(state.step),
+                      extras=jax.device_get(extras))

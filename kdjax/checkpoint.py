@@ -85,12 +85,8 @@ class Checkpointer:
     and raises `CheckpointMismatchError` naming the first difference: a step that does not fit the config is not a
     damaged one. With `partial`, the step may hold more than `target`. Unreadable metadata raises what Orbax
     raises (damage). Dtypes may differ: the restore casts them, as it always has."""
-    handler = ocp.PyTreeCheckpointHandler()
-    try:
-      saved = _leaves(handler.metadata(epath.Path(directory(self.workdir)) / str(step) / 'state').tree)
-    finally:
-      handler.close()
-    wanted = _leaves(flax.serialization.to_state_dict(target))
+    saved = self.saved_leaves(step)
+    wanted = leaf_paths(flax.serialization.to_state_dict(target))
     where = f'checkpoint step {step} in {directory(self.workdir)}'
 
     def first(paths, what):  # the parameters first: they name the layer (its optimizer state differs with it)
@@ -102,9 +98,17 @@ class Checkpointer:
       first(missing, lambda p: f'it holds no {"/".join(p)}, which this config builds')
     if extra := [] if partial else [p for p in saved if p not in wanted]:
       first(extra, lambda p: f'it holds {"/".join(p)}, which this config does not build')
-    if reshaped := [p for p in wanted if _shape(saved[p]) != _shape(wanted[p])]:
-      first(reshaped, lambda p: f'{"/".join(p)} is saved with shape {_shape(saved[p])}, this config builds '
-                                f'{_shape(wanted[p])}')
+    if reshaped := [p for p in wanted if shape_of(saved[p]) != shape_of(wanted[p])]:
+      first(reshaped, lambda p: f'{"/".join(p)} is saved with shape {shape_of(saved[p])}, this config builds '
+                                f'{shape_of(wanted[p])}')
+
+  def saved_leaves(self, step: int) -> dict:
+    """{path as a tuple of key names: leaf metadata (its `.shape`)} of the state saved at `step`, no array read."""
+    handler = ocp.PyTreeCheckpointHandler()
+    try:
+      return leaf_paths(handler.metadata(epath.Path(directory(self.workdir)) / str(step) / 'state').tree)
+    finally:
+      handler.close()
 
   def wait(self):
     self.manager.wait_until_finished()
@@ -113,13 +117,13 @@ class Checkpointer:
     self.manager.close()
 
 
-def _leaves(tree) -> dict:
+def leaf_paths(tree) -> dict:
   """{path as a tuple of key names: leaf} of a nested state dict (its empty containers hold nothing to restore)."""
   name = lambda k: str(getattr(k, 'key', getattr(k, 'idx', getattr(k, 'name', k))))
   return {tuple(name(k) for k in path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-def _shape(leaf) -> tuple | None:
+def shape_of(leaf) -> tuple | None:
   shape = getattr(leaf, 'shape', None)
   return None if shape is None else tuple(int(n) for n in shape)
 
@@ -186,16 +190,23 @@ def abstract(tree):
                       tree)
 
 
-def save_model(workdir: str, variables: dict, meta: dict, step: int = 0):
+def save_model(workdir: str, variables: dict | None, meta: dict, step: int = 0, extras: dict | None = None):
   """Writes a model-only checkpoint (no optimizer state) that `config.teacher.checkpoint` and `load_model` accept.
 
   `variables` = {'params': ..., 'batch_stats': ..., ...} of a `kdjax.models.create(meta['model'],
-  num_classes=meta['num_classes'])` network. Used by the PyTorch importer and the deployable-student export.
+  num_classes=meta['num_classes'])` network (None: none, an extras-only file). `extras` = {'params': {method: ...},
+  'state': {collection: {method: ...}}}: the methods' extra modules, where a run keeps them (what
+  `config.distill.extras_checkpoint` reads). Used by the PyTorch importer and the deployable-student export.
   """
+  tree = _run_layout(variables) if variables is not None else {'params': {}, 'state': {}}
+  for part, methods in (extras or {}).items():
+    methods = {m: v for m, v in methods.items() if jax.tree.leaves(v)}  # an empty module holds nothing to save
+    if methods:
+      tree[part]['extras'] = methods
   ckpt = Checkpointer(workdir, async_save=False)
   try:
-    one = jax.tree.map(lambda a: np.asarray(a)[None], variables)  # a run of one student
-    ckpt.save(step, _run_layout(one), dict(meta, step=step, complete=True, students=1))
+    one = jax.tree.map(lambda a: np.asarray(a)[None], tree)  # a run of one student
+    ckpt.save(step, one, dict(meta, step=step, complete=True, students=1))
     ckpt.wait()
   finally:
     ckpt.close()

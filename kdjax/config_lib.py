@@ -33,6 +33,9 @@ def _distill() -> dict:
       # its own teacher, {term: index} (0 = config.teacher, i = config.teachers[i - 1]).
       ensemble=False,
       teacher_for={},
+      # The methods' extra modules (FitNet's regressor, CRD's embedding heads, ...) of a fresh run start from this
+      # checkpoint: a run's workdir (its student 0) or `kdjax.tools.import_torch --extras`'s output; '' = initialised.
+      extras_checkpoint='',
       # The pre-training stage of two-stage methods (AB, FT, FSP), counted in config.epochs: see kdjax/stages.py.
       init=copy.deepcopy(stages.DEFAULTS),
       # Each registered method's options section, `config.distill.<section>` (its `distill.Options`: kdjax/methods/

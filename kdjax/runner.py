@@ -1,8 +1,8 @@
 """Runs a config: one training run, or a suite of runs (e.g. teacher, scratch student, KD student) and a table.
 
 A suite config has `suite` (name -> full run config) and `suite_order`; each run gets `workdir/<name>`, and the
-string '{workdir}' inside a run's `teacher.checkpoint` or `student.init_checkpoint` is replaced by the suite's
-workdir, so one run can distill from another.
+string '{workdir}' inside a run's `teacher.checkpoint`, `student.init_checkpoint` or `distill.extras_checkpoint` is
+replaced by the suite's workdir, so one run can distill from (or start from) another.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ def run(cfg, workdir: str, restart: bool = False) -> dict:
   for name in cfg.suite_order:
     sub = cfg.suite[name]
     with sub.unlocked():
-      for section, key in (('teacher', 'checkpoint'), ('student', 'init_checkpoint')):
+      for section, key in (('teacher', 'checkpoint'), ('student', 'init_checkpoint'),
+                           ('distill', 'extras_checkpoint')):
         if sub[section][key]:
           sub[section][key] = sub[section][key].replace('{workdir}', workdir)
     logging.info('=== suite run %r ===', name)

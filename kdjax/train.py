@@ -28,6 +28,7 @@ from kdjax import compile_cache
 from kdjax import config_lib
 from kdjax import data as data_lib
 from kdjax import distributed as dist
+from kdjax import extras_init
 from kdjax import memory
 from kdjax import reporting
 from kdjax import results
@@ -268,6 +269,11 @@ def _load_data(base):
   return ds
 
 
+def _has_steps(workdir: str) -> bool:
+  path = ckpt_lib.directory(workdir)
+  return os.path.isdir(path) and any(name.isdigit() for name in os.listdir(path))
+
+
 def _setup(cfg, sweep: sweep_lib.Sweep, workdir: str, restart: bool) -> _Run:
   """Phase 1: the workdir's records, the data, the teachers, the compiled step, the state (restored or new)."""
   t_start = time.time()
@@ -301,6 +307,8 @@ def _setup(cfg, sweep: sweep_lib.Sweep, workdir: str, restart: bool) -> _Run:
   abstract = trainer.init_state(abstract=True)
   # A sweep too large for memory is refused before its whole program compiles (unrolled: minutes, or an hour).
   memory.check(memory.estimate_before_compile(trainer, abstract), sweep.size)
+  if base.distill.extras_checkpoint and not _has_steps(workdir):  # refused before the checkpoint folder is made
+    extras_init.check_run(base, abstract)
   ckpt = ckpt_lib.Checkpointer(workdir, keep=base.keep_checkpoints)
   if not ckpt.manager.all_steps():  # a fresh run: the initial state's program compiles beside the step's
     trainer.start_init_compile()
@@ -322,6 +330,8 @@ def _setup(cfg, sweep: sweep_lib.Sweep, workdir: str, restart: bool) -> _Run:
     ts = trainer.init_state()
     if base.student.init_checkpoint:
       ts = teacher_lib.init_from_checkpoint(base, ds, trainer, ts)
+    if base.distill.extras_checkpoint:
+      ts = extras_init.init_from_checkpoint(base, trainer, ts)
   if trainer.teacher is not None and latest is None:
     logging.info('teacher %s test accuracy %.4f', base.teacher.model, teacher_lib.evaluate_teacher(trainer))
   # The input stream restarts where the checkpoint's batches ended (closed by `_Run.close`).

@@ -110,6 +110,9 @@ class Trainer:
       if len(groups) > 1 and g_cfg.student.init_checkpoint:
         raise ConfigError(f'{g.name}: student.init_checkpoint starts every student from one checkpoint; a program '
                           'of several groups (method= / student.model= axes) cannot take one')
+      if len(groups) > 1 and g_cfg.distill.extras_checkpoint:
+        raise ConfigError(f'{g.name}: distill.extras_checkpoint starts every student\'s extra modules from one '
+                          'checkpoint; a program of several groups (method= / student.model= axes) cannot take one')
       distillers.append((student, distiller))
     if not any(d.needs_teacher for _, d in distillers):
       teacher = teacher_vars = None

@@ -2,7 +2,9 @@
 
   python -m kdjax.tools.import_torch --model resnet32x4 --num_classes 100 resnet32x4_cifar100.pth runs/t_res32x4
 
-The output directory is then what `config.teacher.checkpoint` (or `student.init_checkpoint`) names.
+The output directory is then what `config.teacher.checkpoint` (or `student.init_checkpoint`) names. With
+`--extras METHOD` (instead of `--model`) the file is the state_dict of a method's extra module (FitNet's regressor,
+CRD's embedding heads: kdjax/tools/torch_extras.py), and the directory what `config.distill.extras_checkpoint` names.
 
 Accepted files: the state_dicts of the CIFAR models of RepDistiller (HobbitLong/RepDistiller), SimKD
 (DefangChen/SimKD) and mdistiller (megvii-research/mdistiller), which share their module names; torchvision's ImageNet
@@ -454,6 +456,19 @@ def import_checkpoint(torch_path: str, out_dir: str, model: str, num_classes: in
   return save_import(out_dir, variables, model, {}, dataset, image_shape, torch_path)
 
 
+def import_extras(torch_path: str, out_dir: str, method: str, overwrite: bool = False,
+                  trust_file: bool = False) -> dict:
+  """Reads the reference's state_dict of `method`'s extra module (`torch_extras.RULES`) and writes it to `out_dir`
+  as what `config.distill.extras_checkpoint` reads. Returns the meta written."""
+  from kdjax.tools import torch_extras
+  torch_extras.rule_of(method)  # an unknown method: refused before anything is read or written
+  prepare_output(out_dir, overwrite)
+  variables = torch_extras.convert(load_state_dict(torch_path, trust_file), method)
+  meta = {'extras': [method], 'epoch': 0, 'total_steps': 0, 'imported_from': os.path.abspath(torch_path)}
+  ckpt_lib.save_model(out_dir, None, meta, extras=torch_extras.as_extras(variables, method))
+  return dict(meta, step=0, complete=True)
+
+
 def _quiet_orbax(record) -> bool:
   # Orbax warns that a model-only save has no metrics for its best-checkpoint policy: expected here, not news.
   return record.levelno >= logging.ERROR or '/orbax/' not in record.pathname.replace(os.sep, '/')
@@ -468,7 +483,10 @@ def main(argv=None) -> int:
   parser.add_argument('checkpoint', help='the .pth file ({"model": sd}, {"net": sd} or a bare state_dict) or a '
                                          '.safetensors file')
   parser.add_argument('out_dir', help='output workdir; the checkpoint goes to OUT_DIR/checkpoints')
-  parser.add_argument('--model', required=True, help='kdjax model name, e.g. resnet32x4, wrn_40_2, ShuffleV2')
+  parser.add_argument('--model', help='kdjax model name, e.g. resnet32x4, wrn_40_2, ShuffleV2')
+  parser.add_argument('--extras', metavar='METHOD',
+                      help='instead of a model: the state_dict of METHOD\'s extra module (fitnet: RepDistiller\'s '
+                           'ConvReg; crd: its CRDLoss embeddings), for config.distill.extras_checkpoint')
   parser.add_argument('--num_classes', type=int, default=None,
                       help='classes of the classifier (default: read from the state_dict)')
   parser.add_argument('--dataset', default='cifar100', help='dataset the teacher was trained on (recorded in meta)')
@@ -482,7 +500,13 @@ def main(argv=None) -> int:
   logger = logging.getLogger('absl')
   if _quiet_orbax not in logger.filters:
     logger.addFilter(_quiet_orbax)
+  if bool(args.model) == bool(args.extras):
+    parser.error('give one of --model (a network) or --extras METHOD (a method\'s extra module)')
   try:
+    if args.extras:
+      import_extras(args.checkpoint, args.out_dir, args.extras, args.overwrite, args.trust_file)
+      print(f'imported {args.checkpoint} as the {args.extras} extra module into {ckpt_lib.directory(args.out_dir)}')
+      return 0
     meta = import_checkpoint(args.checkpoint, args.out_dir, args.model, args.num_classes, args.dataset,
                              args.image_size, args.overwrite, args.trust_file)
   except KDError as e:

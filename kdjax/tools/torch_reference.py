@@ -443,3 +443,61 @@ class SimKDProjector(nn.Module):
 
   def forward(self, feat_s):
     return self.transfer(feat_s)
+
+
+class ConvReg(nn.Module):
+  """RepDistiller models/util.py ConvReg (FitNet's regressor): conv (by the heights: 3x3 stride 2, a 4x4 stride 2
+  transposed conv, or a VALID conv) -> BN -> ReLU; shapes [N, C, H, W]."""
+
+  def __init__(self, s_shape, t_shape, use_relu=True):
+    super().__init__()
+    self.use_relu = use_relu
+    (_, s_c, s_h, s_w), (_, t_c, t_h, t_w) = s_shape, t_shape
+    if s_h == 2 * t_h:
+      self.conv = nn.Conv2d(s_c, t_c, kernel_size=3, stride=2, padding=1)
+    elif s_h * 2 == t_h:
+      self.conv = nn.ConvTranspose2d(s_c, t_c, kernel_size=4, stride=2, padding=1)
+    elif s_h >= t_h:
+      self.conv = nn.Conv2d(s_c, t_c, kernel_size=(1 + s_h - t_h, 1 + s_w - t_w))
+    else:
+      raise NotImplementedError(f'student size {s_h}, teacher size {t_h}')
+    self.bn = nn.BatchNorm2d(t_c)
+
+  def forward(self, x):
+    x = self.bn(self.conv(x))
+    return F.relu(x) if self.use_relu else x
+
+
+class Embed(nn.Module):
+  """RepDistiller crd/criterion.py Embed: flatten, Linear, L2 normalisation."""
+
+  def __init__(self, dim_in, dim_out=128):
+    super().__init__()
+    self.linear = nn.Linear(dim_in, dim_out)
+
+  def forward(self, x):
+    x = self.linear(x.reshape(x.shape[0], -1))
+    return x / x.pow(2).sum(1, keepdim=True).pow(0.5)
+
+
+class ContrastMemory(nn.Module):
+  """The buffers of RepDistiller crd/memory.py ContrastMemory (its state_dict keys; the NCE itself is not here)."""
+
+  def __init__(self, feat_dim, n_data, nce_k=16384, nce_t=0.07, nce_m=0.5):
+    super().__init__()
+    self.register_buffer('params', torch.tensor([nce_k, nce_t, -1, -1, nce_m]))
+    bound = 1.0 / (feat_dim / 3) ** 0.5
+    self.register_buffer('memory_v1', torch.rand(n_data, feat_dim) * 2 * bound - bound)
+    self.register_buffer('memory_v2', torch.rand(n_data, feat_dim) * 2 * bound - bound)
+
+
+class CRDHeads(nn.Module):
+  """The modules of RepDistiller crd/criterion.py CRDLoss, under its names: `embed_s`, `embed_t`, `contrast`."""
+
+  def __init__(self, s_dim, t_dim, feat_dim, n_data):
+    super().__init__()
+    self.embed_s, self.embed_t = Embed(s_dim, feat_dim), Embed(t_dim, feat_dim)
+    self.contrast = ContrastMemory(feat_dim, n_data)
+
+  def forward(self, f_s, f_t):
+    return self.embed_s(f_s), self.embed_t(f_t)
