@@ -426,8 +426,8 @@ def _expand_program(cfg, program: dict, numeric: str) -> Sweep:
     # teacher (and cache entry) as without it.
     cfg = copy.deepcopy(cfg)
     cfg.teacher.recipe = {**cfg.teacher.recipe.to_dict(), 'epochs': cfg.epochs}
-  configs = [(dict(zip(program, point)), None) for point in points]
-  configs = [(values, _program_config(cfg, values, overrides, numeric)) for values, _ in configs]
+  configs = [(values, _program_config(cfg, values, overrides, numeric))
+             for values in (dict(zip(program, point)) for point in points)]
   _check_numeric_axes(configs, numeric)
   groups, total = [], 0
   for values, c in configs:
