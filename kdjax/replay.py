@@ -27,7 +27,11 @@ import numpy as np
 
 from kdjax import atomic
 from kdjax import config_lib
+from kdjax import sharding
+from kdjax import step as step_lib
 from kdjax import teacher as teacher_lib
+from kdjax import teacher_table
+from kdjax.data import source as source_lib
 from kdjax.errors import ConfigError
 
 FILES = ('values', 'indices', 'rest')
@@ -124,7 +128,6 @@ def check_methods(programs, teacher_vars, t_shapes):
   """Refuses, naming the term, a method that reads more of the teacher than its logits on the batch (feature maps,
   embeddings: a store holds none) or reads the teacher on an extra view. `programs`: (Parts, swept numbers) per
   group."""
-  from kdjax import teacher_table
   names = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(t_shapes)[0]]
   for parts, hparams in programs:
     if parts.distiller.views:
@@ -214,9 +217,6 @@ def make(cfg, ds, mesh, teacher, teacher_vars, path: str, log=logging.info) -> d
   """Runs the teacher once on every batch of `cfg.epochs` epochs, gathered and augmented exactly as a run of `cfg`
   gathers them (kdjax/data/source.py `DeviceSource`), and writes the store at `path`; returns its meta. A store
   already there with this key, covering as many epochs and intact, is kept."""
-  from kdjax import sharding
-  from kdjax import step as step_lib
-  from kdjax.data import source as source_lib
   check_config(cfg, streaming=False)
   if teacher is None:
     raise ConfigError('config.distill.teacher_store: config.teacher.model is empty, there is no teacher to store')

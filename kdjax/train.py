@@ -2,7 +2,7 @@
 the compiled step: `kdjax.trainer`, the state restored or new), the epochs (dispatches, evaluation, checkpoints,
 per-student records, SIGTERM), and the finish (summary, results.csv, tables and figures: `kdjax.results`).
 
-Module graph (no cycles): train -> trainer, teacher, results; trainer -> step, teacher_table, data.source;
+Module graph (no cycles): train -> trainer, teacher, results; trainer -> step, teacher_table, replay, data.source;
 step -> distill, models, teacher. A teacher that must be trained first is trained by this same loop, as a run of
 its own (`teacher.prepare` is handed `train_and_evaluate`).
 """
