@@ -261,8 +261,13 @@ class Trainer:
     replay.check_methods(programs, self.teacher_vars, t_shapes)
     if any(isinstance(v, jax.ShapeDtypeStruct) for v in jax.tree.leaves(self.teacher_vars)):
       return None  # an abstract teacher (tracing a config): nothing runs, the store is not read
-    arrays = replay.load(os.path.expanduser(path), replay.key(self.cfg, self.ds, self.teacher_vars),
-                         self.total_steps, self.steps_per_epoch)
+    path = os.path.abspath(os.path.expanduser(path))
+    if not os.path.exists(os.path.join(path, 'meta.json')) and jax.process_count() == 1:
+      logging.info('teacher replay store %s does not exist: made now, the teacher once over %d epochs', path,
+                   self.cfg.epochs)
+      replay.make(self.cfg, self.ds, self.mesh, self.teacher, self.teacher_vars, path)
+    arrays = replay.load(path, replay.key(self.cfg, self.ds, self.teacher_vars), self.total_steps,
+                         self.steps_per_epoch)
     leaves, treedef = jax.tree.flatten(t_shapes)
     return replay.StoreLayout(treedef, tuple(leaves), replay.logits_leaf(t_shapes)), arrays
 

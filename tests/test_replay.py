@@ -63,6 +63,16 @@ def test_students_from_a_full_store_equal_students_with_the_live_teacher(made, t
                          _host(live.state.params['student'])['head']['kernel'], rtol=1e-3, atol=1e-4)
 
 
+def test_a_run_makes_its_missing_store_first(made, tmp_path):
+  teacher, store = made
+  path = tmp_path / 'new_store'
+  outcome = train.run(_config(teacher, str(path), epochs=1), str(tmp_path / 'run'))
+  assert isinstance(outcome.trainer.parts.table, replay.StoreLayout)
+  assert replay.read_meta(str(path))['epochs'] == 1
+  for name in replay.FILES:  # the tool's store's first epoch
+    np.testing.assert_array_equal(np.load(path / f'{name}.npy'), np.load(os.path.join(store, f'{name}.npy'))[:4])
+
+
 def test_top_k_reconstructs_exactly_and_shares_the_rest_mass():
   rng = np.random.default_rng(0)
   logits = (rng.normal(size=(16, 10)) * 3).astype(np.float32)
