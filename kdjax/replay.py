@@ -9,7 +9,8 @@ exp, so the reconstructed logits hold the top k exactly and give the rest their 
 equally (k = C: the exact logits). Files in the store's folder: values.npy [steps, B, k] float32, indices.npy
 [steps, B, k] int16 (int32 past 32767 classes), rest.npy [steps, B] float32 and meta.json (the key the views and
 the teacher depend on, the epochs covered, each array's sha256), written last. A run checks the key, the epochs
-and the checksums before anything compiles; the step reads row t in place of the teacher's forward pass.
+and the checksums before its step compiles (a missing store it makes first: `make`); the step reads row t in place
+of the teacher's forward pass.
 """
 
 from __future__ import annotations
