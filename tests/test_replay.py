@@ -100,9 +100,13 @@ def test_top_k_reconstructs_exactly_and_shares_the_rest_mass():
     ({'distill__store_topk': 5}, 'distill.store_topk'),
     ({'epochs': 3}, r'covers 2 epoch\(s\)'),
     ({'distill__losses': {'ce': 1.0, 'at': 100.0}}, "at reads the teacher's features"),
+    ({'distill__losses': {'ce': 1.0, 'mlkd': 1.0}}, 'mlkd reads the teacher on the extra view'),
+    ({'teachers': [{'model': 'cnn_small', 'checkpoint': 'TEACHER'}]}, 'config.teachers adds 1 more'),
 ])
 def test_a_store_that_does_not_fit_the_run_is_refused(made, tmp_path, overrides, message):
   teacher, store = made
+  if 'teachers' in overrides:  # the same checkpoint as a second teacher
+    overrides = dict(overrides, teachers=[dict(overrides['teachers'][0], checkpoint=teacher)])
   work = tmp_path / 'work'
   with pytest.raises(ConfigError, match=message) as e:
     train.run(_config(teacher, store, **overrides), str(work))

@@ -29,12 +29,14 @@ def run(cfg, workdir: str, log=print) -> dict:
   from kdjax import compile_cache
   from kdjax import data as data_lib
   from kdjax import replay
+  from kdjax import reporting
   from kdjax import sharding
   from kdjax import teacher as teacher_lib
   from kdjax import train
   from kdjax import validate
   from kdjax.data import stream as stream_data
   from kdjax.errors import ConfigError
+  reporting.quiet_library_logs()
   validate.check(cfg)
   if not cfg.teacher.model:
     raise ConfigError('config.teacher.model is empty: there is no teacher to store')
