@@ -25,6 +25,10 @@ def _distill() -> dict:
       # Teacher outputs computed once for the whole training set and reused every epoch: auto (when the training
       # images are not augmented and the outputs fit in 2 GiB) | on | off.
       cache_teacher='auto',
+      # The teacher replay store (kdjax/replay.py): a folder of the teacher's top-k logits on every augmented batch,
+      # made by `python -m kdjax.tools.teacher_logits`; a run replays them instead of running the teacher ('' = off).
+      teacher_store='',
+      store_topk=0,         # the logits kept per example in a store made for this config (0 = every class)
       label_smoothing=0.0,  # for 'ce'
       # Omitted-class runs also report accuracy with this added to the omitted class's logit (Hinton et al. 2015
       # raised that bias by 3.5 on MNIST); 0 reports only the plain accuracy.

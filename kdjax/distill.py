@@ -185,8 +185,8 @@ METHODS: dict[str, Method] = {}
 # The options sections of the registered methods, by section name: `config.distill.<section>`.
 SECTIONS: dict[str, Options] = {}
 # `config.distill`'s own fields (and the omitted-class report's), which no method section may take.
-CORE_FIELDS = ('losses', 'temperature', 'logit_standardize', 'kd_scale', 'cache_teacher', 'label_smoothing',
-               'omitted', 'ensemble', 'teacher_for', 'init')
+CORE_FIELDS = ('losses', 'temperature', 'logit_standardize', 'kd_scale', 'cache_teacher', 'teacher_store',
+               'store_topk', 'label_smoothing', 'omitted', 'ensemble', 'teacher_for', 'init')
 
 
 def register(name: str, method: Method):

@@ -87,7 +87,7 @@ class Parts:
   steps_per_epoch: int
   students_loop: str = 'vmap'   # 'vmap' | 'unroll' (map_students)
   batch_sharding: Any = None    # the batch's sharding inside jit (None: left to XLA)
-  table: Any = None             # teacher.TableLayout of the cached teacher outputs, or None
+  table: Any = None             # teacher_table.Layout of the cached teacher outputs, replay.StoreLayout, or None
 
   @property
   def dtype(self):
@@ -244,13 +244,14 @@ def forward(parts: Parts, params, state, teacher_vars, x, y, idx, rng, train: bo
   return ctx, {'student': dict(s_new), 'extras': dict(e_new)}
 
 
-def teacher_outputs(parts: Parts, teacher_vars, x, idx=None, table=None):
+def teacher_outputs(parts: Parts, teacher_vars, x, idx=None, table=None, step=None):
   """The teachers' outputs on `x`, once for every student: their forward pass in eval mode under stop_gradient,
-  or the rows `idx` of the cached `table` (kdjax/teacher.py)."""
+  the rows `idx` of the cached `table` (kdjax/teacher_table.py) or row `step` of the replay store
+  (kdjax/replay.py)."""
   if parts.teacher is None:
     return None
   if table is not None:
-    return parts.table.gather(table, idx)
+    return parts.table.gather(table, idx, step)
   return jax.lax.stop_gradient(parts.teacher.apply(teacher_vars, teacher_input(parts, x), train=False))
 
 
@@ -272,7 +273,7 @@ def batch_teacher_outputs(parts: Parts, teacher_vars, batch: dict, step, table=N
     x, targets = views_lib.apply(parts.cfg.data, views_rng(parts, step), x, y, parts.data.num_classes)
     x = _constrain(parts, x)
   idx = batch['indices'].astype(jnp.int32) if batch.get('indices') is not None else y
-  t_out = teacher_outputs(parts, teacher_vars, x, idx, table)
+  t_out = teacher_outputs(parts, teacher_vars, x, idx, table, step)
   views = {}
   for name, v in (batch.get('views') or {}).items():
     v = _constrain(parts, normalize(v, parts.data, parts.dtype))

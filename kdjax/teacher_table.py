@@ -29,17 +29,18 @@ class Layout:
   shapes: tuple   # jax.ShapeDtypeStruct per leaf, without the examples axis
   read: tuple     # bool per leaf: kept (a loss reads it)
 
-  def gather(self, table, idx):
-    """The teachers' outputs for the examples `idx`; the arrays no loss reads are zeros of their shape (dropped by
-    XLA)."""
+  def gather(self, table, idx, step=None):
+    """The teachers' outputs for the examples `idx` (`step`: unused); the arrays no loss reads are zeros of their
+    shape (dropped by XLA)."""
+    del step
     leaves = [jnp.zeros((idx.shape[0],) + s.shape, s.dtype) if a is None else a[idx]
               for a, s in zip(table, self.shapes)]
     return jax.tree.unflatten(self.treedef, leaves)
 
 
-def leaves_read(parts: step_lib.Parts, teacher_vars, hparams) -> list[bool]:
-  """Which arrays of the teachers' output (their ModelOutputs' leaves) one training step reads: traced once on
-  abstract values, an input the step's computation never uses is not read (features that no loss taps)."""
+def _trace_losses(parts: step_lib.Parts, teacher_vars, hparams):
+  """(the jaxpr of one step's loss terms {term: value} as a function of the teachers' output leaves first, the number
+  of those leaves): traced once on abstract values."""
   x = step_lib.dummy_input(parts)
   hp = {k: jax.ShapeDtypeStruct((), jnp.asarray(v).dtype) for k, v in hparams.items()}
   t_out = jax.eval_shape(lambda v: parts.teacher.apply(v, step_lib.teacher_input(parts, x)), teacher_vars)
@@ -55,11 +56,32 @@ def leaves_read(parts: step_lib.Parts, teacher_vars, hparams) -> list[bool]:
     t_out = jax.tree.unflatten(treedef, t_leaves)
     ctx, _ = step_lib.forward(parts, params, state, teacher_vars, x, y, y, jax.random.key(0), True, 0.0, t_out,
                               parts.view(hp), {v: x for v in views}, {v: t_out for v in views})
-    return parts.distiller.losses(ctx, parts.view(hp).distill)[0]
+    return parts.distiller.losses(ctx, parts.view(hp).distill)
 
-  jaxpr = jax.make_jaxpr(loss)(t_leaves, ts.params, ts.state, hp, teacher_vars).jaxpr
+  return jax.make_jaxpr(loss)(t_leaves, ts.params, ts.state, hp, teacher_vars).jaxpr, len(t_leaves)
+
+
+def leaves_read(parts: step_lib.Parts, teacher_vars, hparams) -> list[bool]:
+  """Which arrays of the teachers' output (their ModelOutputs' leaves) one training step reads: traced once on
+  abstract values, an input the step's computation never uses is not read (features that no loss taps)."""
+  jaxpr, n = _trace_losses(parts, teacher_vars, hparams)
   used = {id(v) for eqn in jaxpr.eqns for v in eqn.invars} | {id(v) for v in jaxpr.outvars}
-  return [id(v) in used for v in jaxpr.invars[:len(t_leaves)]]
+  return [id(v) in used for v in jaxpr.invars[:n]]
+
+
+def leaves_read_by_term(parts: step_lib.Parts, teacher_vars, hparams) -> dict[str, list[bool]]:
+  """`leaves_read` per loss term: the teachers' output leaves each term's value depends on (followed back through
+  the traced step; a nested call counts all its inputs)."""
+  jaxpr, n = _trace_losses(parts, teacher_vars, hparams)
+  names = sorted(parts.distiller.terms)  # the terms dict's leaves, in jax's (sorted) order
+  out = {}
+  for name, var in zip(names, jaxpr.outvars[-len(names):]):
+    live = {id(var)}
+    for eqn in reversed(jaxpr.eqns):
+      if any(id(o) in live for o in eqn.outvars):
+        live |= {id(v) for v in eqn.invars}
+    out[name] = [id(v) in live for v in jaxpr.invars[:n]]
+  return out
 
 
 def plan(parts: step_lib.Parts, teacher_vars, hparams, augment: str, streaming: bool) -> Layout | None:

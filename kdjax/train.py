@@ -2,7 +2,7 @@
 the compiled step: `kdjax.trainer`, the state restored or new), the epochs (dispatches, evaluation, checkpoints,
 per-student records, SIGTERM), and the finish (summary, results.csv, tables and figures: `kdjax.results`).
 
-Module graph (no cycles): train -> trainer, teacher, results; trainer -> step, teacher_table, data.source;
+Module graph (no cycles): train -> trainer, teacher, results; trainer -> step, teacher_table, replay, data.source;
 step -> distill, models, teacher. A teacher that must be trained first is trained by this same loop, as a run of
 its own (`teacher.prepare` is handed `train_and_evaluate`).
 """
@@ -30,6 +30,7 @@ from kdjax import data as data_lib
 from kdjax import distributed as dist
 from kdjax import extras_init
 from kdjax import memory
+from kdjax import replay
 from kdjax import reporting
 from kdjax import results
 from kdjax import sharding
@@ -286,6 +287,8 @@ def _setup(cfg, sweep: sweep_lib.Sweep, workdir: str, restart: bool) -> _Run:
   # fit: a refused resume leaves the workdir as it was).
   dist.barrier('kdjax-resume-checked')
   ds = _load_data(base)
+  if base.distill.teacher_store:  # before a teacher is trained for nothing
+    replay.check_config(base, isinstance(ds, stream_data.StreamDataset))
   sweep = trainer_lib.applicable(sweep, ds)  # a method that cannot apply to its pair: refused, or left out
   mesh = sharding.make_mesh(base.num_devices, trainer_lib.mesh_students(sweep), base.mesh_students,
                             base.batch_size)

@@ -16,6 +16,7 @@ import copy
 import dataclasses
 import functools
 import math
+import os
 import threading
 
 from absl import logging
@@ -27,6 +28,7 @@ from kdjax import compile_cache
 from kdjax import distill
 from kdjax import memory
 from kdjax import models
+from kdjax import replay
 from kdjax import sharding
 from kdjax import step as step_lib
 from kdjax import sweep as sweep_lib
@@ -118,12 +120,15 @@ class Trainer:
       teacher = teacher_vars = None
     teacher_lib.check_ensemble(cfg, teacher, teacher_vars, ds.image_shape)
     self.teacher, self.teacher_vars = teacher, teacher_vars
+    all_parts = [step_lib.Parts(cfg=g.sweep.base, student=student, teacher=teacher, distiller=distiller,
+                                data=step_lib.DataSpec.of(ds), batch_size=cfg.batch_size,
+                                steps_per_epoch=self.steps_per_epoch, students_loop=students_loop,
+                                batch_sharding=sharding.batch_sharded(self.mesh))
+                 for g, (student, distiller) in zip(groups, distillers)]
+    # The replay store is checked (and read) before anything compiles.
+    self.store = self._open_store([(p, g.sweep.traced) for p, g in zip(all_parts, groups)])
     self.programs = []
-    for g, (student, distiller) in zip(groups, distillers):
-      parts = step_lib.Parts(cfg=g.sweep.base, student=student, teacher=teacher, distiller=distiller,
-                             data=step_lib.DataSpec.of(ds), batch_size=cfg.batch_size,
-                             steps_per_epoch=self.steps_per_epoch, students_loop=students_loop,
-                             batch_sharding=sharding.batch_sharded(self.mesh))
+    for g, parts in zip(groups, all_parts):
       # Per-student randomness (initialisation, dropout) from each student's seed; the data's from the data seed.
       # Placed from host values (NumPy, the same on every process), as a mesh spanning many processes requires.
       seeds = np.asarray([s.cfg.seed for s in g.sweep.students])
@@ -243,8 +248,38 @@ class Trainer:
       return 4 if long_run and self.num_students == 1 and models.convolutional(self.parts.student) else 1
     return max(d for d in range(1, 33) if self.steps_per_epoch % d == 0)
 
+  def _open_store(self, programs):
+    """(replay.StoreLayout, the store's host arrays) of `distill.teacher_store`, checked against this run; None
+    without one (or without a teacher)."""
+    path = self.cfg.distill.teacher_store
+    if not path or self.teacher is None:
+      return None
+    replay.check_config(self.cfg, self.source.streaming)
+    x = jnp.zeros((self.cfg.batch_size,) + teacher_lib.input_shape(self.cfg, self.ds.image_shape),
+                  models.compute_dtype(self.cfg))
+    t_shapes = jax.eval_shape(lambda v: self.teacher.apply(v, x, train=False), self.teacher_vars)
+    replay.check_methods(programs, self.teacher_vars, t_shapes)
+    if any(isinstance(v, jax.ShapeDtypeStruct) for v in jax.tree.leaves(self.teacher_vars)):
+      return None  # an abstract teacher (tracing a config): nothing runs, the store is not read
+    path = os.path.abspath(os.path.expanduser(path))
+    if not os.path.exists(os.path.join(path, 'meta.json')) and jax.process_count() == 1:
+      logging.info('teacher replay store %s does not exist: made now, the teacher once over %d epochs', path,
+                   self.cfg.epochs)
+      replay.make(self.cfg, self.ds, self.mesh, self.teacher, self.teacher_vars, path)
+    arrays = replay.load(path, replay.key(self.cfg, self.ds, self.teacher_vars), self.total_steps,
+                         self.steps_per_epoch)
+    leaves, treedef = jax.tree.flatten(t_shapes)
+    return replay.StoreLayout(treedef, tuple(leaves), replay.logits_leaf(t_shapes)), arrays
+
   def _teacher_table(self):
-    """The cached teachers' outputs (kdjax/teacher_table.py): the union of what every group's losses read."""
+    """The cached teachers' outputs (kdjax/teacher_table.py): the union of what every group's losses read; or the
+    replay store's rows (kdjax/replay.py) when there is one."""
+    if self.store is not None:
+      layout, arrays = self.store
+      for p in self.programs:
+        p.parts = dataclasses.replace(p.parts, table=layout)
+      self._bind()
+      return jax.device_put({k: np.asarray(a) for k, a in arrays.items()}, self.replicated)
     layouts = [teacher_table.plan(p.parts, self.teacher_vars, p.group.sweep.traced, self.ds.augment,
                                   self.source.streaming) for p in self.programs]
     if any(layout is None for layout in layouts):

@@ -66,6 +66,7 @@ RANGES = {
     'teacher.seed': R(0),
     'distill.temperature': R(0.0, low_ok=False),
     'distill.label_smoothing': R(0.0, 1.0, high_ok=False),
+    'distill.store_topk': R(0),        # 0 = every class
     'distill.omitted.bias': R(0.0),    # 0 = the plain accuracy only
     'distill.init.epochs': R(0),
     'distill.init.lr': R(0.0),
