@@ -4,9 +4,9 @@ mean ± std.
 
 The student is kdjax's `vit_test` (width 32, 2 blocks, 2 heads, MLP ratio 2, patch 4: 7 x 7 = 49 patches at 28 px)
 or, for DeiT, `vit_test_distilled` (the same with a distillation token and its head). Its recipe is DeiT's at this
-scale: AdamW, weight decay 0.05, linear warmup (a quarter epoch) then cosine, batch 128, lr 1e-3 (DeiT's 5e-4 x batch / 512
-would be 1.25e-4: too slow for a few epochs); DeiT's loss weights, ce 0.5 + deit 0.5 (`deit.kind` hard, or soft at
-tau 1). The teacher (cnn_small, SGD momentum 0.9, lr 0.05 cosine, weight decay 5e-4) trains first; its logits are
+scale: AdamW, weight decay 0.05, linear warmup (a quarter epoch) then cosine, batch 128, lr 1e-3 (DeiT's 5e-4 x
+batch / 512 would be 1.25e-4: too slow for two epochs); DeiT's loss weights, ce 0.5 + deit 0.5 (`deit.kind` hard,
+or soft at tau 1). The teacher (cnn_small, SGD momentum 0.9, lr 0.05 cosine, weight decay 5e-4) trains first; its logits are
 computed once for the training set (no augmentation) and reused every epoch. A distilled student's accuracy is
 DeiT's inference rule, the average of its two heads; each head's is printed too.
 
@@ -54,7 +54,7 @@ def teacher_config(epochs: int, train_examples: int):
 def student_config(teacher_dir: str, kind: str, epochs: int, train_examples: int, lr: float):
   c = base(epochs, train_examples)
   c.optimizer.update(name='adamw', lr=lr, weight_decay=0.05)
-  c.schedule.update(name='cosine', warmup_epochs=0.25)
+  c.schedule = dict(c.schedule.to_dict(), name='cosine', warmup_epochs=0.25)  # a float: replace the section
   c.seeds = 3
   if kind == 'scratch':
     c.student.model = 'vit_test'

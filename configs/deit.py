@@ -27,13 +27,14 @@ Reported (that README's table, CIFAR-100 top-1 %): DeiT-Tiny from scratch 65.08 
 (the ECCV 2022 column: Locality Guidance's feature-map guidance, not this logit term) and 78.55 with its KD +
 logit standardization (`REPORTED`, kdjax/published.py `DEIT_CIFAR100`).
 
-What knowingly differs (README "ViT / DeiT configs"): no RandAugment 9/0.5 (kdjax's RandAugment is MLKD's strong
-view only, not an augmentation of the training view); DeiT's RegNetY-16GF teacher is not a kdjax model (any
-imported ImageNet classifier serves); no repeated augmentation, no model EMA; AdamW decays every parameter (DeiT
-exempts biases, norms, position embeddings and tokens); on CIFAR-100 the student reads the 32 px images with patch 4
-(64 patches), where the reference upsamples them to 224 px for patch 16 (196 patches); the reference's soft term is
-the KL summed over the classes (batch mean) with weights ce 0 / logit 1, kdjax's `deit` soft divides by the classes
-as DeiT's own code does, with DeiT's 0.5 / 0.5.
+What knowingly differs (README, "Where kdjax knowingly differs"): no RandAugment 9/0.5 (kdjax's RandAugment is
+MLKD's strong view only, not an augmentation of the training view); DeiT's RegNetY-16GF teacher is not a kdjax model
+(any imported ImageNet classifier serves); no repeated augmentation, no model EMA; AdamW decays every parameter
+(DeiT exempts biases, norms, position embeddings and tokens); on CIFAR-100 the student reads the 32 px images with
+patch 4 (64 patches), where the reference upsamples them to 224 px for patch 16 (196 patches), and with CIFAR's
+pad-4 crop + flip, where the reference sets TRAIN.STRONG_AUGMENTATION (its dataset code's stronger augmentation, not
+reproduced); the reference's soft term is the KL summed over the classes (batch mean) with weights ce 0 / logit 1,
+kdjax's `deit` soft divides by the classes as DeiT's own code does, with DeiT's 0.5 / 0.5.
 
   python launch.py --config=configs/deit.py:tiny --workdir=runs/deit_tiny \
       --config.teacher.model=resnet50_imagenet --config.teacher.checkpoint=teachers/resnet50 --config.data.data_dir=DIR
