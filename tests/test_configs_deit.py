@@ -1,6 +1,6 @@
 """configs/deit.py: DeiT's ImageNet recipe (DeiT-Ti / DeiT-S) and the CIFAR-100 ViT-student recipe build and
 validate with the references' settings; their CPU stand-ins (`mock` on TFDS's generated imagenet2012, `digits`)
-train a distilled ViT for two steps and report each head."""
+train a distilled ViT for a few steps and report each head."""
 
 import json
 
@@ -55,7 +55,8 @@ def _records(workdir):
 @pytest.mark.slow
 def test_mock_runs_the_imagenet_recipe_on_tfds_mock_data(tmp_path):
   """The stream pipeline, mixup/cutmix/erasing and label smoothing on TFDS's generated imagenet2012 (16 images
-  of 8 x 8, 1000 classes): the teacher trained first and cached, then two steps of hard DeiT distillation."""
+  of 8 x 8, 1000 classes): the teacher trained first and cached, then two epochs of two steps of hard DeiT
+  distillation."""
   import tensorflow_datasets as tfds
   c = load_config('deit.py', 'mock')
   c.teacher.cache_dir = str(tmp_path / 'teachers')
