@@ -5,15 +5,18 @@ mean ± std.
 The student is kdjax's `vit_test` (width 32, 2 blocks, 2 heads, MLP ratio 2, patch 4: 7 x 7 = 49 patches at 28 px)
 or, for DeiT, `vit_test_distilled` (the same with a distillation token and its head). Its recipe is DeiT's at this
 scale: AdamW, weight decay 0.05, linear warmup (a quarter epoch) then cosine, batch 128, lr 1e-3 (DeiT's 5e-4 x
-batch / 512 would be 1.25e-4: too slow for two epochs); DeiT's loss weights, ce 0.5 + deit 0.5 (`deit.kind` hard,
-or soft at tau 1). The teacher (cnn_small, SGD momentum 0.9, lr 0.05 cosine, weight decay 5e-4) trains first; its logits are
-computed once for the training set (no augmentation) and reused every epoch. A distilled student's accuracy is
-DeiT's inference rule, the average of its two heads; each head's is printed too.
+batch / 512 would be 1.25e-4: too slow for two epochs); DeiT's loss weights, ce 0.5 + deit 0.5 (`deit.kind` hard, or
+soft at tau 1). The teacher (cnn_small, SGD momentum 0.9, lr 0.05 cosine, weight decay 5e-4) trains first; its
+logits are computed once for the training set (no augmentation) and reused every epoch. A distilled student's
+accuracy is DeiT's inference rule, the average of its two heads; each head's is printed too.
 
 The three students differ in code (the scratch student has no distillation token; hard and soft are different
 losses), which a sweep's `method=` axis can express only for methods with a CIFAR-100 `distill.Recipe` (DeiT has
 none: it needs a ViT student with the token): each is its own program of 3 seeds, against the same teacher
 checkpoint.
+
+The defaults (teacher 2 epochs, students 2 epochs: 936 steps) took 7 + 28 minutes on 2 CPU cores at load 8-11
+(benchmarks/README.md); the students are not converged at that length.
 
   python benchmarks/fashion_vit.py --workdir=/tmp/fashion_vit
 """
