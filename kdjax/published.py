@@ -74,3 +74,12 @@ CIFAR100 = _build()
 def cifar100(method: str, teacher: str, student: str) -> float | None:
   """The published top-1 (%) of `method` ('ce': the student alone, 'teacher') for the pair, or None."""
   return CIFAR100.get((method, teacher, student))
+
+
+# DeiT (facebookresearch/deit README, ImageNet top-1 % at 224 px): {student: (trained alone, with DeiT's hard
+# distillation through the distillation token)}; configs/deit.py:tiny / :small.
+DEIT_IMAGENET = {'deit_tiny': (72.2, 74.5), 'deit_small': (79.9, 81.2)}
+# CIFAR-100 ViT student (logit-standardization-KD tiny-transformers/README.md, Locality Guidance's repository):
+# DeiT-Tiny trained alone, with the ResNet-56's Locality Guidance (feature maps; the paper's ECCV 2022 column) and
+# with KD + logit standardization; configs/deit.py:cifar100 is the logit recipe.
+DEIT_CIFAR100 = {'deit_tiny': {'ce': 65.08, 'locality_guidance': 78.15, 'kd_ls': 78.55}}

@@ -214,3 +214,22 @@ def test_bad_view_settings_are_refused_by_name(overrides, field):
   with pytest.raises(ConfigError, match=f'config.{field}') as e:
     validate.check(digits_config('mlp', **overrides))
   assert '\n' not in str(e.value)
+
+
+def test_mixup_on_a_dataset_of_one_class_is_refused_before_anything_is_written(tmp_path):
+  """Mixed targets of one class are the labels themselves: a one-class ImageFolder with mixup and cutmix on stops
+  with one line naming the dataset and its class count, before the workdir is written."""
+  from kdjax import train
+  root = tmp_path / 'data' / 'only'
+  root.mkdir(parents=True)
+  for i in range(6):
+    Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(root / f'{i}.png')
+  cfg = digits_config('mlp', epochs=1, data__mixup={'alpha': 0.8, 'prob': 1.0, 'mode': 'batch'},
+                      data__cutmix={'alpha': 1.0, 'prob': 1.0, 'mode': 'batch'})
+  cfg.data.update(name='folder', dir=str(tmp_path / 'data'), cache_dir=str(tmp_path / 'cache'))
+  validate.check(cfg)  # the config alone is valid: the class count is the data's
+  with pytest.raises(ConfigError) as e:
+    train.run(cfg, str(tmp_path / 'run'))
+  message = str(e.value)
+  assert '\n' not in message and 'has 1 class' in message and str(tmp_path / 'data') in message, message
+  assert not (tmp_path / 'run').exists() or not any((tmp_path / 'run').iterdir())

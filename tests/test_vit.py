@@ -179,6 +179,27 @@ def test_import_of_deit_and_timm_files_and_one_line_mismatches(tmp_path):
     import_torch.convert(sd, 'vit_test_distilled', image_shape=(16, 16, 3), model_kwargs={'embed_dim': 64})
   assert str(e.value) == ("state_dict key 'cls_token' has shape (1, 1, 32) but vit_test_distilled expects "
                           "(1, 1, 64) at backbone/cls_token")
+  with pytest.raises(CheckpointMismatchError) as e:  # a deeper model: the file lacks its third block
+    import_torch.convert(sd, 'vit_test_distilled', image_shape=(16, 16, 3), model_kwargs={'depth': 3})
+  assert str(e.value).startswith("state_dict has no key 'blocks.2.") and '\n' not in str(e.value)
+  assert str(e.value).endswith('(12 of 47 tensors missing): the checkpoint holds another architecture than '
+                               'vit_test_distilled')
+  with pytest.raises(CheckpointMismatchError) as e:  # a shallower model: the file's second block is left over
+    import_torch.convert(sd, 'vit_test_distilled', image_shape=(16, 16, 3), model_kwargs={'depth': 1})
+  assert str(e.value).startswith("state_dict key 'blocks.1.") and '\n' not in str(e.value)
+
+
+@pytest.mark.skipif(_timm() is None, reason='timm does not import here (it needs torchvision)')
+def test_a_timm_file_of_another_model_is_refused_in_one_line():
+  """timm's ResNet-18 state_dict offered as a DeiT: its first tensor has no counterpart in the ViT."""
+  import timm
+  torch.manual_seed(0)
+  sd = _state_dict(timm.create_model('resnet18', num_classes=10))
+  with pytest.raises(CheckpointMismatchError) as e:
+    import_torch.convert(sd, 'vit_test_distilled', num_classes=10, image_shape=(16, 16, 3))
+  assert str(e.value) == ("state_dict key 'conv1.weight' (shape (64, 3, 7, 7)) has no counterpart in "
+                          'vit_test_distilled: the checkpoint holds another architecture (or a different naming) '
+                          'than vit_test_distilled')
 
 
 @pytest.mark.skipif(_timm() is None, reason='timm does not import here (it needs torchvision)')
