@@ -178,7 +178,8 @@ def print_table(rows, args):
   print(f"{'run'.ljust(width)}  accuracy           program wall time")
   print(f"{'-' * width}  -----------------  -----------------")
   for name, accs, wall in rows:
-    print(f'{name.ljust(width)}  {np.mean(accs):.4f} ± {np.std(accs, ddof=1):.4f}  {wall / 60:.1f} min')
+    spread = f'{np.std(accs, ddof=1):.4f}' if len(accs) > 1 else '—     '  # one seed: no spread
+    print(f'{name.ljust(width)}  {np.mean(accs):.4f} ± {spread}  {wall / 60:.1f} min')
   for name, acc in PUBLISHED:
     print(f"{(name + ' (published)').ljust(width)}  {acc:.3f}")
 
