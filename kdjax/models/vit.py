@@ -6,7 +6,7 @@ residual), a strided-convolution patch embedding, a class token, optionally a di
 embeddings over [tokens; patches], a final LayerNorm. The class token's output is the embedding the `Head` reads;
 with `distilled=True` the distillation token's output is the second embedding, read by the Classifier's `head_dist`
 (kdjax/models/__init__.py: in eval mode the logits are the average of both heads, DeiT's inference rule; in train
-mode the class head's). Attention is `jax.nn.dot_product_attention` (XLA's fused kernel where the platform has one).
+mode the class head's). Attention is `attention` below: timm's layout, two batched matmuls and a softmax.
 
 The position embeddings are sized by the input: any image whose height and width the patch size divides (224 px with
 patch 16: 196 patches; 32 px with patch 4: 64); another size is refused in one line.
@@ -49,6 +49,19 @@ def _norm(name: str, dtype) -> nn.LayerNorm:
   return nn.LayerNorm(epsilon=_LN_EPS, dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
+def attention(qkv):
+  """softmax(q k^T / sqrt(head_dim)) v of qkv [B, T, 3, heads, head_dim] -> [B, T, heads, head_dim], in timm's
+  layout: q, k, v moved to [B, heads, T, head_dim] once (timm's permute), q scaled before the product (timm's
+  unfused path), two batched matmuls with the batch dimensions leading. On XLA:CPU this is faster than
+  `jax.nn.dot_product_attention` (whose 'xla' path vmaps over the heads of [B, T, heads, head_dim] operands;
+  benchmarks/README.md); it computes the same function (float32 round-off)."""
+  q, k, v = jnp.moveaxis(qkv, (2, 3), (0, 2))
+  scores = jnp.einsum('bhtd,bhsd->bhts', q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype), k,
+                      preferred_element_type=jnp.promote_types(q.dtype, jnp.float32))
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  return jnp.swapaxes(jnp.einsum('bhts,bhsd->bhtd', probs, v), 1, 2)
+
+
 class Attention(nn.Module):
   """Multi-head self-attention with one qkv projection, as timm's `Attention` (qkv [B, T, 3, heads, head_dim])."""
   num_heads: int
@@ -58,8 +71,7 @@ class Attention(nn.Module):
   def __call__(self, x):
     b, t, d = x.shape
     qkv = _dense(3 * d, 'qkv', self.dtype)(x).reshape(b, t, 3, self.num_heads, d // self.num_heads)
-    out = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])  # scale 1 / sqrt(head_dim)
-    return _dense(d, 'proj', self.dtype)(out.reshape(b, t, d))
+    return _dense(d, 'proj', self.dtype)(attention(qkv).reshape(b, t, d))
 
 
 class Mlp(nn.Module):
