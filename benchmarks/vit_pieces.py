@@ -3,7 +3,10 @@ r"""The ViT pair's train step piece by piece, kdjax (XLA:CPU) beside PyTorch eag
 Each piece runs forward and backward (gradients of the inputs and parameters against a fixed random cotangent) at
 the shapes of `step_speed.py`'s resnet20 -> deit_tiny pair (batch 64, 32 px, patch 4: 65 tokens of width 192, 3
 heads, MLP 768); the whole student (forward + backward of its cross-entropy), the teacher's eval forward and the
-optimizer update (SGD momentum 0.9, wd 5e-4, as step_speed.py) complete the picture. Both sides run alternately,
+optimizer update (SGD momentum 0.9, wd 5e-4, as step_speed.py) complete the picture. The attention core is timed
+twice on the kdjax side: the model's (`jax.nn.dot_product_attention`, whose XLA path vmaps over the heads of
+[B, T, heads, head_dim] slices) and timm's layout written as einsums (heads moved first, q scaled first), against
+the same PyTorch row (`F.scaled_dot_product_attention`). Both sides run alternately,
 piece by piece, `--repeats` times; the table gives each piece's fastest time over all repeats (the least disturbed
 by other work on a shared machine) and the median, in ms. PyTorch uses `torch.get_num_threads()` threads (all
 cores, as step_speed.py's worker); XLA:CPU its own pool over the same cores.
@@ -66,14 +69,16 @@ def jax_pieces():
       return nn.gelu(x, approximate=False)
 
   class Core(nn.Module):  # the attention without its projections: qkv [B, T, 3D] -> [B, T, D]
-    dpa: bool = False  # jax.nn.dot_product_attention on [B, T, heads, head_dim] slices instead
+    timm_layout: bool = False  # q, k, v moved to [B, heads, T, head_dim] first, as timm does, then two einsums
 
     @nn.compact
     def __call__(self, qkv):
       qkv = qkv.reshape(B, T, 3, HEADS, D // HEADS)
-      out = (jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]) if self.dpa else
-             vit.attention(qkv))
-      return out.reshape(B, T, D)
+      if not self.timm_layout:
+        return vit.attention(qkv).reshape(B, T, D)  # the model's: jax.nn.dot_product_attention
+      q, k, v = jnp.moveaxis(qkv, (2, 3), (0, 2))
+      probs = jax.nn.softmax(jnp.einsum('bhtd,bhsd->bhts', q * (D // HEADS) ** -0.5, k), axis=-1)
+      return jnp.einsum('bhts,bhsd->bthd', probs, v).reshape(B, T, D)
 
   student = models.create('deit_tiny', CLASSES, patch_size=4)
   teacher = models.create('resnet20', CLASSES)
@@ -99,7 +104,7 @@ def jax_pieces():
       'LayerNorm [64,65,192]': fwd_bwd(nn.LayerNorm(epsilon=1e-6), tokens),
       'GELU (erf) [64,65,768]': fwd_bwd(Gelu(), jnp.concatenate([tokens] * 4, -1)),
       'attention core (3 heads, 65 tokens)': fwd_bwd(Core(), jnp.concatenate([tokens] * 3, -1)),
-      'attention core, jax.nn.dot_product_attention': fwd_bwd(Core(dpa=True), jnp.concatenate([tokens] * 3, -1)),
+      'attention core, heads-first einsums': fwd_bwd(Core(timm_layout=True), jnp.concatenate([tokens] * 3, -1)),
       'Linear 192->768': fwd_bwd(nn.Dense(MLP), tokens),
       'Linear 768->192': fwd_bwd(nn.Dense(D), jnp.concatenate([tokens] * 4, -1)),
       'patch embedding (conv 4x4/4)': fwd_bwd(vit.PatchEmbed(D, 4), images),
@@ -155,7 +160,7 @@ def torch_pieces():
       'LayerNorm [64,65,192]': fwd_bwd(torch.nn.LayerNorm(D, eps=1e-6), tokens),
       'GELU (erf) [64,65,768]': fwd_bwd(torch.nn.GELU(), torch.cat([tokens] * 4, -1)),
       'attention core (3 heads, 65 tokens)': fwd_bwd(Core(), torch.cat([tokens] * 3, -1)),
-      'attention core, jax.nn.dot_product_attention': fwd_bwd(Core(), torch.cat([tokens] * 3, -1)),
+      'attention core, heads-first einsums': fwd_bwd(Core(), torch.cat([tokens] * 3, -1)),
       'Linear 192->768': fwd_bwd(torch.nn.Linear(D, MLP), tokens),
       'Linear 768->192': fwd_bwd(torch.nn.Linear(MLP, D), torch.cat([tokens] * 4, -1)),
       'patch embedding (conv 4x4/4)': fwd_bwd(student.patch_embed, images),

@@ -6,7 +6,7 @@ residual), a strided-convolution patch embedding, a class token, optionally a di
 embeddings over [tokens; patches], a final LayerNorm. The class token's output is the embedding the `Head` reads;
 with `distilled=True` the distillation token's output is the second embedding, read by the Classifier's `head_dist`
 (kdjax/models/__init__.py: in eval mode the logits are the average of both heads, DeiT's inference rule; in train
-mode the class head's). Attention is `attention` below: timm's layout, two batched matmuls and a softmax.
+mode the class head's). Attention is `jax.nn.dot_product_attention` (XLA's fused kernel where the platform has one).
 
 The position embeddings are sized by the input: any image whose height and width the patch size divides (224 px with
 patch 16: 196 patches; 32 px with patch 4: 64); another size is refused in one line.
@@ -50,16 +50,8 @@ def _norm(name: str, dtype) -> nn.LayerNorm:
 
 
 def attention(qkv):
-  """softmax(q k^T / sqrt(head_dim)) v of qkv [B, T, 3, heads, head_dim] -> [B, T, heads, head_dim], in timm's
-  layout: q, k, v moved to [B, heads, T, head_dim] once (timm's permute), q scaled before the product (timm's
-  unfused path), two batched matmuls with the batch dimensions leading. On XLA:CPU this is faster than
-  `jax.nn.dot_product_attention` (whose 'xla' path vmaps over the heads of [B, T, heads, head_dim] operands;
-  benchmarks/README.md); it computes the same function (float32 round-off)."""
-  q, k, v = jnp.moveaxis(qkv, (2, 3), (0, 2))
-  scores = jnp.einsum('bhtd,bhsd->bhts', q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype), k,
-                      preferred_element_type=jnp.promote_types(q.dtype, jnp.float32))
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  return jnp.swapaxes(jnp.einsum('bhts,bhsd->bhtd', probs, v), 1, 2)
+  """softmax(q k^T / sqrt(head_dim)) v of qkv [B, T, 3, heads, head_dim] -> [B, T, heads, head_dim]."""
+  return jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
 
 
 class Attention(nn.Module):
