@@ -66,13 +66,21 @@ class Attention(nn.Module):
     return _dense(d, 'proj', self.dtype)(attention(qkv).reshape(b, t, d))
 
 
+def gelu(x):
+  """Exact GELU, x * (1 + erf(x / sqrt(2))) / 2, written as PyTorch's `nn.GELU()` computes it (timm's MLP).
+  `jax.nn.gelu(approximate=False)` is the same function through `erfc`, whose XLA:CPU expansion (both of its
+  branches, recomputed in each fusion that reads it) made a block's MLP about 15 ms slower forward + backward at the
+  ViT pair's shapes (benchmarks/README.md); the two differ by float32 round-off."""
+  return x * (0.5 * (1.0 + jax.lax.erf(x * jnp.asarray(0.5 ** 0.5, x.dtype))))
+
+
 class Mlp(nn.Module):
   hidden: int
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
-    h = nn.gelu(_dense(self.hidden, 'fc1', self.dtype)(x), approximate=False)
+    h = gelu(_dense(self.hidden, 'fc1', self.dtype)(x))
     return _dense(x.shape[-1], 'fc2', self.dtype)(h)
 
 
