@@ -66,7 +66,7 @@ def jax_pieces():
   class Gelu(nn.Module):
     @nn.compact
     def __call__(self, x):
-      return nn.gelu(x, approximate=False)
+      return vit.gelu(x)  # the model's exact GELU
 
   class Core(nn.Module):  # the attention without its projections: qkv [B, T, 3D] -> [B, T, D]
     timm_layout: bool = False  # q, k, v moved to [B, heads, T, head_dim] first, as timm does, then two einsums
