@@ -220,3 +220,17 @@ def test_registered_deit_equals_timms_at_224():
   assert np.abs(logits).max() > 0.5
   np.testing.assert_allclose(ours.logits, logits, rtol=1e-5, atol=2e-5)
   np.testing.assert_allclose(ours.dist_logits, heads[1], rtol=1e-5, atol=2e-5)
+
+
+def test_gelu_is_the_exact_erf_gelu():
+  """The MLP's GELU against x * (1 + erf(x / sqrt 2)) / 2 in float64 (math.erf), over the range activations take,
+  and against jax.nn.gelu(approximate=False), the same function through erfc."""
+  import math
+  from kdjax.models import vit
+  x = np.linspace(-8.0, 8.0, 4001, dtype=np.float32)
+  expected = np.array([v * (1.0 + math.erf(v / math.sqrt(2.0))) / 2.0 for v in x.astype(np.float64)])
+  got = np.asarray(vit.gelu(jnp.asarray(x)), np.float64)
+  np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)  # float32 round-off of values up to 8
+  np.testing.assert_allclose(got, np.asarray(jax.nn.gelu(jnp.asarray(x), approximate=False)), rtol=1e-6, atol=1e-6)
+  tanh = np.asarray(jax.nn.gelu(jnp.asarray(x), approximate=True), np.float64)
+  assert np.max(np.abs(tanh - expected)) > 1e-4  # the tanh approximation is not what the model computes

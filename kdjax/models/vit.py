@@ -49,6 +49,11 @@ def _norm(name: str, dtype) -> nn.LayerNorm:
   return nn.LayerNorm(epsilon=_LN_EPS, dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
+def attention(qkv):
+  """softmax(q k^T / sqrt(head_dim)) v of qkv [B, T, 3, heads, head_dim] -> [B, T, heads, head_dim]."""
+  return jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+
+
 class Attention(nn.Module):
   """Multi-head self-attention with one qkv projection, as timm's `Attention` (qkv [B, T, 3, heads, head_dim])."""
   num_heads: int
@@ -58,8 +63,15 @@ class Attention(nn.Module):
   def __call__(self, x):
     b, t, d = x.shape
     qkv = _dense(3 * d, 'qkv', self.dtype)(x).reshape(b, t, 3, self.num_heads, d // self.num_heads)
-    out = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])  # scale 1 / sqrt(head_dim)
-    return _dense(d, 'proj', self.dtype)(out.reshape(b, t, d))
+    return _dense(d, 'proj', self.dtype)(attention(qkv).reshape(b, t, d))
+
+
+def gelu(x):
+  """Exact GELU, x * (1 + erf(x / sqrt(2))) / 2, written as PyTorch's `nn.GELU()` computes it (timm's MLP).
+  `jax.nn.gelu(approximate=False)` is the same function through `erfc`, whose XLA:CPU expansion (both of its
+  branches, recomputed in each fusion that reads it) made a block's MLP about 15 ms slower forward + backward at the
+  ViT pair's shapes (benchmarks/README.md); the two differ by float32 round-off."""
+  return x * (0.5 * (1.0 + jax.lax.erf(x * jnp.asarray(0.5 ** 0.5, x.dtype))))
 
 
 class Mlp(nn.Module):
@@ -68,7 +80,7 @@ class Mlp(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    h = nn.gelu(_dense(self.hidden, 'fc1', self.dtype)(x), approximate=False)
+    h = gelu(_dense(self.hidden, 'fc1', self.dtype)(x))
     return _dense(x.shape[-1], 'fc2', self.dtype)(h)
 
 
