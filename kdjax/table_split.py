@@ -71,22 +71,27 @@ def plan(trainer, build) -> dict:
                         f"{base.memory_budget_gb:g}): the table does not fit even split into programs; use more "
                         'devices, fewer seeds or a smaller batch_size')
     own[g.index] = max(est['total'] - shared, 0)
-  room = memory.MEMORY_FRACTION * free - shared
-  programs = []  # [[group index, ...], used bytes]
-  for i in sorted(own, key=lambda i: (-own[i], i)):  # first-fit decreasing
-    target = next((p for p in programs if p[1] + own[i] <= room), None)
-    if target is None:
-      programs.append([[], 0])
-      target = programs[-1]
-    target[0].append(i)
-    target[1] += own[i]
-  programs.sort(key=lambda p: min(p[0]))
   groups = {g.index: g for g in sweep.groups}
   return {'available': int(free), 'shared': int(shared), 'groups': {groups[i].name: int(b) for i, b in own.items()},
           'programs': [
-      {'groups': [groups[i].name for i in sorted(p[0])], 'bytes': int(shared + p[1]),
-       'students': [s for i in sorted(p[0]) for s in range(groups[i].offset, groups[i].offset + groups[i].size)]}
-      for p in programs]}
+      {'groups': [groups[i].name for i in p], 'bytes': int(shared + sum(own[i] for i in p)),
+       'students': [s for i in p for s in range(groups[i].offset, groups[i].offset + groups[i].size)]}
+      for p in pack(own, memory.MEMORY_FRACTION * free - shared)]}
+
+
+def pack(sizes: dict, room: float) -> list:
+  """`sizes` ({item: size}, each <= `room`) packed first-fit decreasing into lists of items of total <= `room`:
+  each item, largest first, into the first list with room for it, else a new one. Each list sorted, the lists in
+  the order of their first item."""
+  bins = []  # [[item, ...], used]
+  for i in sorted(sizes, key=lambda i: (-sizes[i], i)):
+    target = next((b for b in bins if b[1] + sizes[i] <= room), None)
+    if target is None:
+      bins.append([[], 0])
+      target = bins[-1]
+    target[0].append(i)
+    target[1] += sizes[i]
+  return sorted((sorted(b[0]) for b in bins), key=lambda b: b[0])
 
 
 def describe(plan: dict) -> str:

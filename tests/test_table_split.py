@@ -8,6 +8,7 @@ import json
 import logging
 import os
 
+from absl import logging as absl_logging
 import jax
 import numpy as np
 import pytest
@@ -56,11 +57,13 @@ def _split_config(teacher_dir, budget_gb):
 @pytest.fixture(scope='module')
 def split(teacher_dir, budget_gb, tmp_path_factory):
   work = str(tmp_path_factory.mktemp('split') / 'run')
-  handler = _Lines()
+  handler, verbosity = _Lines(), absl_logging.get_verbosity()
   logging.getLogger('absl').addHandler(handler)
+  absl_logging.set_verbosity(absl_logging.INFO)
   try:
     out = train.run(_split_config(teacher_dir, budget_gb), work)
   finally:
+    absl_logging.set_verbosity(verbosity)
     logging.getLogger('absl').removeHandler(handler)
   return work, out, handler.lines
 
@@ -96,7 +99,7 @@ def test_a_split_table_gathers_records_and_results(split):
   assert sorted((r['student'], r['epoch']) for r in epochs) == [(0, 1), (0, 2), (1, 1), (1, 2)]
   assert 'loss_crd' in next(r for r in epochs if r['student'] == 1)
   rows = list(csv.DictReader(open(os.path.join(work, 'results.csv'))))
-  assert [(r['method'], r['student.model']) for r in rows] == [('kd', 'resnet8'), ('crd', 'resnet8')]
+  assert [r['method'] for r in rows] == ['kd', 'crd']
   for row, s in zip(rows, out['students']):
     assert float(row['last_test_accuracy']) == pytest.approx(s['test_accuracy'])
   table = open(os.path.join(work, 'table.md')).read()
@@ -132,6 +135,15 @@ def test_a_split_table_stopped_in_its_second_program_resumes_there(split, teache
     jax.tree.map(np.testing.assert_array_equal, _host(resumed.student_state(i)), _host(reference.student_state(i)))
   epochs = [json.loads(l) for l in open(os.path.join(work, 'metrics.jsonl'))]
   assert sorted((r['student'], r['epoch']) for r in epochs) == [(0, 1), (0, 2), (1, 1), (1, 2)]
+
+
+def test_groups_are_packed_first_fit_decreasing():
+  # Largest first (ties by index), each into the first program with room, for a room of 10: 7+3 | 5+4+1 | 4+2+1
+  # (3 programs, the fewest: the sizes add up to 27).
+  sizes = {0: 4, 1: 7, 2: 1, 3: 5, 4: 3, 5: 4, 6: 2, 7: 1}
+  assert table_split.pack(sizes, 10) == [[0, 2, 3], [1, 4], [5, 6, 7]]
+  assert table_split.pack({0: 3, 1: 3}, 10) == [[0, 1]]
+  assert table_split.pack({0: 6, 1: 6}, 10) == [[0], [1]]
 
 
 def test_a_group_too_large_alone_is_refused_in_one_line(teacher_dir, tmp_path):
