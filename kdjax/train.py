@@ -341,14 +341,24 @@ def _compile(trainer: trainer_lib.Trainer, abstract, workdir: str, may_split: bo
   # A sweep too large for memory is refused before its whole program compiles (unrolled: minutes, or an hour).
   before = memory.estimate_before_compile(trainer, abstract)
   if split and not memory.fits(before):
-    raise table_split.Split(trainer.sweep, table_split.plan(trainer, build))
+    _split(trainer, build)
   memory.check(before, trainer.num_students)
   if not _has_steps(workdir):  # a fresh run: the initial state's program compiles beside the step's
     trainer.start_init_compile()
   compiled = trainer.compile(abstract)
   if split and not memory.fits(compiled):
-    raise table_split.Split(trainer.sweep, table_split.plan(trainer, build))
+    _split(trainer, build)
   memory.check(compiled, trainer.num_students)
+
+
+def _split(trainer: trainer_lib.Trainer, build):
+  """Raises `table_split.Split` with the plan of `trainer`'s table (refused when a group alone does not fit), its
+  batch source closed: each program opens its own."""
+  try:
+    plan = table_split.plan(trainer, build)
+  finally:
+    trainer.source.close()
+  raise table_split.Split(trainer.sweep, plan)
 
 
 def _setup(cfg, sweep: sweep_lib.Sweep, workdir: str, restart: bool, may_split: bool = True) -> _Run:
