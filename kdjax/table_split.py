@@ -50,7 +50,8 @@ def program_dir(workdir: str, p: int) -> str:
 def plan(trainer, build) -> dict:
   """The programs that fit: {'programs': [{'groups': [name, ...], 'students': [index, ...], 'bytes': n}, ...],
   'available': bytes, 'shared': the teachers' bytes, 'groups': {name: its own bytes}}, each program's groups and
-  students in the table's order, the programs in the order of their first group. `build(sub_sweep, mesh)` makes the Trainer of a program of one group."""
+  students in the table's order, the programs in the order of their first group. `build(sub_sweep, mesh)` makes the
+  Trainer of a program of one group."""
   sweep, base = trainer.sweep, trainer.cfg
   shared = memory.tree_bytes(trainer.teacher_vars) if trainer.teacher_vars is not None else 0
   own, free = {}, None
