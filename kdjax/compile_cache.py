@@ -300,7 +300,7 @@ def _compile_watched(compile_fn):
 # argument, their shapes in the key). Every other field is part of the key.
 NOT_PROGRAM = ('eval_every_epochs', 'checkpoint_every_epochs', 'keep_checkpoints', 'tensorboard', 'figures',
                'compilation_cache', 'data.data_dir', 'data.dir', 'data.cache_dir', 'teacher.cache_dir',
-               'teacher.checkpoint')
+               'teacher.checkpoint', 'memory_budget_gb')
 
 
 def config_ingredient(cfg) -> dict:

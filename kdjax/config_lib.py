@@ -101,6 +101,9 @@ def base() -> ml_collections.ConfigDict:
   c.seeds = 1               # N > 1: every grid point trained with seeds seed, seed + 1, ..., seed + N - 1
   c.mesh_students = 0       # devices along the students axis of the (students x data) mesh; 0 = auto
   c.students_loop = 'auto'  # how the step runs the students: vmap | unroll | auto (unroll on the CPU, else vmap)
+  # The memory per device a program may plan for, in GiB (0 = the device's; on the CPU, the host's available
+  # memory shared by its CPU devices): a table that does not fit is split into programs that do (kdjax/table_split.py).
+  c.memory_budget_gb = 0.0
   c.steps_loop = 'auto'     # a dispatch's K steps: scan (rolled) | unroll | auto (unroll on the CPU, else scan)
   c.data = _data()
   # The network being trained: the student, or the teacher-to-be in a supervised run.

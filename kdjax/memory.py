@@ -37,9 +37,11 @@ MEMORY_FRACTION = 0.9
 PRE_ESTIMATE_STUDENTS = 16
 
 
-def available(num_devices: int) -> int | None:
-  """Bytes one device may use: the accelerator's limit, or on the CPU the host's available memory shared by the
-  CPU devices. None when unknown."""
+def available(num_devices: int, budget_gb: float = 0.0) -> int | None:
+  """Bytes one device may use: `budget_gb` when > 0 (config.memory_budget_gb), else the accelerator's limit, or on
+  the CPU the host's available memory shared by the CPU devices. None when unknown."""
+  if budget_gb and budget_gb > 0:
+    return int(budget_gb * 2**30)
   dev = jax.devices()[0]
   try:
     stats = dev.memory_stats()
@@ -59,10 +61,10 @@ def tree_bytes(tree) -> int:
   return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
-def estimate(compiled, state_bytes: int, num_devices: int) -> dict:
+def estimate(compiled, state_bytes: int, num_devices: int, budget_gb: float = 0.0) -> dict:
   """XLA's memory estimate per device of a compiled train dispatch: {'state', 'temp', 'total', 'available'} in
-  bytes (`state_bytes`: one device's share of the train state)."""
-  out = {'state': state_bytes, 'temp': 0, 'total': state_bytes, 'available': available(num_devices)}
+  bytes (`state_bytes`: one device's share of the train state; `budget_gb`: `available`'s)."""
+  out = {'state': state_bytes, 'temp': 0, 'total': state_bytes, 'available': available(num_devices, budget_gb)}
   analysis = compiled.memory_analysis()
   if analysis is not None:
     out['temp'] = int(analysis.temp_size_in_bytes)
@@ -76,7 +78,7 @@ def estimate_before_compile(trainer, abstract) -> dict | None:
   `estimate`'s form plus 'basis' (how it was estimated); None when the run is small enough to compile at once, or
   the device's memory is unknown. `abstract` is `trainer.init_state(abstract=True)`."""
   mesh = trainer.mesh
-  free = available(mesh.devices.size)
+  free = available(mesh.devices.size, trainer.cfg.get('memory_budget_gb', 0.0))
   if not free:
     return None
   per_axis = mesh.shape['students']
@@ -99,6 +101,11 @@ def estimate_before_compile(trainer, abstract) -> dict | None:
           'basis': 'the programs of 1 and 2 students per device, before compiling the whole sweep'}
 
 
+def fits(memory: dict | None) -> bool:
+  """Whether `memory` (`estimate`'s or `estimate_before_compile`'s, or None: nothing known) fits a device."""
+  return not (memory and memory['available'] and memory['total'] > MEMORY_FRACTION * memory['available'])
+
+
 def check(memory: dict | None, num_students: int):
   """Logs the estimate; refuses (one line) a program that needs more than MEMORY_FRACTION of what a device offers.
   `memory`: `estimate`'s or `estimate_before_compile`'s (whose 'basis' says how it was made), or None."""
@@ -109,7 +116,7 @@ def check(memory: dict | None, num_students: int):
   logging.info('%s: about %.2f GiB per device (train state %.2f GiB, XLA temporaries %.2f GiB)%s',
                f'estimated from {basis}' if basis else 'compiled', gib(memory['total']), gib(memory['state']),
                gib(memory['temp']), f"; {gib(memory['available']):.1f} GiB available" if memory['available'] else '')
-  if memory['available'] and memory['total'] > MEMORY_FRACTION * memory['available']:
+  if not fits(memory):
     what = f'the sweep of {num_students} students' if num_students > 1 else 'this run'
     how = f'; estimated from {basis}' if basis else ''
     raise ConfigError(f"{what} needs about {gib(memory['total']):.2f} GiB per device (train state "

@@ -483,17 +483,32 @@ def assemble(groups: list, program: dict, mode: str, skipped: list = ()) -> Swee
 
 def without(sweep: Sweep, drop: dict) -> Sweep:
   """`sweep` without the groups `drop` ({group index: why}), renumbered."""
-  keep = [g for g in sweep.groups if g.index not in drop]
-  for g in keep:  # back to group-local numbering and names
-    for j, s in enumerate(g.sweep.students):
-      s.index = j
+  keep = _local([g for g in sweep.groups if g.index not in drop])
   skipped = list(sweep.skipped) + [(g.values, drop[g.index]) for g in sweep.groups if g.index in drop]
   program = {k: v for k, v in sweep.axes.items() if k in PROGRAM_AXES}
-  for g in keep:
-    for s in g.sweep.students:
+  return assemble(keep, program, sweep.mode, skipped)
+
+
+def subset(sweep: Sweep, names: list) -> Sweep:
+  """A program of `sweep`'s groups named `names` alone (copies: `sweep` is left as it is), numbered from 0 in
+  `sweep`'s order; each student trains as in `sweep` (its own config, seed and keys)."""
+  unknown = set(names) - {g.name for g in sweep.groups}
+  if unknown:
+    raise ConfigError(f'config.sweep: no group {sorted(unknown)[0]} in this table')
+  keep = _local([copy.deepcopy(g) for g in sweep.groups if g.name in names])
+  program = {k: [v for v in values if any(g.values.get(k) == v for g in keep)]
+             for k, values in sweep.axes.items() if k in PROGRAM_AXES}
+  return assemble(keep, program, sweep.mode)
+
+
+def _local(groups: list) -> list:
+  """`groups` with their students back to group-local numbering and names (as `assemble` takes them)."""
+  for g in groups:
+    for j, s in enumerate(g.sweep.students):
+      s.index = j
       s.name = s.name[len(g.name) + 1:] if s.name.startswith(g.name + ' ') else ('run' if s.name == g.name
                                                                                     else s.name)
-  return assemble(keep, program, sweep.mode, skipped)
+  return groups
 
 
 def _check_shared(groups: list):

@@ -36,6 +36,7 @@ from kdjax import results
 from kdjax import sharding
 from kdjax import step as step_lib
 from kdjax import sweep as sweep_lib
+from kdjax import table_split
 from kdjax import teacher as teacher_lib
 from kdjax import trainer as trainer_lib
 from kdjax import validate
@@ -120,7 +121,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, restart: bool = False) -> 
 RESUMABLE_CHANGES = ('epochs', 'eval_every_epochs', 'checkpoint_every_epochs', 'keep_checkpoints', 'tensorboard',
                      'figures', 'eval_batch_size', 'steps_per_dispatch', 'num_devices', 'mesh_students',
                      'students_loop', 'data.data_dir', 'data.dir', 'data.cache_dir', 'teacher.cache_dir',
-                     'compilation_cache', 'steps_loop', 'data.workers', 'data.prefetch')
+                     'compilation_cache', 'steps_loop', 'data.workers', 'data.prefetch', 'memory_budget_gb')
 
 
 def check_resume(cfg, workdir: str):
@@ -211,8 +212,18 @@ class Outcome:
   """What `run` returns: the run summary (as summary.json), the final train state and the trainer that made it.
   Reads like the summary: `outcome['test_accuracy']`."""
   summary: dict
-  state: step_lib.TrainState
-  trainer: trainer_lib.Trainer
+  state: step_lib.TrainState | None
+  trainer: trainer_lib.Trainer | None
+  programs: list | None = None  # a split table's: each program's Outcome (then no state or trainer of its own)
+
+  def student_state(self, i: int) -> step_lib.TrainState:
+    """Student `i`'s own train state (numbered as in the whole table when split)."""
+    if not self.programs:
+      return self.trainer.student_state(self.state, i)
+    for program, out in zip(self.summary['programs'], self.programs):
+      if i in program['students']:
+        return out.trainer.student_state(out.state, program['students'].index(i))
+    raise IndexError(i)
 
   def __getitem__(self, key):
     return self.summary[key]
@@ -247,13 +258,60 @@ class _Run:
     self.ckpt.close()
 
 
-def _train(cfg, sweep: sweep_lib.Sweep, workdir: str, restart: bool = False) -> Outcome:
-  r = _setup(cfg, sweep, workdir, restart)
+def _train(cfg, sweep: sweep_lib.Sweep, workdir: str, restart: bool = False, may_split: bool = True) -> Outcome:
+  plan = table_split.load(workdir) if may_split and not restart else None
+  if plan is not None:  # a split table resumed: its saved plan
+    return _train_split(cfg, sweep, workdir, plan)
+  try:
+    r = _setup(cfg, sweep, workdir, restart, may_split)
+  except table_split.Split as split:
+    if dist.is_primary():
+      write_config(cfg, workdir, split.sweep)
+      table_split.save(workdir, split.plan)
+    dist.barrier('kdjax-split-saved')
+    return _train_split(cfg, sweep, workdir, split.plan)
   try:
     _epochs(r)
     return _finish(r)
   finally:
     r.close()
+
+
+def _train_split(cfg, sweep: sweep_lib.Sweep, workdir: str, plan: dict) -> Outcome:
+  """A table split by `table_split.plan`: its programs trained one after another, each a run of its own in
+  `programs/<p>/` (resumed where it stopped, a finished one restored and not trained again); the workdir's
+  records, summary and results gathered from them."""
+  t_start = time.time()
+  logging.info('%s', table_split.describe(plan))
+  outcomes = []
+  for p, program in enumerate(plan['programs']):
+    logging.info('program %d of %d: %s', p + 1, len(plan['programs']), ', '.join(program['groups']))
+    try:
+      outcomes.append(_train(cfg, sweep_lib.subset(sweep, program['groups']), table_split.program_dir(workdir, p),
+                             may_split=False))
+    finally:
+      if dist.is_primary():
+        table_split.gather(workdir, plan)
+  students = []
+  for program, out in zip(plan['programs'], outcomes):
+    students += [dict(s, index=program['students'][s['index']]) for s in out['students']]
+  students.sort(key=lambda s: s['index'])
+  summary = {'select_split': outcomes[0]['select_split'], 'num_students': len(students),
+             'wall_seconds': time.time() - t_start,
+             'programs': [{k: p[k] for k in ('groups', 'students')} for p in plan['programs']],
+             'students': students}
+  if dist.is_primary():
+    with atomic.writing(os.path.join(workdir, 'summary.json')) as f:
+      json.dump(summary, f, indent=2)
+    table = results.finish(workdir) if cfg.figures else results.report_text(_csv(workdir))
+    print(table, flush=True)
+  return Outcome(summary, None, None, programs=outcomes)
+
+
+def _csv(workdir: str):
+  run = results.load_run(workdir)
+  results.write_csv(run)
+  return run
 
 
 def _load_data(base):
@@ -275,7 +333,36 @@ def _has_steps(workdir: str) -> bool:
   return os.path.isdir(path) and any(name.isdigit() for name in os.listdir(path))
 
 
-def _setup(cfg, sweep: sweep_lib.Sweep, workdir: str, restart: bool) -> _Run:
+def _compile(trainer: trainer_lib.Trainer, abstract, workdir: str, may_split: bool):
+  """The train step compiled and its memory checked, before the checkpoint folder is made. A table that does not
+  fit (a fresh one, `may_split`) is split (`table_split.Split` raised with the plan); any other run is refused."""
+  split = may_split and len(trainer.sweep.groups) > 1 and not _has_steps(workdir)
+  build = lambda sub, mesh: trainer_lib.build(trainer.cfg, trainer.ds, mesh, trainer.teacher, trainer.teacher_vars,
+                                              sub)
+  # A sweep too large for memory is refused before its whole program compiles (unrolled: minutes, or an hour).
+  before = memory.estimate_before_compile(trainer, abstract)
+  if split and not memory.fits(before):
+    _split(trainer, build)
+  memory.check(before, trainer.num_students)
+  if not _has_steps(workdir):  # a fresh run: the initial state's program compiles beside the step's
+    trainer.start_init_compile()
+  compiled = trainer.compile(abstract)
+  if split and not memory.fits(compiled):
+    _split(trainer, build)
+  memory.check(compiled, trainer.num_students)
+
+
+def _split(trainer: trainer_lib.Trainer, build):
+  """Raises `table_split.Split` with the plan of `trainer`'s table (refused when a group alone does not fit), its
+  batch source closed: each program opens its own."""
+  try:
+    plan = table_split.plan(trainer, build)
+  finally:
+    trainer.source.close()
+  raise table_split.Split(trainer.sweep, plan)
+
+
+def _setup(cfg, sweep: sweep_lib.Sweep, workdir: str, restart: bool, may_split: bool = True) -> _Run:
   """Phase 1: the workdir's records, the data, the teachers, the compiled step, the state (restored or new)."""
   t_start = time.time()
   base = sweep.base
@@ -308,14 +395,10 @@ def _setup(cfg, sweep: sweep_lib.Sweep, workdir: str, restart: bool) -> _Run:
   # Traced before the checkpoint folder is made: a model or method that refuses its inputs (an image size, a pair)
   # leaves the workdir as it was.
   abstract = trainer.init_state(abstract=True)
-  # A sweep too large for memory is refused before its whole program compiles (unrolled: minutes, or an hour).
-  memory.check(memory.estimate_before_compile(trainer, abstract), sweep.size)
   if base.distill.extras_checkpoint and not _has_steps(workdir):  # refused before the checkpoint folder is made
     extras_init.check_run(base, abstract)
+  _compile(trainer, abstract, workdir, may_split)
   ckpt = ckpt_lib.Checkpointer(workdir, keep=base.keep_checkpoints)
-  if not ckpt.manager.all_steps():  # a fresh run: the initial state's program compiles beside the step's
-    trainer.start_init_compile()
-  memory.check(trainer.compile(abstract), sweep.size)
   models_seen = {}
   for p in trainer.programs:
     models_seen.setdefault(p.group.sweep.base.student.model, trainer.param_count(abstract, p.group.offset))

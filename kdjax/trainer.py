@@ -349,7 +349,7 @@ class Trainer:
                                      ts, *self._args(0, 0, self.source.dispatch_spec(self.k))).compile()
     self._compiled_chunk = compile_cache.load_or_compile(key, self.mesh.devices.flat, lower)[0]
     return memory.estimate(self._compiled_chunk, memory.tree_bytes(ts) // self.mesh.shape['students'],
-                           self.mesh.devices.size)
+                           self.mesh.devices.size, self.cfg.get('memory_budget_gb', 0.0))
 
   def with_students(self, n: int) -> 'Trainer':  # (a program of one group only: memory.estimate_before_compile)
     """This trainer for its first `n` students only (a multiple of the students axis' devices), sharing the rest

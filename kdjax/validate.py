@@ -49,6 +49,7 @@ RANGES = {
     'keep_checkpoints': R(1),
     'num_devices': R(0),
     'mesh_students': R(0),
+    'memory_budget_gb': R(0.0),        # 0 = the device's own
     'seeds': R(1),
     'seed': R(0),
     'data.seed': R(-1),                # -1 = config.seed
