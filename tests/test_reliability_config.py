@@ -246,7 +246,7 @@ def test_an_unrolled_sweep_too_large_for_memory_is_refused_before_its_program_co
   # 40 digits students: a 0.46 MiB state each, about 2.5 MiB of temporaries each. The 64 MiB 'device' holds the
   # states (18 MiB); the estimate from the 1- and 2-student programs (0.11 GiB) does not fit, and the 40-student
   # program (which `compiled` would refuse to compile) is never compiled.
-  monkeypatch.setattr(memory_lib, 'available', lambda n: 64 << 20)
+  monkeypatch.setattr(memory_lib, 'available', lambda n, budget=0.0: 64 << 20)
   with pytest.raises(errors.ConfigError) as e:
     train.train_and_evaluate(digits_config(seeds=40, epochs=1), str(tmp_path))
   assert compiled == [1, 2]
@@ -257,7 +257,7 @@ def test_an_unrolled_sweep_too_large_for_memory_is_refused_before_its_program_co
 
 
 def test_a_sweep_whose_state_alone_does_not_fit_compiles_nothing(compiled, monkeypatch, tmp_path):
-  monkeypatch.setattr(memory_lib, 'available', lambda n: 16 << 20)
+  monkeypatch.setattr(memory_lib, 'available', lambda n, budget=0.0: 16 << 20)
   with pytest.raises(errors.ConfigError) as e:
     train.train_and_evaluate(digits_config(seeds=100, students_loop='vmap', epochs=1), str(tmp_path))
   assert compiled == []
@@ -273,7 +273,7 @@ def test_a_small_run_compiles_no_extra_program(monkeypatch):
   monkeypatch.setattr(trainer_lib.Trainer, 'compile', lambda self, ts: sizes.append(self.num_students))
   for cfg in (digits_config(seeds=memory.PRE_ESTIMATE_STUDENTS), digits_config(seeds=40, students_loop='vmap')):
     sweep = sweep_lib.expand(cfg)
-    monkeypatch.setattr(memory, 'available', lambda n: 64 << 30)
+    monkeypatch.setattr(memory, 'available', lambda n, budget=0.0: 64 << 30)
     exp = trainer_lib.build(cfg, data_lib.load(sweep.base.data), sweep=sweep)
     assert memory.estimate_before_compile(exp, exp.init_state(abstract=True)) is None
   assert sizes == []

@@ -246,7 +246,7 @@ def test_other_sweep_refusals():
 def test_a_sweep_too_large_for_memory_is_refused_before_training(teacher_dir, tmp_path, monkeypatch):
   cfg = _kd_config(teacher_dir, {'ce': 0.5, 'kd': 0.5})
   cfg.sweep = 'distill.temperature=2,4'
-  monkeypatch.setattr(memory, 'available', lambda n: 1 << 16)  # a 64 KiB device
+  monkeypatch.setattr(memory, 'available', lambda n, budget=0.0: 1 << 16)  # a 64 KiB device
   with pytest.raises(errors.ConfigError, match=r'^the sweep of 2 students needs about [0-9.]+ GiB per device '
                                                r'\(train state .* but 0.00 GiB are available'):
     train.run(cfg, str(tmp_path))

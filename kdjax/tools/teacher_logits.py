@@ -18,10 +18,15 @@ from ml_collections import config_flags
 
 from kdjax.errors import KDError
 
-config_flags.DEFINE_config_file('config', None, 'Experiment config file (path[:config string]).',
-                                lock_config=True)
-flags.DEFINE_string('workdir', None, 'Directory of the store when config.distill.teacher_store is empty.')
-flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def define_flags():
+  """The command line's flags: defined when run as a program only, so that importing `run` (tests, launch.py's
+  process) defines no flag of the same name twice."""
+  config_flags.DEFINE_config_file('config', None, 'Experiment config file (path[:config string]).',
+                                  lock_config=True)
+  flags.DEFINE_string('workdir', None, 'Directory of the store when config.distill.teacher_store is empty.')
+  flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def run(cfg, workdir: str, log=print) -> dict:
@@ -63,4 +68,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)
