@@ -271,23 +271,26 @@ class Trainer:
     leaves, treedef = jax.tree.flatten(t_shapes)
     return replay.StoreLayout(treedef, tuple(leaves), replay.logits_leaf(t_shapes)), arrays
 
+  def _read_teacher_from(self, layout):
+    """Every group's step reads the teachers' outputs through `layout` (a teacher_table.Layout or a
+    replay.StoreLayout) instead of running them."""
+    for p in self.programs:
+      p.parts = dataclasses.replace(p.parts, table=layout)
+    self._bind()
+
   def _teacher_table(self):
     """The cached teachers' outputs (kdjax/teacher_table.py): the union of what every group's losses read; or the
     replay store's rows (kdjax/replay.py) when there is one."""
     if self.store is not None:
       layout, arrays = self.store
-      for p in self.programs:
-        p.parts = dataclasses.replace(p.parts, table=layout)
-      self._bind()
+      self._read_teacher_from(layout)
       return jax.device_put({k: np.asarray(a) for k, a in arrays.items()}, self.replicated)
     layouts = [teacher_table.plan(p.parts, self.teacher_vars, p.group.sweep.traced, self.ds.augment,
                                   self.source.streaming) for p in self.programs]
     if any(layout is None for layout in layouts):
       return None
     layout = dataclasses.replace(layouts[0], read=tuple(map(any, zip(*(l.read for l in layouts)))))
-    for p in self.programs:
-      p.parts = dataclasses.replace(p.parts, table=layout)
-    self._bind()
+    self._read_teacher_from(layout)
     return teacher_table.compute(self.parts, layout, self.teacher_vars,
                                  self.source.table_arrays(self.cfg.eval_batch_size))
 
