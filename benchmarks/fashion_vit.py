@@ -10,13 +10,11 @@ soft at tau 1). The teacher (cnn_small, SGD momentum 0.9, lr 0.05 cosine, weight
 logits are computed once for the training set (no augmentation) and reused every epoch. A distilled student's
 accuracy is DeiT's inference rule, the average of its two heads; each head's is printed too.
 
-The three students differ in code (the scratch student has no distillation token; hard and soft are different
-losses), which a sweep's `method=` axis can express only for methods with a CIFAR-100 `distill.Recipe` (DeiT has
-none: it needs a ViT student with the token): each is its own program of 3 seeds, against the same teacher
-checkpoint.
+The three students are one program (one kdjax sweep of 9 students): a `method=` axis zipped with a `student.model=`
+axis, `method=ce,deit_hard,deit_soft; student.model=vit_test,vit_test_distilled,vit_test_distilled` (DeiT's two
+recipes, kdjax/methods/deit.py), 3 seeds each, against one teacher checkpoint.
 
-The defaults (teacher 2 epochs, students 2 epochs: 936 steps) took 7 + 28 minutes on 2 CPU cores at load 8-11
-(benchmarks/README.md); the students are not converged at that length.
+Timings are in benchmarks/README.md.
 
   python benchmarks/fashion_vit.py --workdir=/tmp/fashion_vit
 """
@@ -54,18 +52,21 @@ def teacher_config(epochs: int, train_examples: int):
   return c
 
 
-def student_config(teacher_dir: str, kind: str, epochs: int, train_examples: int, lr: float):
+METHODS = ('ce', 'deit_hard', 'deit_soft')
+LABELS = {'ce': 'ViT from scratch (ce)', 'deit_hard': 'ViT + DeiT hard (ce 0.5, deit 0.5)',
+          'deit_soft': 'ViT + DeiT soft (ce 0.5, deit 0.5, tau 1)'}
+
+
+def students_config(teacher_dir: str, epochs: int, train_examples: int, lr: float):
+  """The three students x 3 seeds in one program."""
   c = base(epochs, train_examples)
   c.optimizer.update(name='adamw', lr=lr, weight_decay=0.05)
   c.schedule = dict(c.schedule.to_dict(), name='cosine', warmup_epochs=0.25)  # a float: replace the section
   c.seeds = 3
-  if kind == 'scratch':
-    c.student.model = 'vit_test'
-    return c
-  c.student.model = 'vit_test_distilled'
+  c.student.model = 'vit_test'
   c.teacher.update(model='cnn_small', checkpoint=teacher_dir)
-  c.distill.losses = {'ce': 0.5, 'deit': 0.5}
-  c.distill.deit.update(kind=kind, tau=1.0)
+  c.sweep = f'method={",".join(METHODS)}; student.model=vit_test,vit_test_distilled,vit_test_distilled'
+  c.sweep_mode = 'zip'
   return c
 
 
@@ -92,19 +93,17 @@ def main():
 
   teacher = run('teacher', teacher_config(args.teacher_epochs, args.train_examples), args.workdir)
   teacher_dir = os.path.join(args.workdir, 'teacher')
-  rows = []  # (name, accuracies over seeds, extra text, program wall seconds)
-  for kind, label in (('scratch', 'ViT from scratch (ce)'), ('hard', 'ViT + DeiT hard (ce 0.5, deit 0.5)'),
-                      ('soft', 'ViT + DeiT soft (ce 0.5, deit 0.5, tau 1)')):
-    cfg = student_config(teacher_dir, kind, args.student_epochs, args.train_examples, args.lr)
-    s = run(kind, cfg, args.workdir)
-    accs = [x['test_accuracy'] for x in s['students']]
+  s = run('students', students_config(teacher_dir, args.student_epochs, args.train_examples, args.lr), args.workdir)
+  rows = []  # (name, accuracies over seeds, extra text)
+  for method in METHODS:
+    mine = [x for x in s['students'] if x['values']['method'] == method]
     heads = ''
-    if kind != 'scratch':
-      cls = [x['test_cls_head_accuracy'] for x in s['students']]
-      dist = [x['test_dist_head_accuracy'] for x in s['students']]
+    if method != 'ce':
+      cls = [x['test_cls_head_accuracy'] for x in mine]
+      dist = [x['test_dist_head_accuracy'] for x in mine]
       heads = f'class head {np.mean(cls):.4f} ± {np.std(cls, ddof=1):.4f}, ' \
               f'distillation head {np.mean(dist):.4f} ± {np.std(dist, ddof=1):.4f}'
-    rows.append((label, accs, heads, s['wall_seconds']))
+    rows.append((LABELS[method], [x['test_accuracy'] for x in mine], heads))
 
   n = args.train_examples or 60000
   steps = args.student_epochs * (n // 128)
@@ -112,11 +111,12 @@ def main():
         f'seeds; teacher cnn_small {args.teacher_epochs} epochs: {teacher["test_accuracy"]:.4f}; students '
         f'{args.student_epochs} epochs of {n} images = {steps} steps of batch 128, AdamW lr {args.lr:g}; '
         f'{os.cpu_count()} CPU cores, load average {load0[0]:.2f} at the start, {os.getloadavg()[0]:.2f} at the end; '
-        f'total wall time {(time.time() - start) / 60:.1f} min')
+        f'the 9 students one program of {s["wall_seconds"] / 60:.1f} min; total wall time '
+        f'{(time.time() - start) / 60:.1f} min')
   width = max(len(r[0]) for r in rows)
-  print(f"{'student'.ljust(width)}  accuracy           program wall  per head")
-  for name, accs, heads, wall in rows:
-    print(f'{name.ljust(width)}  {np.mean(accs):.4f} ± {np.std(accs, ddof=1):.4f}  {wall / 60:5.1f} min     {heads}')
+  print(f"{'student'.ljust(width)}  accuracy           per head")
+  for name, accs, heads in rows:
+    print(f'{name.ljust(width)}  {np.mean(accs):.4f} ± {np.std(accs, ddof=1):.4f}  {heads}')
 
 
 if __name__ == '__main__':

@@ -71,14 +71,14 @@ PAIRS = (
 
 # The methods with a recipe when this file was loaded (`get_config` reads the registry when it is called, so a method
 # registered later is a config too).
-METHODS = tuple(distill.recipes())
+METHODS = tuple(distill.recipes(cifar100_only=True))
 
 
 def _items() -> dict:
   """The config-string items beside method, teacher and student: 'digits', each recipe's variants ('ls') and each
   recipe's training table ('<method>_recipe') -> the methods that have it."""
   items = {'digits': ()}
-  for name, recipe in distill.recipes().items():
+  for name, recipe in distill.recipes(cifar100_only=True).items():
     for item in recipe.variants:
       items[item] = items.get(item, ()) + (name,)
     if recipe.training:
@@ -119,7 +119,7 @@ def get_config(arg=None):
                                {'method': 'kd', 'teacher': 'resnet20' if 'digits' in flags else 'resnet32x4',
                                 'student': 'resnet8' if 'digits' in flags else 'resnet8x4'})
   method, teacher, student = args['method'], args['teacher'], args['student']
-  recipes = distill.recipes()
+  recipes = distill.recipes(cifar100_only=True)
   if method not in recipes:
     raise ValueError(f'configs/cifar100.py: unknown method {method!r}; choose one of {", ".join(recipes)}')
   recipe = recipes[method]

@@ -122,6 +122,13 @@ class Recipe:
   # config-string item -> function(config) -> None that turns this method's config into a variant (e.g. 'ls',
   # logit standardization with its authors' settings).
   variants: dict = dataclasses.field(default_factory=dict)
+  # Settings under `config.distill` of this recipe alone, whatever the pair ('deit.kind': 'soft'): what sets apart
+  # two recipes of one loss term (`register_recipe`).
+  settings: dict = dataclasses.field(default_factory=dict)
+  # True when the recipe is one of configs/cifar100.py's methods (its CNN pairs, its digits stand-in); False for a
+  # recipe of another student family (DeiT's needs a ViT with a distillation token), which a sweep's `method=` axis
+  # reaches.
+  cifar100: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,6 +189,8 @@ def register_view(name: str, view: View):
 
 
 METHODS: dict[str, Method] = {}
+# Recipes under names of their own (a `method=` axis value), beside those of the methods (`Method.recipe`).
+RECIPES: dict[str, Recipe] = {}
 # The options sections of the registered methods, by section name: `config.distill.<section>`.
 SECTIONS: dict[str, Options] = {}
 # `config.distill`'s own fields (and the omitted-class report's), which no method section may take.
@@ -220,10 +229,24 @@ def sections() -> dict:
   return {name: copy.deepcopy(options.defaults) for name, options in SECTIONS.items()}
 
 
-def recipes() -> dict:
-  """{method: Recipe} of the registered methods that have one, in registration order."""
+def register_recipe(name: str, recipe: Recipe):
+  """A recipe under its own name (e.g. 'deit_soft': the 'deit' term with `deit.kind` 'soft'), for a `method=`
+  axis; its terms must be registered methods."""
+  if name in METHODS or name in RECIPES:
+    raise ValueError(f'recipe {name!r} registered twice (or the name of a method)')
+  unknown = [t for t in recipe.weights if t not in METHODS]
+  if unknown:
+    raise ValueError(f'recipe {name!r}: unknown loss terms {unknown}')
+  RECIPES[name] = recipe
+
+
+def recipes(cifar100_only: bool = False) -> dict:
+  """{name: Recipe}: the registered methods' recipes in registration order, then those registered under names of
+  their own; `cifar100_only`: configs/cifar100.py's (`Recipe.cifar100`)."""
   load_methods()
-  return {name: m.recipe for name, m in METHODS.items() if m.recipe is not None}
+  out = {name: m.recipe for name, m in METHODS.items() if m.recipe is not None}
+  out.update(RECIPES)
+  return {name: r for name, r in out.items() if r.cifar100 or not cifar100_only}
 
 
 def reference_weights(method: str) -> dict:
@@ -285,6 +308,7 @@ def method_config(c, method: str):
     set_settings(c.distill, recipe_settings('digits', c.distill.losses))
   else:
     set_settings(c.distill, recipe_settings('pairs', c.distill.losses, (c.teacher.model, c.student.model)))
+  set_settings(c.distill, known[method].settings)
   init = reference_init(method, c.student.model)
   if init is None:
     c.distill.init = dict(stages.DEFAULTS)

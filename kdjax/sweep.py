@@ -344,10 +344,6 @@ def split_program_axes(spec: str) -> tuple[dict, str]:
     names = [v.strip() for v in values.split(',') if v.strip()]
     if not eq or not names:
       raise ConfigError(f'config.sweep.{field} is empty: give at least one name')
-    repeated = next((v for i, v in enumerate(names) if v in names[:i]), None)
-    if repeated is not None:
-      raise ConfigError(f'config.sweep.{field}: {repeated!r} is given twice, which would train identical '
-                        'students; give each once')
     program[field] = names
   return program, '; '.join(rest)
 
@@ -419,7 +415,16 @@ def _expand_program(cfg, program: dict, numeric: str) -> Sweep:
   if mode == 'zip' and len({len(v) for v in program.values()}) > 1:
     lengths = ', '.join(f'{k}: {len(v)}' for k, v in program.items())
     raise ConfigError(f"config.sweep_mode='zip' needs axes of one length, got {lengths}")
+  for field, names in program.items():  # a zip's axis may repeat a name beside another axis's
+    repeated = next((v for i, v in enumerate(names) if v in names[:i]), None)
+    if repeated is not None and (mode == 'grid' or len(program) == 1):
+      raise ConfigError(f'config.sweep.{field}: {repeated!r} is given twice, which would train identical '
+                        'students; give each once')
   points = list(zip(*program.values())) if mode == 'zip' else list(itertools.product(*program.values()))
+  repeated = next((p for i, p in enumerate(points) if p in points[:i]), None)
+  if repeated is not None:
+    raise ConfigError(f'config.sweep: the point {" ".join(f"{k}={v}" for k, v in zip(program, repeated))} is '
+                      'given twice, which would train identical students; give each once')
   overrides = parse_overrides(cfg.sweep_overrides, program)
   if cfg.teacher.model and 'epochs' not in cfg.teacher.recipe:
     # Every group's teacher trains the base's length (a staged method's run is longer): said explicitly, the same

@@ -133,3 +133,35 @@ def test_teacher_agreement_sums_match_numpy_and_skip_padding():
   assert 0 < expected['agree'] < expected['agree5'] < 9
   for k, v in expected.items():
     np.testing.assert_allclose(float(got[k]), v, rtol=1e-5, err_msg=k)
+
+
+def test_deit_recipes_make_one_program_with_a_scratch_vit():
+  """`method=` takes DeiT's hard and soft recipes (they are not configs/cifar100.py methods), zipped with a
+  `student.model=` axis that repeats a model: scratch, hard and soft students in one program."""
+  from kdjax import sweep as sweep_lib
+  from configs import cifar100
+  cfg = digits_config('vit_test', {'ce': 1.0}, epochs=1)
+  cfg.teacher.update(model='cnn_small', checkpoint='unused')
+  cfg.sweep = 'method=ce,deit_hard,deit_soft; student.model=vit_test,vit_test_distilled,vit_test_distilled'
+  cfg.sweep_mode = 'zip'
+  cfg.seeds = 3
+  sweep = sweep_lib.expand(cfg)
+  assert sweep.size == 9
+  got = [(g.name, g.sweep.base.student.model, dict(g.sweep.base.distill.losses), g.sweep.base.distill.deit.kind)
+         for g in sweep.groups]
+  assert got == [('method=ce model=vit_test', 'vit_test', {'ce': 1.0}, 'hard'),
+                 ('method=deit_hard model=vit_test_distilled', 'vit_test_distilled', {'ce': 0.5, 'deit': 0.5}, 'hard'),
+                 ('method=deit_soft model=vit_test_distilled', 'vit_test_distilled', {'ce': 0.5, 'deit': 0.5}, 'soft')]
+  assert 'deit_hard' in distill.recipes() and 'deit_hard' not in distill.recipes(cifar100_only=True)
+  assert 'deit_soft' not in cifar100.METHODS
+  with pytest.raises(ValueError, match="^configs/cifar100.py: unknown method 'deit_soft'"):
+    cifar100.get_config('deit_soft,resnet20,resnet8,digits')
+  # A repeated point trains identical students, in either mode; a grid's repeated name is one.
+  cfg.sweep = 'method=deit_hard,deit_hard; student.model=vit_test_distilled,vit_test_distilled'
+  with pytest.raises(ConfigError, match=r'^config.sweep: the point method=deit_hard student.model=vit_test_distilled '
+                     'is given twice'):
+    sweep_lib.expand(cfg)
+  cfg.sweep_mode = 'grid'
+  cfg.sweep = 'method=deit_hard,deit_soft; student.model=vit_test_distilled,vit_test_distilled'
+  with pytest.raises(ConfigError, match="^config.sweep.student.model: 'vit_test_distilled' is given twice"):
+    sweep_lib.expand(cfg)

@@ -57,3 +57,9 @@ distill.register('deit', distill.Method(
     options=distill.Options(defaults={'kind': 'hard', 'tau': 1.0},
                             ranges={'tau': distill.Range(0.0, low_ok=False)},
                             choices={'kind': ('hard', 'soft')})))
+
+# DeiT's recipe as a `method=` axis takes it (a ViT student with the token; not one of configs/cifar100.py's CNN
+# methods): the reference's loss weights (`--distillation-alpha 0.5`), hard or soft at tau 1 (main.py's defaults).
+for _kind in ('hard', 'soft'):
+  distill.register_recipe(f'deit_{_kind}', distill.Recipe(
+      weights={'ce': 0.5, 'deit': 0.5}, settings={'deit.kind': _kind, 'deit.tau': 1.0}, cifar100=False))
