@@ -3,12 +3,15 @@ a cnn_small teacher and MLP(64) students over 3 seeds, mean ± std, with publish
 
 Every stage is one program of several students (kdjax sweeps): the teacher over 3 seeds; the students from scratch
 over 3 seeds; Hinton KD over alpha in {0.5, 0.9} x T in {2, 4, 8} x 3 seeds; DKD, RKD, WTTM, WKD-L and CRLD over 3
-seeds each; and the feature methods (WKD-F, MGD) on a half-width CNN student beside its scratch and KD rows, one
-program of 12 students (`method=` axis). The students distill from the seed-0 teacher (`teacher.index`), whose logits
-are computed once for the whole training set (no augmentation) and reused every epoch (CRLD's strong view and the
-feature methods run it every step). SGD momentum 0.9, lr 0.05 cosine, weight decay 5e-4, batch 128; the teacher
-trains for 4 epochs, the students for 10. About an hour on 2 CPU cores; `--stages` runs a subset (the teacher is
-trained first in every case, resumed when its workdir holds it), `--teacher_seeds=1` the seed-0 teacher alone.
+seeds each; the feature methods (WKD-F, MGD) on a half-width CNN student beside its scratch and KD rows, one
+program of 12 students (`method=` axis); and SDD (SD-KD, whose classifier reads pooled regions of the last map) on a
+CIFAR ResNet pair, a resnet20 teacher and resnet8 students (scratch, KD, SD-KD: one program of 9). The students
+distill from the seed-0 teacher (`teacher.index`), whose logits are computed once for the whole training set (no
+augmentation) and reused every epoch (CRLD's strong view, the feature methods and SDD run it every step). SGD
+momentum 0.9, lr 0.05 cosine, weight decay 5e-4, batch 128; the teacher trains for 4 epochs, the students for 10
+(the resnet pair for 3). About an hour on 2 CPU cores without the resnet stage; `--stages` runs a subset (the
+cnn_small teacher is trained first unless only `resnet` is asked, resumed when its workdir holds it),
+`--teacher_seeds=1` the seed-0 teacher alone.
 
   python benchmarks/fashion_mnist.py --workdir=/tmp/fashion_bench
 """
@@ -34,7 +37,8 @@ PUBLISHED = [
 ]
 
 
-STAGES = ('scratch', 'kd', 'dkd', 'rkd', 'wttm', 'wkd-l', 'crld', 'conv')
+STAGES = ('scratch', 'kd', 'dkd', 'rkd', 'wttm', 'wkd-l', 'crld', 'conv', 'resnet')
+RESNET_METHODS = {'ce': 'from scratch', 'kd': 'Hinton KD (reference recipe)', 'sdd_kd': 'SD-KD (reference recipe)'}
 CONV_METHODS = {'ce': 'from scratch', 'kd': 'Hinton KD (reference recipe)', 'wkd_f': 'WKD-F (reference recipe)',
                 'mgd': 'MGD (reference recipe)'}
 
@@ -76,6 +80,8 @@ def main():
   parser.add_argument('--teacher_epochs', type=int, default=4)
   parser.add_argument('--student_epochs', type=int, default=10)
   parser.add_argument('--conv_epochs', type=int, default=10, help="the feature methods' students (stage conv)")
+  parser.add_argument('--resnet_epochs', type=int, default=3,
+                      help='the resnet20 teacher and resnet8 students of stage resnet (SDD)')
   parser.add_argument('--teacher_seeds', type=int, default=3,
                       help='teachers trained (the students distill from seed 0, the same at any count)')
   parser.add_argument('--stages', default=','.join(STAGES),
@@ -90,12 +96,13 @@ def main():
   logging.set_verbosity(logging.WARNING)
   rows = []  # (run, accuracies over seeds, wall seconds)
 
-  t_cfg = base(args.teacher_epochs)
-  t_cfg.student.model = 'cnn_small'
-  t_cfg.seeds = args.teacher_seeds
-  teacher = run('teacher', t_cfg, args.workdir)
   teacher_dir = os.path.join(args.workdir, 'teacher')
-  rows.append(('teacher cnn_small', [s['test_accuracy'] for s in teacher['students']], teacher['wall_seconds']))
+  if set(stages) - {'resnet'}:  # every stage but resnet distills from cnn_small
+    t_cfg = base(args.teacher_epochs)
+    t_cfg.student.model = 'cnn_small'
+    t_cfg.seeds = args.teacher_seeds
+    teacher = run('teacher', t_cfg, args.workdir)
+    rows.append(('teacher cnn_small', [s['test_accuracy'] for s in teacher['students']], teacher['wall_seconds']))
 
   if 'scratch' in stages:
     scratch = run('scratch', student('', {'ce': 1.0}, args.student_epochs), args.workdir)
@@ -106,6 +113,8 @@ def main():
   rows += single_runs(teacher_dir, args, stages)
   if 'conv' in stages:
     rows += conv_stage(teacher_dir, args)
+  if 'resnet' in stages:
+    rows += resnet_stage(args)
   print_table(rows, args)
 
 
@@ -158,7 +167,7 @@ def conv_stage(teacher_dir, args):
   """The feature methods, which need a student with convolutional maps: a half-width cnn_small (16 and 32
   channels, one hidden layer of 64) from the same teacher, scratch, Hinton KD, WKD-F and MGD at their reference
   recipes (`method=` axis) x 3 seeds, all in one program; WKD-F's decay scaled as WKD-L's. SDD needs a globally
-  pooled student (its classifier on pooled regions) and is not in this table."""
+  pooled student (its classifier on pooled regions): `resnet_stage`."""
   e = args.conv_epochs
   c = base(e)
   c.student.model, c.student.kwargs = 'cnn_small', {'channels': (16, 32), 'hidden': (64,)}
@@ -171,9 +180,30 @@ def conv_stage(teacher_dir, args):
            s['wall_seconds']) for m in CONV_METHODS]
 
 
+def resnet_stage(args):
+  """SDD on a globally pooled pair: a resnet20 teacher (seed 0), then resnet8 students from scratch, with Hinton KD
+  and with SD-KD at their reference recipes (`method=` axis; SD-KD's scales (1, 2, 4): the 7x7 map pooled to 4x4,
+  2x2 and 1x1, PyTorch's overlapping adaptive bins) x 3 seeds, one program; the teacher runs every step (the
+  region logits read its map)."""
+  e = args.resnet_epochs
+  t_cfg = base(e)
+  t_cfg.student.model = 'resnet20'
+  teacher = run('resnet_teacher', t_cfg, args.workdir)
+  c = base(e)
+  c.student.model = 'resnet8'
+  c.teacher.update(model='resnet20', checkpoint=os.path.join(args.workdir, 'resnet_teacher'))
+  c.seeds = 3
+  c.sweep = 'method=' + ','.join(RESNET_METHODS)
+  s = run('resnet', c, args.workdir)
+  return [('teacher resnet20', [teacher['students'][0]['test_accuracy']], teacher['wall_seconds'])] + [
+      (f'resnet8 {RESNET_METHODS[m]}', [x['test_accuracy'] for x in s['students'] if x['values']['method'] == m],
+       s['wall_seconds']) for m in RESNET_METHODS]
+
+
 def print_table(rows, args):
   print(f'\nFashion-MNIST test accuracy, mean ± std over 3 seeds (10,000 test images); teacher {args.teacher_epochs} '
-        f'epochs, students {args.student_epochs} (small CNN students {args.conv_epochs}); {os.cpu_count()} CPU cores')
+        f'epochs, students {args.student_epochs} (small CNN students {args.conv_epochs}; resnet20 / resnet8 '
+        f'{args.resnet_epochs}); {os.cpu_count()} CPU cores')
   width = max(len(r[0]) for r in rows + [(p[0] + ' (published)',) for p in PUBLISHED])
   print(f"{'run'.ljust(width)}  accuracy           program wall time")
   print(f"{'-' * width}  -----------------  -----------------")

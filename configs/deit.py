@@ -8,7 +8,8 @@ Config string items (one of each group): `tiny` (default) | `small` — the stud
 
 ImageNet (`tiny`, `small`; facebookresearch/deit main.py's defaults and README): `deit_{tiny,small}_distilled` at
 224 px, drop path 0.1; 300 epochs, batch 1024, AdamW with lr 5e-4 x batch / 512 = 1e-3, weight decay 0.05, 5 warmup
-epochs then cosine to min lr 1e-5 (final_fraction 0.01); label smoothing 0.1; mixup 0.8 and cutmix 1.0 (one of them
+epochs then cosine to min lr 1e-5 (final_fraction 0.01); label smoothing 0.1; RandAugment rand-m9-mstd0.5-inc1 (2 ops,
+magnitude 9, std 0.5, each op with probability 0.5: kdjax/data/randaugment.py), mixup 0.8 and cutmix 1.0 (one of them
 per batch, even odds: timm's Mixup with mode 'batch', switch prob 0.5), random erasing 0.25 — all made once per step
 on the device and read by the teacher too (kdjax/views.py; DeiT's teacher also sees the mixed batch); random
 resized crop + flip at 224, evaluation resize 256 + center crop 224 (the stream pipeline). Loss: ce 0.5 + deit 0.5,
@@ -27,8 +28,8 @@ Reported (that README's table, CIFAR-100 top-1 %): DeiT-Tiny from scratch 65.08 
 (the ECCV 2022 column: Locality Guidance's feature-map guidance, not this logit term) and 78.55 with its KD +
 logit standardization (`REPORTED`, kdjax/published.py `DEIT_CIFAR100`).
 
-What knowingly differs (README, "Where kdjax knowingly differs"): no RandAugment 9/0.5 (kdjax's RandAugment is
-MLKD's strong view only, not an augmentation of the training view); DeiT's RegNetY-16GF teacher is not a kdjax model
+What knowingly differs (README, "Where kdjax knowingly differs"): RandAugment's geometric ops sample
+nearest-neighbour (timm: bilinear or bicubic); DeiT's RegNetY-16GF teacher is not a kdjax model
 (any imported ImageNet classifier serves); no repeated augmentation, no model EMA; AdamW decays every parameter
 (DeiT exempts biases, norms, position embeddings and tokens); on CIFAR-100 the student reads the 32 px images with
 patch 4 (64 patches), where the reference upsamples them to 224 px for patch 16 (196 patches), and with CIFAR's
@@ -63,6 +64,7 @@ def imagenet(c, size: str):
   c.data.mixup = dict(alpha=0.8, prob=1.0, mode='batch')
   c.data.cutmix = dict(alpha=1.0, prob=1.0, mode='batch')
   c.data.erasing = dict(prob=0.25)
+  c.data.randaugment = dict(num_ops=2, magnitude=9.0, magnitude_std=0.5, prob=0.5)
   c.distill.label_smoothing = 0.1
   c.distill.losses = {'ce': 0.5, 'deit': 0.5}
   c.distill.deit.update(kind='hard', tau=1.0)

@@ -270,7 +270,8 @@ def batch_teacher_outputs(parts: Parts, teacher_vars, batch: dict, step, table=N
   y = batch['labels'].astype(jnp.int32)
   targets = None
   if views_lib.enabled(parts.cfg.data):
-    x, targets = views_lib.apply(parts.cfg.data, views_rng(parts, step), x, y, parts.data.num_classes)
+    x, targets = views_lib.apply(parts.cfg.data, views_rng(parts, step), x, y, parts.data.num_classes,
+                                 parts.data.mean, parts.data.std)
     x = _constrain(parts, x)
   idx = batch['indices'].astype(jnp.int32) if batch.get('indices') is not None else y
   t_out = teacher_outputs(parts, teacher_vars, x, idx, table, step)

@@ -135,7 +135,7 @@ def teacher_run_config(cfg) -> ml_collections.ConfigDict:
   return t
 
 
-VIEW_FIELDS = ('mixup', 'cutmix', 'erasing', 'inception_crop')
+VIEW_FIELDS = ('mixup', 'cutmix', 'erasing', 'inception_crop', 'randaugment')
 
 
 def _reset_views(t, recipe: dict):

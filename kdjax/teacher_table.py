@@ -97,7 +97,7 @@ def plan(parts: step_lib.Parts, teacher_vars, hparams, augment: str, streaming: 
     return None
   if views_lib.enabled(parts.cfg.data):  # validate.py refuses cache_teacher='on' with them
     logging.info('teacher outputs not cached (distill.cache_teacher): the consistent views (data.mixup, cutmix, '
-                 'erasing, inception_crop) change every batch; the teacher runs every step')
+                 'erasing, inception_crop, randaugment) change every batch; the teacher runs every step')
     return None
   if augment != 'none':
     if mode == 'on':

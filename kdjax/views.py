@@ -7,6 +7,8 @@ after `step.normalize`), in the order the step runs them:
   `inception_crop`  RandomResizedCrop back to the batch's size: torchvision's box draw (area fraction in `scale`,
                     log-uniform aspect ratio in 3/4..4/3, 10 tries, else a central crop), bilinear with antialiasing
                     (PIL's filter; jax.image.scale_and_translate); with `flip`, then RandomHorizontalFlip (`flip_lr`)
+  `rand_augment`    timm's RandAugment (DeiT's rand-m9-mstd0.5-inc1; kdjax/data/randaugment.py) on the batch's
+                    whole pixel values, normalised again after
   `random_erasing`  torchvision's RandomErasing after Normalize (value 0: the dataset's mean pixel): with
                     probability p a box of area fraction in (0.02, 1/3), aspect ratio log-uniform in (0.3, 3.3),
                     10 tries
@@ -24,6 +26,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from kdjax.data import randaugment
+
 # The rng stream of the data seed these ops draw from (kdjax/step.py `seed_key`; 4 and up are the extra views').
 STREAM = 64
 TRIES = 10
@@ -34,7 +38,18 @@ CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 def enabled(data_cfg) -> bool:
   """Whether `config.data` asks for any consistent-view op."""
   return bool(data_cfg.mixup.alpha > 0 or data_cfg.cutmix.alpha > 0 or data_cfg.erasing.prob > 0
-              or data_cfg.inception_crop.enabled)
+              or data_cfg.inception_crop.enabled or data_cfg.randaugment.num_ops > 0)
+
+
+def rand_augment(rng, data_cfg, x, mean, std):
+  """timm's RandAugment (kdjax/data/randaugment.py) of the normalised batch `x`: back to whole pixel values (a PIL
+  image's, which timm's ops read), augmented, normalised again; the fill is timm's `img_mean`, round(255 mean)."""
+  ra = data_cfg.randaugment
+  mean = jnp.asarray(mean, jnp.float32) * 255.0
+  std = jnp.asarray(std, jnp.float32) * 255.0
+  pixels = jnp.clip(jnp.round(x.astype(jnp.float32) * std + mean), 0.0, 255.0)
+  out = randaugment.rand_augment(rng, pixels, ra.num_ops, ra.magnitude, ra.magnitude_std, ra.prob, jnp.round(mean))
+  return ((out - mean) / std).astype(x.dtype)
 
 
 def boxes(rng, n: int, height: int, width: int, scale, ratio, fallback: str):
@@ -179,15 +194,18 @@ def _mix(rng, data_cfg, x, targets):
           jnp.where(use_cut[:, None], outs[1][1], outs[0][1]))
 
 
-def apply(data_cfg, rng, x, labels, num_classes: int):
-  """The configured ops on the normalised batch `x` [B, H, W, C] with integer `labels` [B]: (images, soft targets
-  [B, num_classes] float32, None when no mixing op is on)."""
+def apply(data_cfg, rng, x, labels, num_classes: int, mean=(0.0,), std=(1.0,)):
+  """The configured ops on the normalised batch `x` [B, H, W, C] with integer `labels` [B] (`mean`, `std`: the
+  normalisation, for RandAugment's pixels): (images, soft targets [B, num_classes] float32, None when no mixing op
+  is on)."""
   k_crop, k_flip, k_erase, k_mix = jax.random.split(rng, 4)
   crop = data_cfg.inception_crop
   if crop.enabled:
     x = inception_crop(k_crop, x, (crop.min_scale, crop.max_scale))
     if crop.flip:
       x = flip_lr(k_flip, x)
+  if data_cfg.randaugment.num_ops > 0:
+    x = rand_augment(jax.random.fold_in(rng, 1), data_cfg, x, mean, std)
   if data_cfg.erasing.prob > 0:
     x = random_erasing(k_erase, x, data_cfg.erasing.prob)
   if not (data_cfg.mixup.alpha > 0 or data_cfg.cutmix.alpha > 0):

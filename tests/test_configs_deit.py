@@ -25,6 +25,7 @@ def test_imagenet_recipe_is_deits(arg, student, kind):
   assert (c.schedule.name, c.schedule.warmup_epochs) == ('cosine', 5)
   assert c.schedule.final_fraction * c.optimizer.lr == pytest.approx(1e-5)
   assert (c.data.mixup.alpha, c.data.cutmix.alpha, c.data.erasing.prob) == (0.8, 1.0, 0.25)
+  assert dict(c.data.randaugment) == dict(num_ops=2, magnitude=9.0, magnitude_std=0.5, prob=0.5)
   assert c.data.mixup.mode == c.data.cutmix.mode == 'batch'
   assert c.distill.label_smoothing == 0.1 and dict(c.distill.losses) == {'ce': 0.5, 'deit': 0.5}
   assert (c.distill.deit.kind, c.distill.deit.tau, c.student.kwargs.drop_path_rate) == (kind, 1.0, 0.1)

@@ -86,25 +86,25 @@ def _gray(img):
   return jnp.sum(img * jnp.asarray([0.299, 0.587, 0.114], img.dtype), axis=-1, keepdims=True)
 
 
-def _affine(img, a, b, c, d, e, f):
+def _affine(img, a, b, c, d, e, f, fill=0.0):
   """PIL's Image.transform(AFFINE, (a, b, c, d, e, f)): output (x, y) samples input (a x + b y + c, d x + e y + f),
-  nearest neighbour, zero outside."""
+  nearest neighbour, `fill` (a value or one per channel) outside."""
   h, w = img.shape[:2]
   ys, xs = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32), jnp.arange(w, dtype=jnp.float32), indexing='ij')
   sx = jnp.floor(a * (xs + 0.5) + b * (ys + 0.5) + c).astype(jnp.int32)
   sy = jnp.floor(d * (xs + 0.5) + e * (ys + 0.5) + f).astype(jnp.int32)
   inside = (sx >= 0) & (sx < w) & (sy >= 0) & (sy < h)
   out = img[jnp.clip(sy, 0, h - 1), jnp.clip(sx, 0, w - 1)]
-  return jnp.where(inside[..., None], out, 0.0)
+  return jnp.where(inside[..., None], out, jnp.asarray(fill, img.dtype))
 
 
-def _rotate(img, deg):  # PIL Image.rotate(deg): counter-clockwise about the centre
+def _rotate(img, deg, fill=0.0):  # PIL Image.rotate(deg): counter-clockwise about the centre
   h, w = img.shape[:2]
   t = jnp.deg2rad(deg)
   cos, sin = jnp.cos(t), jnp.sin(t)
   cx, cy = w / 2.0, h / 2.0
   # Inverse map of a counter-clockwise rotation (y down): x' = cos (x - cx) - sin (y - cy) + cx, ...
-  return _affine(img, cos, -sin, cx - cos * cx + sin * cy, sin, cos, cy - sin * cx - cos * cy)
+  return _affine(img, cos, -sin, cx - cos * cx + sin * cy, sin, cos, cy - sin * cx - cos * cy, fill)
 
 
 def _autocontrast(img, _):
