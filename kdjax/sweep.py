@@ -481,7 +481,8 @@ def assemble(groups: list, program: dict, mode: str, skipped: list = ()) -> Swee
   _check_shared(groups)
   for g in groups:
     g.shared = shared
-  axes = {**program, **first.axes}
+  # A zip's program axis may repeat a name (`method=ce,deit_hard; student.model=vit,vit`): each listed once.
+  axes = {**{k: list(dict.fromkeys(v)) for k, v in program.items()}, **first.axes}
   return Sweep(axes=axes, mode=mode, seeds=first.seeds, students=students, traced={}, labels=first.labels,
                groups=list(groups), skipped=list(skipped))
 

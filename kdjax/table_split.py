@@ -112,8 +112,20 @@ def load(workdir: str) -> dict | None:
   path = os.path.join(workdir, PLAN_FILE)
   if not os.path.exists(path):
     return None
-  with open(path) as f:
-    return json.load(f)
+  try:
+    with open(path) as f:
+      plan = json.load(f)
+    ok = isinstance(plan, dict) and isinstance(plan.get('programs'), list) and plan['programs'] and all(
+        isinstance(p, dict) and isinstance(p.get('groups'), list) and isinstance(p.get('students'), list)
+        and all(isinstance(g, str) for g in p['groups']) and all(isinstance(i, int) for i in p['students'])
+        for p in plan['programs'])
+    why = '' if ok else 'not a plan of programs with their groups and students'
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    why = str(e).splitlines()[0] if str(e) else type(e).__name__
+  if why:
+    raise ConfigError(f'{path} is damaged ({why}): the split table cannot resume from it; restore it, or start the '
+                      'table again in a new workdir')
+  return plan
 
 
 def gather(workdir: str, plan: dict):

@@ -147,6 +147,7 @@ def test_deit_recipes_make_one_program_with_a_scratch_vit():
   cfg.seeds = 3
   sweep = sweep_lib.expand(cfg)
   assert sweep.size == 9
+  assert sweep.axes['student.model'] == ['vit_test', 'vit_test_distilled']  # each once (the table's columns)
   got = [(g.name, g.sweep.base.student.model, dict(g.sweep.base.distill.losses), g.sweep.base.distill.deit.kind)
          for g in sweep.groups]
   assert got == [('method=ce model=vit_test', 'vit_test', {'ce': 1.0}, 'hard'),

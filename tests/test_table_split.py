@@ -156,3 +156,20 @@ def test_a_group_too_large_alone_is_refused_in_one_line(teacher_dir, tmp_path):
     train.run(cfg, str(work))
   assert '\n' not in str(e.value)
   assert not work.exists()
+
+
+@pytest.mark.parametrize('text, why', [
+    ('{"programs": [{"groups": ["method=kd"], "stud', 'Unterminated string'),
+    ('{"programs": []}', 'not a plan of programs'),
+    ('{"programs": [{"groups": "method=kd", "students": [0]}]}', 'not a plan of programs'),
+    ('\xff\xfe', 'Expecting value'),
+])
+def test_a_damaged_plan_is_refused_in_one_line(tmp_path, text, why):
+  path = tmp_path / table_split.PLAN_FILE
+  path.write_text(text)
+  with pytest.raises(errors.ConfigError) as e:
+    table_split.load(str(tmp_path))
+  message = str(e.value)
+  assert message.startswith(f'{path} is damaged (') and why in message and '\n' not in message, message
+  assert message.endswith('the split table cannot resume from it; restore it, or start the table again in a new '
+                          'workdir')
