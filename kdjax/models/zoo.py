@@ -10,3 +10,4 @@ from kdjax.models import shufflenet  # noqa: F401
 from kdjax.models import alexnet  # noqa: F401
 from kdjax.models import imagenet  # noqa: F401
 from kdjax.models import vit  # noqa: F401
+from kdjax.models import bit  # noqa: F401
