@@ -19,6 +19,9 @@ Config string 'data[,sweep]':
 - fashion: Fashion-MNIST on the CPU (Debian's dataset-fashion-mnist, or --config.data.dir): a cnn_small teacher
   trained here (SGD, 10 epochs) -> a small cnn_small student, 100 epochs.
 - digits: the CPU-sized stand-in (sklearn digits, the CI's): the same pair, 30 epochs; a minute or two on 2 cores.
+The paper's teachers are BiT ResNet-V2s (kdjax/models/bit.py): import a BiT-M `.npz` with `python -m
+kdjax.tools.import_bit --model resnetv2_152x2_bit FILE.npz DIR` and set teacher.model='resnetv2_152x2_bit',
+teacher.checkpoint=DIR (or a fine-tuned one); `resnetv2_50x1_bit` serves as a BiT student.
 The item `sweep` trains the lr x schedule-length grid as one program: `epochs` itself changes the program (the
 schedule and the number of steps) and cannot be swept, so the students share the longest run and each one's cosine
 ends at its own `schedule.length_epochs`, after which its learning rate stays 0 (final_fraction 0: its parameters
