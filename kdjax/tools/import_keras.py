@@ -28,9 +28,7 @@ from __future__ import annotations
 
 import kdjax.platform  # noqa: F401  (before jax: selects CPU quietly when there is no accelerator)
 
-import argparse
 import dataclasses
-import logging
 import os
 import sys
 
@@ -40,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kdjax import models
-from kdjax.errors import CheckpointMismatchError, CheckpointNotFoundError, ConfigError, KDError
+from kdjax.errors import CheckpointMismatchError, CheckpointNotFoundError, ConfigError
 from kdjax.tools import import_torch
 
 # Keras class -> (our leaves in the order of the layer's weights, the snake-case name Keras 3 files use).
@@ -221,25 +219,8 @@ def import_checkpoint(path: str, out_dir: str, model: str, num_classes: int | No
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog='python -m kdjax.tools.import_keras', description=__doc__.split('\n')[0])
-  parser.add_argument('--model', required=True, choices=MODELS)
-  parser.add_argument('--num_classes', type=int, default=None, help='default: the width of the file\'s classifier')
-  parser.add_argument('--dataset', default='imagenet2012', help='dataset the weights were trained on (in the meta)')
-  parser.add_argument('--image_size', type=int, default=224)
-  parser.add_argument('--overwrite', action='store_true')
-  parser.add_argument('weights')
-  parser.add_argument('out_dir')
-  args = parser.parse_args(argv)
-  logging.getLogger('absl').setLevel(logging.WARNING)
-  try:
-    meta = import_checkpoint(args.weights, args.out_dir, args.model, args.num_classes, args.dataset,
-                             args.image_size, args.overwrite)
-  except (KDError, OSError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
-  print(f'imported {args.weights} as {meta["model"]} ({meta["num_classes"]} classes, {meta["dataset"]}) into '
-        f'{args.out_dir}; use it with --config.teacher.kwargs="{{\'layout\': \'keras\'}}"')
-  return 0
+  return import_torch.weights_file_main('python -m kdjax.tools.import_keras', __doc__, MODELS, import_checkpoint, argv,
+                                       note='; use it with --config.teacher.kwargs="{\'layout\': \'keras\'}"')
 
 
 if __name__ == '__main__':

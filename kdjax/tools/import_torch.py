@@ -469,6 +469,31 @@ def import_extras(torch_path: str, out_dir: str, method: str, overwrite: bool = 
   return dict(meta, step=0, complete=True)
 
 
+def weights_file_main(prog: str, doc: str, choices, importer, argv=None, note: str = '') -> int:
+  """The command line of an importer of weight files of fixed architectures (import_keras, import_bit):
+  `importer(weights, out_dir, model, num_classes, dataset, image_size, overwrite)` -> meta; `note` follows the
+  success line."""
+  parser = argparse.ArgumentParser(prog=prog, description=doc.split('\n')[0])
+  parser.add_argument('--model', required=True, choices=choices)
+  parser.add_argument('--num_classes', type=int, default=None, help="default: the width of the file's classifier")
+  parser.add_argument('--dataset', default='imagenet2012', help='dataset the weights were trained on (in the meta)')
+  parser.add_argument('--image_size', type=int, default=224)
+  parser.add_argument('--overwrite', action='store_true')
+  parser.add_argument('weights')
+  parser.add_argument('out_dir')
+  args = parser.parse_args(argv)
+  logging.getLogger('absl').setLevel(logging.WARNING)
+  try:
+    meta = importer(args.weights, args.out_dir, args.model, args.num_classes, args.dataset, args.image_size,
+                    args.overwrite)
+  except (KDError, OSError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  print(f'imported {args.weights} as {meta["model"]} ({meta["num_classes"]} classes, {meta["dataset"]}) into '
+        f'{args.out_dir}{note}')
+  return 0
+
+
 def _quiet_orbax(record) -> bool:
   # Orbax warns that a model-only save has no metrics for its best-checkpoint policy: expected here, not news.
   return record.levelno >= logging.ERROR or '/orbax/' not in record.pathname.replace(os.sep, '/')
