@@ -28,6 +28,7 @@ import numpy as np
 
 from kdjax import atomic
 from kdjax import config_lib
+from kdjax import data as data_lib
 from kdjax import sharding
 from kdjax import step as step_lib
 from kdjax import teacher as teacher_lib
@@ -90,13 +91,11 @@ def topk(cfg, num_classes: int) -> int:
   return num_classes if k == 0 or k > num_classes else int(k)
 
 
-def _digest(arrays) -> str:
-  h = hashlib.sha256()
-  for path, a in jax.tree_util.tree_flatten_with_path(arrays)[0]:
-    a = np.asarray(jax.device_get(a))
-    h.update(f'{jax.tree_util.keystr(path)}:{a.dtype}:{a.shape};'.encode())
-    h.update(np.ascontiguousarray(a).tobytes())
-  return h.hexdigest()[:16]
+def _digest(tree) -> str:
+  """A tree's arrays and their paths (the paths as one byte array first), by the data cache's digest."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  paths = np.frombuffer(';'.join(jax.tree_util.keystr(p) for p, _ in leaves).encode(), np.uint8)
+  return data_lib.digest(paths, *(np.asarray(jax.device_get(a)) for _, a in leaves))[:16]
 
 
 def data_seed(cfg) -> int:
@@ -108,7 +107,7 @@ def key(cfg, ds, teacher_vars) -> dict:
   return json.loads(json.dumps({
       'teacher.model': cfg.teacher.model, 'teacher.kwargs': config_lib.as_dict(cfg.teacher.kwargs),
       'teacher.image_size': cfg.teacher.image_size, 'teacher variables (sha256)': _digest(teacher_vars),
-      'dataset': ds.name, 'training set (sha256)': _digest({'images': ds.train.images, 'labels': ds.train.labels}),
+      'dataset': ds.name, 'training set (sha256)': data_lib.digest(ds.train.images, ds.train.labels)[:16],
       'data.augment': ds.augment,
       **{f'data.{f}': config_lib.as_dict(cfg.data[f]) for f in teacher_lib.VIEW_FIELDS},
       'data seed': data_seed(cfg), 'batch_size': cfg.batch_size, 'dtype': cfg.dtype,

@@ -247,15 +247,17 @@ def cached(path: str | None, read, expected_len: int | None) -> Split:
   if path:
     try:
       with atomic.writing(path, 'wb') as f:
-        np.savez(f, images=split.images, labels=split.labels, sha256=np.array(_digest(split.images, split.labels)))
+        np.savez(f, images=split.images, labels=split.labels, sha256=np.array(digest(split.images, split.labels)))
     except OSError as e:
       logging.warning('could not cache the decoded dataset at %s: %s', path, e)
   return split
 
 
-def _digest(images: np.ndarray, labels: np.ndarray) -> str:
+def digest(*arrays) -> str:
+  """The SHA-256 (hex) of arrays, each headed by its dtype and shape: the decoded cache's checksum, and the replay
+  store's key of the training set and of the teacher's variables (kdjax/replay.py)."""
   h = hashlib.sha256()
-  for a in (images, labels):
+  for a in arrays:
     a = np.ascontiguousarray(a)
     h.update(f'{a.dtype.str}{a.shape};'.encode())
     h.update(a.reshape(-1).view(np.uint8))
@@ -266,11 +268,11 @@ def _read_cache(path: str) -> Split | None:
   """The cached split at `path`, or None when it is damaged (then set aside, with a warning)."""
   try:
     with np.load(path) as f:  # allow_pickle=False: an npz holds arrays only
-      images, labels, digest = f['images'], f['labels'], str(f['sha256']) if 'sha256' in f else None
-    damage = None if digest in (None, _digest(images, labels)) else 'its arrays do not match their SHA-256'
+      images, labels, stored = f['images'], f['labels'], str(f['sha256']) if 'sha256' in f else None
+    damage = None if stored in (None, digest(images, labels)) else 'its arrays do not match their SHA-256'
   except Exception as e:  # pylint: disable=broad-except  (a cut or garbled zip raises almost anything)
     damage = f'{type(e).__name__}: {" ".join(str(e).split())[:200]}'
-  if damage is None and digest is None:
+  if damage is None and stored is None:
     logging.info('the cached dataset %s has no checksum (an older kdjax wrote it); decoding again', path)
     return None
   if damage is None:
