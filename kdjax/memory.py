@@ -106,6 +106,14 @@ def fits(memory: dict | None) -> bool:
   return not (memory and memory['available'] and memory['total'] > MEMORY_FRACTION * memory['available'])
 
 
+def needs(memory: dict, note: str = '') -> str:
+  """'needs about X GiB per device (train state S GiB, XLA temporaries T GiB[note]) but A GiB are available': the
+  refusals' account of an estimate."""
+  gib = lambda b: b / 2**30
+  return (f"needs about {gib(memory['total']):.2f} GiB per device (train state {gib(memory['state']):.2f} GiB, XLA "
+          f"temporaries {gib(memory['temp']):.2f} GiB{note}) but {gib(memory['available']):.2f} GiB are available")
+
+
 def check(memory: dict | None, num_students: int):
   """Logs the estimate; refuses (one line) a program that needs more than MEMORY_FRACTION of what a device offers.
   `memory`: `estimate`'s or `estimate_before_compile`'s (whose 'basis' says how it was made), or None."""
@@ -119,7 +127,5 @@ def check(memory: dict | None, num_students: int):
   if not fits(memory):
     what = f'the sweep of {num_students} students' if num_students > 1 else 'this run'
     how = f'; estimated from {basis}' if basis else ''
-    raise ConfigError(f"{what} needs about {gib(memory['total']):.2f} GiB per device (train state "
-                      f"{gib(memory['state']):.2f} GiB, XLA temporaries {gib(memory['temp']):.2f} GiB{how}) but "
-                      f"{gib(memory['available']):.2f} GiB are available; sweep fewer students, use more devices "
-                      'or a smaller batch_size')
+    raise ConfigError(f'{what} {needs(memory, how)}; sweep fewer students, use more devices or a smaller '
+                      'batch_size')

@@ -65,11 +65,8 @@ def plan(trainer, build) -> dict:
       alone.source.close()
     free = est['available']
     if not memory.fits(est):
-      gib = lambda b: b / 2**30
-      raise ConfigError(f"config.sweep: the group {g.name} alone needs about {gib(est['total']):.2f} GiB per device "
-                        f"(train state {gib(est['state']):.2f} GiB, XLA temporaries {gib(est['temp']):.2f} GiB) but "
-                        f"{gib(free):.2f} GiB are available (config.memory_budget_gb = "
-                        f"{base.memory_budget_gb:g}): the table does not fit even split into programs; use more "
+      raise ConfigError(f'config.sweep: the group {g.name} alone {memory.needs(est)} (config.memory_budget_gb = '
+                        f'{base.memory_budget_gb:g}): the table does not fit even split into programs; use more '
                         'devices, fewer seeds or a smaller batch_size')
     own[g.index] = max(est['total'] - shared, 0)
   groups = {g.index: g for g in sweep.groups}
