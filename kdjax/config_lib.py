@@ -29,6 +29,10 @@ def _distill() -> dict:
       # made by `python -m kdjax.tools.teacher_logits`; a run replays them instead of running the teacher ('' = off).
       teacher_store='',
       store_topk=0,         # the logits kept per example in a store made for this config (0 = every class)
+      # on: the store's rows sent to the device per dispatch from the memory-mapped files (for stores larger than a
+      # device: ImageNet's epochs); off: the whole store placed on the device once; auto: on when the run's rows
+      # exceed data.device_budget_gb (0: a quarter of a device's memory)
+      store_stream='auto',
       label_smoothing=0.0,  # for 'ce'
       # Omitted-class runs also report accuracy with this added to the omitted class's logit (Hinton et al. 2015
       # raised that bias by 3.5 on MNIST); 0 reports only the plain accuracy.

@@ -65,18 +65,44 @@ def expand(values, indices, rest, num_classes: int):
 @dataclasses.dataclass(frozen=True, eq=False)
 class StoreLayout:
   """The teacher's output tree as the step reads it from a store: its logits leaf rebuilt from row `step`, every
-  other leaf zeros of its shape (read by no loss: `check_methods`; dropped by XLA)."""
+  other leaf zeros of its shape (read by no loss: `check_methods`; dropped by XLA). Streamed (`rows`), the step
+  reads a dispatch's rows, `store['first']` the global step of the first (`dispatch_rows`)."""
   treedef: object
   shapes: tuple   # jax.ShapeDtypeStruct per leaf, with the batch axis
   logits: int     # the logits leaf's index
+  rows: int = 0   # streamed: the rows sent per dispatch (the dispatch's steps); 0: the whole store on the device
 
   def gather(self, store, idx, step=None):
     del idx
     leaves = [jnp.zeros(s.shape, s.dtype) for s in self.shapes]
     shape = self.shapes[self.logits]
-    leaves[self.logits] = expand(store['values'][step], store['indices'][step], store['rest'][step],
+    row = jnp.clip(step - store['first'], 0, self.rows - 1) if self.rows else step
+    leaves[self.logits] = expand(store['values'][row], store['indices'][row], store['rest'][row],
                                  shape.shape[-1]).astype(shape.dtype)
     return jax.tree.unflatten(self.treedef, leaves)
+
+
+def dispatch_rows(arrays: dict, first: int, rows: int) -> dict:
+  """Rows `first`..`first + rows - 1` of the store's (memory-mapped) arrays, zeros past its end (steps a dispatch
+  skips), with `first`: what a streamed `StoreLayout` reads for one dispatch."""
+  out = {}
+  for name, a in arrays.items():
+    part = np.asarray(a[first:first + rows])
+    if len(part) < rows:
+      part = np.concatenate([part, np.zeros((rows - len(part),) + a.shape[1:], a.dtype)])
+    out[name] = part
+  out['first'] = np.int32(first)
+  return out
+
+
+def streams(cfg, arrays: dict) -> bool:
+  """Whether the run streams its store's rows (`distill.store_stream`; auto: larger than the data's device
+  budget)."""
+  mode = cfg.distill.store_stream
+  if mode != 'auto':
+    return mode == 'on'
+  from kdjax.data import stream
+  return sum(a.nbytes for a in arrays.values()) > stream.device_budget(cfg.data)
 
 
 def logits_leaf(t_shapes) -> int:

@@ -470,8 +470,9 @@ def assemble(groups: list, program: dict, mode: str, skipped: list = ()) -> Swee
   first = groups[0].sweep
   for i, g in enumerate(groups):
     g.index, g.offset = i, offset
+    local0 = g.sweep.students[0].index  # read once: the loop renumbers the first student too
     for s in g.sweep.students:
-      s.index = offset + s.index - g.sweep.students[0].index
+      s.index = offset + s.index - local0
       s.values = {**g.values, **{k: v for k, v in s.values.items() if k not in g.values}}
       s.name = g.name if s.name == 'run' else f'{g.name} {s.name}'
       students.append(s)

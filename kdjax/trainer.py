@@ -283,7 +283,15 @@ class Trainer:
     replay store's rows (kdjax/replay.py) when there is one."""
     if self.store is not None:
       layout, arrays = self.store
+      if replay.streams(self.cfg, arrays):
+        layout = dataclasses.replace(layout, rows=self.k)
+        self.store = (layout, arrays)
+        logging.info('teacher replay store: %.1f MB of rows for the run, sent %d steps\' rows per dispatch '
+                     '(distill.store_stream = %r)', sum(a.nbytes for a in arrays.values()) / 1e6, self.k,
+                     self.cfg.distill.store_stream)
       self._read_teacher_from(layout)
+      if layout.rows:
+        return jax.device_put(replay.dispatch_rows(arrays, 0, layout.rows), self.replicated)
       return jax.device_put({k: np.asarray(a) for k, a in arrays.items()}, self.replicated)
     layouts = [teacher_table.plan(p.parts, self.teacher_vars, p.group.sweep.traced, self.ds.augment,
                                   self.source.streaming) for p in self.programs]
@@ -337,7 +345,12 @@ class Trainer:
     return step_lib.TableState(tuple(states)), merged
 
   def _args(self, epoch, start, taken):
-    return (self.teacher_vars, self.teacher_table, self.hparams, self.step_keys, self.source.arrays(),
+    table = self.teacher_table
+    if self.store is not None and self.store[0].rows:  # a streamed store: this dispatch's rows
+      layout, arrays = self.store
+      table = jax.device_put(replay.dispatch_rows(arrays, epoch * self.steps_per_epoch + start, layout.rows),
+                             self.replicated)
+    return (self.teacher_vars, table, self.hparams, self.step_keys, self.source.arrays(),
             jnp.int32(epoch), jnp.int32(start), taken)
 
   def compile(self, ts) -> dict:

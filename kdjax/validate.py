@@ -30,6 +30,7 @@ CHOICES = {
     'steps_loop': ('auto', 'scan', 'unroll'),
     'data.pipeline': ('auto', 'device', 'stream'),
     'data.on_corrupt': ('stop', 'skip'),
+    'distill.store_stream': ('auto', 'on', 'off'),
     'data.mixup.mode': ('example', 'batch'),
     'data.cutmix.mode': ('example', 'batch'),
     'data.inception_crop.enabled': (False, True),

@@ -53,6 +53,14 @@ def test_students_from_a_full_store_equal_students_with_the_live_teacher(made, t
   assert live.trainer.store is None and live.trainer.teacher_table is None  # augmented: the teacher ran every step
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL),
                _host((replayed.state.params, replayed.state.state)), _host((live.state.params, live.state.state)))
+  # Streamed (distill.store_stream): each dispatch's rows sent from the files; 3 steps a dispatch, so the epoch's
+  # 4th step is a dispatch of its own and the last one's rows run past the store's end (zeros, never read).
+  streamed = train.run(_config(teacher, store, distill__store_stream='on', steps_per_dispatch=3),
+                       str(tmp_path / 'streamed'))
+  assert streamed.trainer.parts.table.rows == 3 and streamed.trainer.teacher_table['values'].shape[0] == 3
+  assert not replay.streams(_config(teacher, store), {'values': np.zeros(4)})  # auto: a small store is placed whole
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL),
+               _host((streamed.state.params, streamed.state.state)), _host((live.state.params, live.state.state)))
   # The step reads the store: the same store with other logits (its checksums rewritten) trains another student.
   meta = replay.read_meta(store)
   arrays = {n: np.load(os.path.join(store, f'{n}.npy')) for n in replay.FILES}

@@ -185,6 +185,7 @@ def test_overrides_per_group():
   sweep = sweep_lib.expand(cfg)
   assert [g.size for g in sweep.groups] == [4, 4] and sweep.size == 8
   assert sweep.students[5].name == 'method=dkd optimizer.lr=0.05 seed=1'
+  assert [s.index for s in sweep.students] == list(range(8))  # numbered across groups, seeds included
   np.testing.assert_allclose(sweep.groups[1].sweep.traced['optimizer.lr'], [0.05, 0.05, 0.1, 0.1])
 
 
