@@ -89,7 +89,7 @@ def _data() -> ml_collections.ConfigDict:
       # RandomResizedCrop back to the data's size (+ a random horizontal flip with `flip`)
       inception_crop=dict(enabled=False, min_scale=0.08, max_scale=1.0, flip=True),
       # timm's RandAugment after the crop (kdjax/data/randaugment.py; DeiT's rand-m9-mstd0.5-inc1 is num_ops 2,
-      # magnitude 9, magnitude_std 0.5, prob 0.5): num_ops 0 = off; magnitude_std inf = uniform in [0, magnitude]
+      # magnitude 9, magnitude_std 0.5, prob 0.5): num_ops 0 = off; magnitude_std > 100 = uniform in [0, magnitude]
       randaugment=dict(num_ops=0, magnitude=9.0, magnitude_std=0.5, prob=0.5),
   ))
 

@@ -96,6 +96,7 @@ RANGES = {
     'data.randaugment.num_ops': R(0),  # 0 = off
     'data.randaugment.magnitude': R(0.0, 10.0),
     'data.randaugment.prob': R(0.0, 1.0),
+    'data.randaugment.magnitude_std': R(0.0),  # > 100: uniform magnitudes
     'teacher.image_size': R(0),        # 0 = the data's own size
     'optimizer.clip_norm': R(0.0),     # 0 = off
 }
@@ -273,8 +274,6 @@ def _check_views(cfg):
       raise ConfigError(f'config.teachers[{i}].image_size={size}: every teacher reads the batch at '
                         f'config.teacher.image_size={cfg.teacher.image_size}')
   ra = d.randaugment
-  if not ra.magnitude_std >= 0:  # inf is allowed (uniform magnitudes), NaN is not
-    raise ConfigError(f'config.data.randaugment.magnitude_std must be >= 0 (inf: uniform), got {ra.magnitude_std!r}')
   views_on = mixing or d.erasing.prob > 0 or crop.enabled or ra.num_ops > 0
   if views_on and cfg.distill.cache_teacher == 'on' and cfg.teacher.model:
     raise ConfigError("config.distill.cache_teacher='on' with data.mixup/cutmix/erasing/inception_crop/randaugment: the teacher "

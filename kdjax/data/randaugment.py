@@ -1,7 +1,8 @@
 """timm's RandAugment as DeiT trains with it (`--aa rand-m9-mstd0.5-inc1`: timm/data/auto_augment.py
 `rand_augment_transform`), on the device: per example, `num_ops` ops drawn with replacement from timm's 15
 "increasing" ops, each applied with probability `prob` (timm's 0.5) at a magnitude drawn from N(magnitude,
-magnitude_std) clipped to [0, 10] (`magnitude_std` inf: uniform in [0, magnitude]), signed ops negated with even odds.
+magnitude_std) clipped to [0, 10] (`magnitude_std` > 100: uniform in [0, magnitude], timm's rule), signed ops negated
+with even odds.
 
 Every op is a pure function of (image [H, W, C] float holding whole pixel values in [0, 255], magnitude, sign, fill)
 and follows Pillow's integer arithmetic (its look-up tables, truncating blends, the SMOOTH filter that keeps the
@@ -11,8 +12,6 @@ or bicubic per call; the area outside is filled with `fill` (timm's `img_mean`, 
 """
 
 from __future__ import annotations
-
-import math
 
 import jax
 import jax.numpy as jnp
@@ -145,10 +144,11 @@ OPS = (
 
 
 def magnitudes(rng, shape, magnitude: float, magnitude_std: float):
-  """timm's AugmentOp magnitude draw: fixed, N(magnitude, std) or (std inf) U(0, magnitude), clipped to [0, 10]."""
+  """timm's AugmentOp magnitude draw: fixed, N(magnitude, std) or (std > 100, timm's `mstd` rule) U(0, magnitude),
+  clipped to [0, 10]."""
   if magnitude_std == 0:
     m = jnp.full(shape, magnitude, jnp.float32)
-  elif math.isinf(magnitude_std):
+  elif magnitude_std > 100:
     m = jax.random.uniform(rng, shape, jnp.float32, 0.0, magnitude)
   else:
     m = magnitude + magnitude_std * jax.random.normal(rng, shape, jnp.float32)
