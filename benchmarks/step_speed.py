@@ -63,6 +63,9 @@ flags.DEFINE_float('seconds', 10.0, 'Steady-state seconds timed per process (at 
 flags.DEFINE_list('ks', ['0'], 'kdjax steps per dispatch to time (0 = the auto setting).')
 flags.DEFINE_list('loops', ['auto'], 'kdjax config.steps_loop values to time with K > 1.')
 flags.DEFINE_bool('torch', True, 'Time PyTorch eager.')
+flags.DEFINE_bool('torch_malloc', True, 'Also time PyTorch eager with the glibc malloc settings kdjax applies to '
+                  'itself (kdjax.platform.malloc_settings: freed blocks kept for reuse), so that the comparison '
+                  'does not credit kdjax with an allocator setting PyTorch could use too.')
 flags.DEFINE_bool('torch_compile', True, 'Time PyTorch with torch.compile (inductor; needs a C++ compiler).')
 flags.DEFINE_list('xla_flags', [], 'Extra kdjax contenders: XLA_FLAGS settings (space-separated flags each) to time '
                   'against the default, e.g. --xla_flags="--xla_cpu_use_onednn=true".')
@@ -224,6 +227,9 @@ def _timm_deit_tiny(size: int, classes: int):
 
 def torch_worker(pair: str, compiled: bool) -> dict:
   t_import = time.perf_counter()
+  if os.environ.get('STEP_SPEED_TORCH_MALLOC'):
+    from kdjax.platform import malloc_settings  # (the import also sets kdjax's XLA_FLAGS: unused by PyTorch)
+    assert malloc_settings(), 'glibc malloc settings not applied'
   import torch
   from torch.nn import functional as F
   from kdjax.tools import torch_reference as ref
@@ -305,6 +311,8 @@ def _contenders(pair: str):
   out = []
   if FLAGS.torch:
     out.append(('PyTorch eager', ['--worker=torch']))
+    if FLAGS.torch_malloc:
+      out.append(('PyTorch eager, kdjax\'s malloc settings', ['--worker=torch', '--setenv=STEP_SPEED_TORCH_MALLOC=1']))
   if FLAGS.torch_compile:
     out.append(('PyTorch torch.compile', ['--worker=torch_compile']))
   for k in FLAGS.ks:
