@@ -19,7 +19,8 @@ same cores, so there is little to overlap; multi-device programs stay asynchrono
 keep freed memory for reuse (no `mmap`, no trimming), so the block is reused from call to call. The process's
 resident memory then stays at its high-water mark instead of falling between steps. Giving all threads one arena
 would cover the asynchronous case too but made XLA's (multi-threaded) compilation about 15 % slower, so it is not
-done. `KDJAX_MALLOC=default` keeps glibc's and JAX's defaults; other C libraries are left alone.
+done. Only when the CPU is the platform; `KDJAX_MALLOC=default` keeps glibc's and JAX's defaults; other C libraries
+are left alone.
 
 Import this module before anything initialises a JAX backend.
 """
@@ -69,7 +70,8 @@ def select() -> None:
     has_tpu = bool(glob.glob('/dev/accel[0-9]*') or glob.glob('/dev/vfio/[0-9]*'))
     if not (has_gpu or has_tpu):
       os.environ['JAX_PLATFORMS'] = 'cpu'
-  heap_settings()
+  if os.environ.get('JAX_PLATFORMS', '').split(',')[0].strip().lower() == 'cpu':  # an accelerator's temporaries are its own
+    heap_settings()
 
 
 select()

@@ -62,12 +62,12 @@ def _faults_per_call(**env):
 
 
 def test_malloc_settings_keep_a_programs_temporaries_mapped():
-  """kdjax.platform.malloc_settings: a jitted program's large temporary buffer is reused from call to call instead
-  of being mapped and faulted in again (16,384 pages of 4 KiB a call for this one with glibc's defaults)."""
+  """kdjax.platform's heap settings: a jitted program's large temporary buffer is reused from call to call instead
+  of being mapped and faulted in again (16,384 pages of 4 KiB a call for this one with glibc's and JAX's defaults)."""
   if platform_module.libc_ver()[0] != 'glibc':
     pytest.skip('glibc only')
   applied, faults = _faults_per_call()
-  assert applied and faults < 200, faults
+  assert applied and faults < 4096, faults  # a quarter of the temporary's pages (measured: 1 to 2,065, by load)
   applied, faults = _faults_per_call(KDJAX_MALLOC='default')
   assert not applied
   thp = '/sys/kernel/mm/transparent_hugepage/enabled'
