@@ -26,7 +26,7 @@ import time  # noqa: E402
 FULL = dict(teacher='resnet32x4', student='resnet8x4', shape=(32, 32, 3), classes=100, batch=64, blocks=5, block=8,
             sweep='alpha=0.1,0.3,0.5,0.7,0.9; distill.temperature=1,2,3,4,5,6,8,10,20',
             table='method=kd,dkd,crd,fitnet,at,sp,vid,rkd,pkt,nst,cc,dist', k=32)
-SMOKE = dict(teacher='resnet8', student='resnet8', shape=(8, 8, 3), classes=10, batch=16, blocks=2, block=2,
+SMOKE = dict(teacher='cnn_small', student='cnn2', shape=(8, 8, 3), classes=10, batch=16, blocks=2, block=2,
              sweep='distill.temperature=2,4; optimizer.lr=0.01,0.05', table='method=kd,dkd', k=4)
 
 

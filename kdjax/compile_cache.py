@@ -160,8 +160,8 @@ def environment() -> dict:
   the devices (kind, ids, processes)."""
   versions = _versions()
   devices = jax.devices()
-  options = {k: repr(v) for k, v in sorted(jax.config.values.items())
-             if 'cache' not in k and 'log' not in k and 'explain' not in k}
+  options = {k: repr(v) for k, v in sorted(jax.config.values.items())  # (how a program is dispatched is not
+             if 'cache' not in k and 'log' not in k and 'explain' not in k and 'dispatch' not in k}  # the program)
   return {'versions': versions, 'python': sys.version, 'xla_flags': os.environ.get('XLA_FLAGS', ''),
           'jax_options': options, 'backend': jax.default_backend(),
           'platform_version': devices[0].client.platform_version,
