@@ -245,18 +245,20 @@ def test_the_digits_table_config_and_the_report(tmp_path):
   teacher = random_teacher(str(tmp_path / 'teacher'), 'resnet20')
   with cfg.unlocked():
     cfg.teacher.checkpoint, cfg.epochs, cfg.figures, cfg.tensorboard = teacher, 1, True, False
-    cfg.distill.crd.nce_k = 64
+    # Three of its six methods (the program's compile time grows with its groups; kd and crd train in the table of
+    # the tests above): the plain row, a feature method the second student cannot take, the staged one.
+    cfg.sweep = 'method=ce,fitnet,ab; student.model=resnet8,cnn_small'
   work = tmp_path / 'table'
   out = train.run(cfg, str(work))
   names = [g.name for g in out.trainer.sweep.groups]
-  assert names[:2] == ['method=ce model=resnet8', 'method=ce model=cnn_small'] and len(names) == 10
+  assert names[:2] == ['method=ce model=resnet8', 'method=ce model=cnn_small'] and len(names) == 4
   assert [v for v, _ in out.trainer.sweep.skipped] == [{'method': 'fitnet', 'student.model': 'cnn_small'},
                                                        {'method': 'ab', 'student.model': 'cnn_small'}]
   text = (work / 'table.md').read_text()
   assert text.startswith('| method | resnet20 → resnet8 | resnet20 → cnn_small |')
   assert text.count('| n/a') == 2
   rows = {l.split(' | ')[0][2:]: l for l in text.splitlines() if l.startswith('| ')}
-  assert all('-' not in rows[m].split(' | ')[1] for m in ('ce', 'kd', 'dkd', 'crd', 'fitnet', 'ab'))  # resnet8
+  assert all('-' not in rows[m].split(' | ')[1] for m in ('ce', 'fitnet', 'ab'))  # resnet8
   assert (work / 'figures' / 'table.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
   report = subprocess.run([sys.executable, '-m', 'kdjax.tools.report', str(work), '--out', str(tmp_path / 'out')],
                           capture_output=True, text=True, check=False)
