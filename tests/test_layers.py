@@ -133,35 +133,3 @@ def test_batch_norm_statistics_are_pytorchs(shape):
   tbn.eval()
   y = layers.batch_norm(train=False).apply(variables, jnp.asarray(x))
   np.testing.assert_allclose(np.asarray(y), from_torch(tbn(to_torch(x))), rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize('shape, features', [((4, 9, 24), 96), ((4, 9, 96), 24), ((36, 24), 24)])
-def test_dense_weight_gradient_larger_first_is_the_plain_gradient(shape, features):
-  """layers.dot_weight_grad_larger_first (the ViT's Dense on the CPU): the same outputs and gradients as nn.Dense's
-  own dot, whichever of the input and the output gradient is wider; checked against float64 NumPy too."""
-  x = jax.random.normal(jax.random.key(0), shape)
-  plain = nn.Dense(features)
-  ours = nn.Dense(features, dot_general=layers.dot_weight_grad_larger_first)
-  params = plain.init(jax.random.key(1), x)
-  t = jax.random.normal(jax.random.key(2), shape[:-1] + (features,))
-
-  def loss(m):
-    return lambda p, x: jnp.sum(jnp.tanh(m.apply(p, x)) * t)
-
-  (lp, (gp, gxp)), (lo, (go, gxo)) = [jax.value_and_grad(loss(m), argnums=(0, 1))(params, x) for m in (plain, ours)]
-  np.testing.assert_allclose(lo, lp, rtol=1e-6)
-  np.testing.assert_allclose(gxo, gxp, rtol=1e-5, atol=1e-6)
-  for a, b in zip(jax.tree.leaves(go), jax.tree.leaves(gp)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-  # float64 reference of the kernel's gradient: x^T (dL/dy)
-  x64, k64 = np.asarray(x, np.float64), np.asarray(params['params']['kernel'], np.float64)
-  y = x64 @ k64 + np.asarray(params['params']['bias'], np.float64)
-  dy = (1 - np.tanh(y) ** 2) * np.asarray(t, np.float64)
-  np.testing.assert_allclose(go['params']['kernel'], x64.reshape(-1, shape[-1]).T @ dy.reshape(-1, features),
-                             rtol=1e-4, atol=1e-5)
-
-
-def test_dense_weight_gradient_larger_first_leaves_other_contractions_alone():
-  a, b = jnp.ones((2, 3, 4)), jnp.ones((2, 4, 5))
-  dims = (((2,), (1,)), ((0,), (0,)))  # a batched contraction: lax.dot_general's own
-  np.testing.assert_array_equal(layers.dot_weight_grad_larger_first(a, b, dims), jax.lax.dot_general(a, b, dims))

@@ -92,41 +92,6 @@ def conv_saving_input(lhs, rhs, window_strides, padding, **kw):
   return f(lhs, rhs)
 
 
-def dot_weight_grad_larger_first(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
-  """lax.dot_general for nn.Dense (`dot_general=`) whose kernel gradient puts the larger operand first.
-
-  The kernel's gradient contracts the input x [N, in] with the output's gradient g [N, out] over the N rows
-  (tokens x batch). XLA:CPU runs that dot with the first operand read transposed in place and the second copied
-  transposed ([out, N]); autodiff puts x first, so in a ViT's fc1 and qkv layers it copied the wide gradient
-  (12.8 and 9.6 MB a layer at the DeiT-Ti pair's shapes). This computes x^T g as (g^T x)^T when g is the wider, so
-  the copy is of the narrower operand and the transpose of the small kernel-shaped result. The same products
-  summed in the same order, float32 round-off apart (tests/test_layers.py); any other contraction is
-  lax.dot_general's own.
-  """
-  dot = functools.partial(jax.lax.dot_general, precision=precision, preferred_element_type=preferred_element_type)
-  (lc, rc), (lb, rb) = dimension_numbers
-  if lb or rb or rhs.ndim != 2 or tuple(lc) != (lhs.ndim - 1,) or tuple(rc) != (0,):
-    return dot(lhs, rhs, dimension_numbers)
-
-  @jax.custom_vjp
-  def f(x, w):
-    return dot(x, w, dimension_numbers)
-
-  def fwd(x, w):
-    return f(x, w), (x, w)
-
-  def bwd(res, g):
-    x, w = res
-    dx = dot(g, w, (((g.ndim - 1,), (1,)), ((), ())))
-    x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
-    rows = (((0,), (0,)), ((), ()))
-    dw = dot(g2, x2, rows).T if g2.shape[1] > x2.shape[1] else dot(x2, g2, rows)
-    return dx.astype(x.dtype), dw.astype(w.dtype)
-
-  f.defvjp(fwd, bwd)
-  return f(lhs, rhs)
-
-
 def dense(features: int, fan_in: int, use_bias: bool = True, kernel_init=None, dtype: Dtype = jnp.float32,
           name: str | None = None) -> nn.Dense:
   """nn.Dense with PyTorch's default Linear initialisation (fan_in = input width)."""

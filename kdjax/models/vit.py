@@ -42,8 +42,7 @@ _LN_EPS = 1e-6
 
 def _dense(features: int, name: str, dtype) -> nn.Dense:
   return nn.Dense(features, kernel_init=_dense_init, bias_init=nn.initializers.zeros, dtype=dtype,
-                  param_dtype=jnp.float32, name=name,
-                  dot_general=layers.dot_weight_grad_larger_first if jax.default_backend() == 'cpu' else None)
+                  param_dtype=jnp.float32, name=name)
 
 
 def _norm(name: str, dtype) -> nn.LayerNorm:
