@@ -70,7 +70,8 @@ def select() -> None:
     has_tpu = bool(glob.glob('/dev/accel[0-9]*') or glob.glob('/dev/vfio/[0-9]*'))
     if not (has_gpu or has_tpu):
       os.environ['JAX_PLATFORMS'] = 'cpu'
-  if os.environ.get('JAX_PLATFORMS', '').split(',')[0].strip().lower() == 'cpu':  # an accelerator's temporaries are its own
+  first_platform = os.environ.get('JAX_PLATFORMS', '').split(',')[0].strip().lower()
+  if first_platform == 'cpu':  # an accelerator's temporaries are its own
     heap_settings()
 
 
