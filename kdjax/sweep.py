@@ -277,12 +277,17 @@ def _number(text: str):
     return float(text)
 
 
+def _items(spec: str) -> list:
+  """The non-empty ';'-separated items of a sweep string, stripped."""
+  return [i for i in (t.strip() for t in spec.split(';')) if i]
+
+
 def parse(spec: str, what: str = 'config.sweep', numbers: bool = True) -> dict:
   """'field=v1,v2; field2=v3' -> {'field': [v1, v2], 'field2': [v3]} (numbers), in order."""
   if not isinstance(spec, str):
     raise ConfigError(f"{what} must be a string like 'alpha=0.1,0.9; distill.temperature=1,4', got {spec!r}")
   out = {}
-  for item in filter(None, (i.strip() for i in spec.split(';'))):
+  for item in _items(spec):
     field, eq, values = item.partition('=')
     field = field.strip()
     if not eq or not field:
@@ -333,18 +338,13 @@ def split_program_axes(spec: str) -> tuple[dict, str]:
   if not isinstance(spec, str):
     return {}, spec
   program, rest = {}, []
-  for item in filter(None, (i.strip() for i in spec.split(';'))):
-    field, eq, values = item.partition('=')
-    field = field.strip()
+  for field, values in parse(spec, numbers=False).items():
     if field not in PROGRAM_AXES:
-      rest.append(item)
+      rest.append(f'{field}={values}')
       continue
-    if field in program:
-      raise ConfigError(f'config.sweep: {field!r} is given twice')
-    names = [v.strip() for v in values.split(',') if v.strip()]
-    if not eq or not names:
+    program[field] = [v.strip() for v in values.split(',') if v.strip()]
+    if not program[field]:
       raise ConfigError(f'config.sweep.{field} is empty: give at least one name')
-    program[field] = names
   return program, '; '.join(rest)
 
 
@@ -352,7 +352,7 @@ def parse_overrides(spec: str, program: dict) -> list:
   """`config.sweep_overrides` 'AXIS=VALUE: field=literal, field=literal; ...' -> [(axis, value, {field: value})]."""
   import ast
   out = []
-  for item in filter(None, (i.strip() for i in (spec or '').split(';'))):
+  for item in _items(spec or ''):
     head, colon, body = item.partition(':')
     axis, eq, value = (t.strip() for t in head.partition('='))
     if not colon or not eq or axis not in PROGRAM_AXES:
