@@ -79,10 +79,13 @@ def test_a_bit_file_imports_with_timms_logits(tmp_path):
   for (name, a), b in zip(net.state_dict().items(), fresh.state_dict().values()):
     np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=name)
 
+  _imports_with_timms_logits(net, path, str(tmp_path / 'imported'))
+
+
+def _imports_with_timms_logits(net, path: str, out: str):
   x = np.random.default_rng(0).normal(size=(2, 64, 64, 3)).astype(np.float32)
   with torch.no_grad():
     expected = net(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
-  out = str(tmp_path / 'imported')
   assert import_bit.main([path, out, '--model', 'resnetv2_test_bit', '--image_size', '64']) == 0
   m = models.create('resnetv2_test_bit', num_classes=10)
   target = jax.eval_shape(lambda: m.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3))))
@@ -91,6 +94,44 @@ def test_a_bit_file_imports_with_timms_logits(tmp_path):
   got = np.asarray(m.apply(variables, jnp.asarray(x)).logits)
   np.testing.assert_allclose(got, expected, rtol=2e-4, atol=2e-4)
   assert np.abs(expected).max() > 0.1  # the comparison is not of two near-zero outputs
+
+
+def _big_vision_arrays(net, prefix: str) -> dict:
+  """timm's model in big_vision's own ResNet-V2 layout (big_vision/models/bit_paper.py's module names: RootBlock
+  'root_block/conv_root', units 'unit01', ..., convolutions 'conv1..3' each after the norm 'gn1..3', the projection
+  'conv_proj', the final 'norm-pre-head'; GroupNorm parameters [1, 1, 1, C], a Dense head [C, classes])."""
+  hwio = lambda w: w.detach().numpy().transpose(2, 3, 1, 0)
+  norm = lambda w: w.detach().numpy().reshape(1, 1, 1, -1)
+  out = {'root_block/conv_root/kernel': hwio(net.stem.conv.weight),
+         'norm-pre-head/scale': norm(net.norm.weight), 'norm-pre-head/bias': norm(net.norm.bias),
+         'head/kernel': net.head.fc.weight.detach().numpy()[:, :, 0, 0].T,
+         'head/bias': net.head.fc.bias.detach().numpy()}
+  for i, stage in enumerate(net.stages):
+    for j, block in enumerate(stage.blocks):
+      p = f'block{i + 1}/unit{j + 1:02d}/'
+      for k, (conv, gn) in enumerate(((block.conv1, block.norm1), (block.conv2, block.norm2),
+                                      (block.conv3, block.norm3)), 1):
+        out[f'{p}conv{k}/kernel'] = hwio(conv.weight)
+        out[f'{p}gn{k}/scale'], out[f'{p}gn{k}/bias'] = norm(gn.weight), norm(gn.bias)
+      if block.downsample is not None:
+        out[f'{p}conv_proj/kernel'] = hwio(block.downsample.conv.weight)
+  return {prefix + k: v for k, v in out.items()}
+
+
+@pytest.mark.parametrize('prefix', ['params/', ''])
+def test_a_big_vision_file_imports_with_timms_logits(tmp_path, prefix):
+  net = _timm_test_bit(seed=3)
+  arrays = _big_vision_arrays(net, prefix)
+  if prefix:  # a training checkpoint: the optimizer's state beside the parameters is left out
+    arrays['opt/0/mu/head/kernel'] = np.zeros((3, 3), np.float32)
+  path = str(tmp_path / 'bv.npz')
+  np.savez(path, **arrays)
+  _imports_with_timms_logits(net, path, str(tmp_path / 'imported'))
+  odd = dict(_big_vision_arrays(net, prefix), **{f'{prefix}block1/unit01/conv9/kernel': np.ones(4, np.float32)})
+  with pytest.raises(CheckpointMismatchError) as e:
+    import_bit.convert(import_bit.from_big_vision(odd), 'resnetv2_test_bit', image_shape=(32, 32, 3))
+  assert str(e.value) == ("BiT weight 'block1/unit01/conv9/kernel' (shape (4,)) has no counterpart in "
+                          'resnetv2_test_bit: the file holds another architecture than resnetv2_test_bit')
 
 
 def test_weight_standardisation_is_timms():

@@ -1,5 +1,11 @@
 """Import BiT `.npz` weights (google-research/big_transfer's public BiT-S / BiT-M files, the layout timm's
-`resnetv2_*_bit` and big_vision's bit.py load) as kdjax checkpoints of kdjax/models/bit.py.
+`resnetv2_*_bit` and big_vision's bit.py load) as kdjax checkpoints of kdjax/models/bit.py. big_vision's own
+ResNet-V2 layout (its `bit_paper` model's names: `root_block/conv_root`, `block{i}/unit{jj}/conv{1,2,3}`, `gn{1,2,3}`,
+`conv_proj`, `norm-pre-head`, a 2-D `head`; the names bare or under `params/` or `opt/target/`, the latter two as
+big_vision's checkpoints save them, whose other entries (optimizer state) are left out) is read too: function
+matching's teachers and students are saved that way. big_vision standardises its kernels with eps 1e-10 where
+big_transfer's files are used (timm, kdjax) with 1e-8: for a filter whose variance is above 1e-3, a relative change
+below 1e-5 in its standardised weights.
 
   python -m kdjax.tools.import_bit --model resnetv2_50x1_bit BiT-M-R50x1.npz runs/bit_m_r50x1
   python -m kdjax.tools.import_bit --model resnetv2_152x2_bit --dataset imagenet2012 BiT-M-R152x2-ILSVRC2012.npz \
@@ -60,7 +66,41 @@ def read_npz(path: str) -> dict[str, np.ndarray]:
   except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
     raise ConfigError(f'cannot read {path} as a .npz of arrays: {str(e).splitlines()[0] if str(e) else type(e).__name__}'
                       ) from None
-  return {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in arrays.items()}
+  return from_big_vision({k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in arrays.items()})
+
+
+BIG_VISION_ROOT = 'root_block/conv_root/kernel'
+BIG_VISION_PREFIXES = ('params/', 'opt/target/', '')
+
+
+def big_transfer_name(name: str) -> str:
+  """big_vision's `bit_paper` name of a weight -> big_transfer's (`npz_name`'s); a name it does not know unchanged
+  (so that `convert` names it)."""
+  fixed = {BIG_VISION_ROOT: f'root_block/{_CONV}', 'norm-pre-head/scale': 'group_norm/gamma',
+           'norm-pre-head/bias': 'group_norm/beta', 'head/kernel': 'head/conv2d/kernel',
+           'head/bias': 'head/conv2d/bias'}
+  if name in fixed:
+    return fixed[name]
+  parts = name.split('/')
+  if len(parts) != 4 or not parts[0].startswith('block') or not parts[1].startswith('unit'):
+    return name
+  stem, layer, leaf = '/'.join(parts[:2]), parts[2], parts[3]
+  if layer == 'conv_proj' and leaf == 'kernel':
+    return f'{stem}/a/proj/{_CONV}'
+  if layer in ('conv1', 'conv2', 'conv3') and leaf == 'kernel':
+    return f'{stem}/{"abc"[int(layer[-1]) - 1]}/{_CONV}'
+  if layer in ('gn1', 'gn2', 'gn3') and leaf in ('scale', 'bias'):
+    return f'{stem}/{"abc"[int(layer[-1]) - 1]}/group_norm/{"gamma" if leaf == "scale" else "beta"}'
+  return name
+
+
+def from_big_vision(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """A file in big_vision's layout renamed to big_transfer's (`convert` reshapes its [1, 1, 1, C] norms and 2-D
+  head); any other file unchanged."""
+  prefix = next((p for p in BIG_VISION_PREFIXES if p + BIG_VISION_ROOT in arrays), None)
+  if prefix is None:
+    return arrays
+  return {big_transfer_name(k[len(prefix):]): v for k, v in arrays.items() if k.startswith(prefix)}
 
 
 def convert(arrays: dict[str, np.ndarray], model: str, num_classes: int | None = None,
