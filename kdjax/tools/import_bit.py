@@ -64,8 +64,8 @@ def read_npz(path: str) -> dict[str, np.ndarray]:
     with np.load(path, allow_pickle=False) as f:
       arrays = {k: np.asarray(f[k]) for k in f.files}
   except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
-    raise ConfigError(f'cannot read {path} as a .npz of arrays: {str(e).splitlines()[0] if str(e) else type(e).__name__}'
-                      ) from None
+    why = str(e).splitlines()[0] if str(e) else type(e).__name__
+    raise ConfigError(f'cannot read {path} as a .npz of arrays: {why}') from None
   return from_big_vision({k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in arrays.items()})
 
 
