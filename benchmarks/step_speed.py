@@ -64,7 +64,7 @@ flags.DEFINE_list('ks', ['0'], 'kdjax steps per dispatch to time (0 = the auto s
 flags.DEFINE_list('loops', ['auto'], 'kdjax config.steps_loop values to time with K > 1.')
 flags.DEFINE_bool('torch', True, 'Time PyTorch eager.')
 flags.DEFINE_bool('torch_malloc', True, 'Also time PyTorch eager with the glibc malloc settings kdjax applies to '
-                  'itself (kdjax.platform.malloc_settings: freed blocks kept for reuse), so that the comparison '
+                  'itself (kdjax.malloc: freed blocks kept for reuse), so that the comparison '
                   'does not credit kdjax with an allocator setting PyTorch could use too.')
 flags.DEFINE_bool('torch_compile', True, 'Time PyTorch with torch.compile (inductor; needs a C++ compiler).')
 flags.DEFINE_list('xla_flags', [], 'Extra kdjax contenders: XLA_FLAGS settings (space-separated flags each) to time '
@@ -228,7 +228,7 @@ def _timm_deit_tiny(size: int, classes: int):
 def torch_worker(pair: str, compiled: bool) -> dict:
   t_import = time.perf_counter()
   if os.environ.get('STEP_SPEED_TORCH_MALLOC'):
-    from kdjax.platform import malloc_settings  # (the import also sets kdjax's XLA_FLAGS: unused by PyTorch)
+    from kdjax.malloc import malloc_settings  # (no JAX: kdjax.platform's import would bring it in)
     assert malloc_settings(), 'glibc malloc settings not applied'
   import torch
   from torch.nn import functional as F

@@ -28,6 +28,8 @@ Import this module before anything initialises a JAX backend.
 import glob
 import os
 
+from kdjax.malloc import malloc_settings
+
 YNN_FLAG = '--xla_cpu_experimental_ynn_fusion_type'
 CPU_CONV_SETTING = '-individual_convolution'  # YNNPACK keeps its dot, elementwise and reduce fusions
 
@@ -38,20 +40,6 @@ def cpu_flags() -> None:
   if YNN_FLAG in flags or os.environ.get('KDJAX_CPU_CONV', '').strip().lower() == 'ynn':
     return
   os.environ['XLA_FLAGS'] = f'{flags} {YNN_FLAG}={CPU_CONV_SETTING}'.strip()
-
-
-def malloc_settings() -> bool:
-  """Sets glibc's malloc to reuse large freed blocks (no mmap, no trimming); True when it did."""
-  import ctypes
-  import platform
-  if os.environ.get('KDJAX_MALLOC', '').strip().lower() == 'default' or platform.libc_ver()[0] != 'glibc':
-    return False
-  try:
-    mallopt = ctypes.CDLL(None).mallopt
-  except (OSError, AttributeError):
-    return False
-  m_trim_threshold, m_mmap_max = -1, -4  # glibc's malloc.h; a threshold of -1 never trims
-  return mallopt(m_mmap_max, 0) == 1 and mallopt(m_trim_threshold, -1) == 1
 
 
 def heap_settings() -> None:
